@@ -1,0 +1,205 @@
+"""graftkd command line: parse, validate, call one workflow function per command."""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from graftkd.errors import GraftkdError
+
+
+def _int_list(text: str) -> list[int] | int:
+    parts = [int(p) for p in text.split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _float_list(text: str) -> list[float] | float:
+    parts = [float(p) for p in text.split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graftkd", description="Few-shot distillation by network grafting.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="graft a digits CNN from 1 and 5 unlabeled images per class (no download)")
+    p.add_argument("--out", default="runs/demo")
+    _add_common(p)
+
+    p = sub.add_parser("fewshot", help="write a few-shot manifest: K images per class, labels dropped")
+    p.add_argument("--data", required=True, help="digits, cifar10, cifar100, a .tar.gz or an image folder")
+    p.add_argument("--split", default="train")
+    p.add_argument("--k", type=int, required=True, help="images per class")
+    p.add_argument("--subset", type=int, default=0, help="which of several disjoint subsets (0, 1, ...)")
+    p.add_argument("--out", required=True, help="manifest JSON path")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train-teacher", help="supervised training of a zoo model (resumable)")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="run directory (checkpoint, model.pt, result.json)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine"])
+    p.add_argument("--padding", type=int, default=4)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    _add_common(p)
+
+    p = sub.add_parser("distill", help="graft a student into a teacher from a few unlabeled images")
+    p.add_argument("--teacher", required=True, help="teacher weights file")
+    p.add_argument("--teacher-arch", required=True, help="zoo architecture of the teacher, e.g. resnet56")
+    p.add_argument("--student-arch", required=True, help="zoo architecture of the student, e.g. resnet20")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--fewshot", help="few-shot manifest written by `graftkd fewshot`")
+    src.add_argument("--data", help="labeled source to sample K per class from (labels are then dropped)")
+    src.add_argument("--unlabeled", help="a folder of unlabeled images: the few-shot set as is")
+    p.add_argument("--k", type=int, help="images per class (with --data)")
+    p.add_argument("--subset", type=int, default=0)
+    p.add_argument("--test-data", help="labeled data whose 'test' split is used for reporting only")
+    p.add_argument("--preset", default="cifar10", help="learning-rate/epoch defaults: cifar10, cifar100, imagenet, digits")
+    p.add_argument("--block-epochs", type=_int_list, help="epochs per block stage (one value or a list)")
+    p.add_argument("--net-epochs", type=_int_list, help="epochs per network stage (one value or a list)")
+    p.add_argument("--block-lr", type=_float_list, help="learning rate(s) at batch 64 for block grafting")
+    p.add_argument("--net-lr", type=_float_list, help="learning rate(s) at batch 64 for network grafting")
+    p.add_argument("--batch-size", type=int, help="default: floor(64*K/10)")
+    p.add_argument("--inherit", default="auto", help="auto, none, or block numbers 1,2,3 to copy from the teacher")
+    p.add_argument("--inherit-trainable", action="store_true", help="train inherited blocks in network grafting")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--padding", type=int, default=4)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--on-bad-image", default="error", choices=["error", "skip"])
+    p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="test accuracy of a weights file")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def _cmd_demo(args) -> None:
+    from graftkd.demo import run_demo
+
+    run_demo(args.out, device=args.device, seed=args.seed, progress=not args.no_progress)
+
+
+def _cmd_fewshot(args) -> None:
+    from graftkd.workflows import build_fewshot
+
+    manifest = build_fewshot(args.data, args.k, args.seed, args.subset, args.split, args.out)
+    print(f"wrote {args.out}: {manifest.k} per class x {manifest.num_classes} classes from {manifest.source}")
+
+
+def _cmd_train_teacher(args) -> None:
+    from graftkd.engine.supervised import TeacherRecipe
+    from graftkd.workflows import train_teacher
+
+    recipe = TeacherRecipe(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing, schedule=args.schedule, padding=args.padding, seed=args.seed,
+        precision=args.precision,
+    )
+    result = train_teacher(args.arch, args.data, args.out, recipe, args.device, not args.no_progress)
+    print(f"{args.arch} on {args.data}: {result['test_acc']:.2f}% test accuracy in {result['wall_seconds']:.0f} s; "
+          f"weights in {args.out}/model.pt")
+
+
+def _cmd_distill(args) -> None:
+    from graftkd.data import load_dataset
+    from graftkd.data.fewshot import FewShotManifest
+    from graftkd.graft import GraftConfig, ScheduleConfig
+    from graftkd.workflows import distill, load_model_file, summary_table
+
+    manifest = None
+    if args.fewshot:
+        manifest = FewShotManifest.load(args.fewshot)
+        fewshot = manifest.materialize()
+    elif args.data:
+        if args.k is None:
+            raise GraftkdError("--data needs --k (images per class to sample)")
+        manifest = FewShotManifest.create(args.data, split="train", k=args.k, seed=args.seed, subset=args.subset)
+        fewshot = manifest.materialize()
+    else:
+        from graftkd.data.readers import load_unlabeled_folder
+
+        fewshot = load_unlabeled_folder(args.unlabeled, on_bad_image=args.on_bad_image)
+    test_source = args.test_data or (manifest.source if manifest is not None else None)
+    test = load_dataset(test_source, "test") if test_source else None
+    probe_classes = test.num_classes if test is not None else None
+    num_classes = probe_classes or 10
+    teacher = load_model_file(args.teacher_arch, args.teacher, num_classes=num_classes)
+    config = GraftConfig(
+        shots=args.k,
+        batch_size=args.batch_size,
+        schedule=ScheduleConfig(args.preset, args.block_lr, args.net_lr, args.block_epochs, args.net_epochs),
+        inherit=args.inherit,
+        inherit_trainable=args.inherit_trainable,
+        augment=not args.no_augment,
+        padding=args.padding,
+        seed=args.seed,
+        precision=args.precision,
+    )
+    payload = distill(
+        teacher=teacher, student_arch=args.student_arch, fewshot=fewshot, test=test, config=config,
+        device=args.device, out=args.out, progress=not args.no_progress,
+        manifest=manifest.to_dict() if manifest is not None else None,
+    )
+    print(summary_table(payload))
+    if args.out:
+        print(f"student weights: {args.out}/student.pt; result: {args.out}/result.json")
+
+
+def _cmd_evaluate(args) -> None:
+    from graftkd.data import load_dataset
+    from graftkd.engine.evaluate import evaluate_model
+    from graftkd.engine.runtime import resolve_device
+    from graftkd.workflows import load_model_file, normalizer
+
+    data = load_dataset(args.data, args.split)
+    if data.labels is None:
+        raise GraftkdError(f"{args.data} has no labels to evaluate against")
+    loaded = load_model_file(args.arch, args.weights, num_classes=data.num_classes)
+    device = resolve_device(args.device)
+    acc = evaluate_model(loaded.model, data.images, data.labels, normalizer(loaded.mean, loaded.std), device, progress=True)
+    print(f"{args.arch} ({args.weights}) on {data.name}: {acc:.2f}% top-1 over {len(data)} images")
+
+
+COMMANDS = {
+    "demo": _cmd_demo,
+    "fewshot": _cmd_fewshot,
+    "train-teacher": _cmd_train_teacher,
+    "distill": _cmd_distill,
+    "evaluate": _cmd_evaluate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except GraftkdError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"graftkd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graftkd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Batched, on-device augmentation: random crop with zero padding and random horizontal flip.
+
+No Python loop over images: per-image offsets and flip flags are drawn as tensors and the crop is a
+single ``gather`` into the zero-padded batch. Works for uint8 and floating batches, keeps dtype,
+device and memory format (``channels_last`` in, ``channels_last`` out), and is deterministic for a
+given ``torch.Generator``.
+
+Random draws, in this order (so a run can be replayed): row offsets ``randint(0, 2p+1, (N,))`` and
+column offsets ``randint(0, 2p+1, (N,))`` (only when ``padding > 0``), then flip flags
+``rand(N) < 0.5`` (only when ``flip``). The generator may live on the CPU while the batch is on an
+accelerator; draws happen on the generator's device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from graftkd.errors import GraftkdError
+
+__all__ = ["random_crop_flip", "crop_flip_params", "apply_crop_flip", "Augment", "default_augment"]
+
+
+def _check_batch(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise GraftkdError(f"augmentation expects a (N, C, H, W) batch (got {shape})")
+
+
+def _check_padding(padding: int) -> int:
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise GraftkdError(f"augmentation padding must be an integer >= 0 (got {padding!r})")
+    return padding
+
+
+def crop_flip_params(
+    n: int,
+    padding: int,
+    flip: bool,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw ``(row_offsets, col_offsets, flip_flags)`` for ``n`` images, returned on ``device``.
+
+    Offsets are in ``[0, 2 * padding]`` (position of the crop's top-left corner in the padded image).
+    """
+    padding = _check_padding(padding)
+    device = torch.device(device)
+    draw_device = generator.device if generator is not None else device
+    if padding > 0:
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=draw_device)
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=draw_device)
+    else:
+        oy = torch.zeros(n, dtype=torch.int64, device=draw_device)
+        ox = torch.zeros(n, dtype=torch.int64, device=draw_device)
+    if flip:
+        flips = torch.rand(n, generator=generator, device=draw_device) < 0.5
+    else:
+        flips = torch.zeros(n, dtype=torch.bool, device=draw_device)
+    return oy.to(device), ox.to(device), flips.to(device)
+
+
+def apply_crop_flip(
+    x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flips: torch.Tensor, padding: int
+) -> torch.Tensor:
+    """Crop each image's ``H x W`` window at ``(oy, ox)`` of the zero-padded batch, mirroring where ``flips``."""
+    _check_batch(x)
+    padding = _check_padding(padding)
+    n, c, h, w = x.shape
+    if n == 0:
+        return x.clone()
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    xp = F.pad(x, (padding, padding, padding, padding)) if padding else x
+    hp, wp = h + 2 * padding, w + 2 * padding
+    dev = x.device
+    rows = oy.to(dev, torch.int64)[:, None] + torch.arange(h, device=dev)  # (N, H)
+    cols = ox.to(dev, torch.int64)[:, None] + torch.arange(w, device=dev)  # (N, W)
+    cols = torch.where(flips.to(dev)[:, None], cols.flip(1), cols)
+    lin = (rows[:, :, None] * wp + cols[:, None, :]).reshape(n, h * w)  # (N, H*W) into the padded plane
+    if channels_last:
+        flat = xp.permute(0, 2, 3, 1).reshape(n, hp * wp, c)  # NHWC view, no copy when channels_last
+        out = flat.gather(1, lin[:, :, None].expand(n, h * w, c)).reshape(n, h, w, c).permute(0, 3, 1, 2)
+        return out  # NCHW shape, channels_last strides
+    flat = xp.reshape(n, c, hp * wp)
+    return flat.gather(2, lin[:, None, :].expand(n, c, h * w)).reshape(n, c, h, w)
+
+
+def random_crop_flip(
+    x: torch.Tensor,
+    padding: int = 4,
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Zero-pad by ``padding``, take a random ``H x W`` crop per image, and mirror a random half.
+
+    ``padding=0`` and ``flip=False`` return ``x`` itself (no copy, no random draws).
+    """
+    _check_batch(x)
+    padding = _check_padding(padding)
+    if padding == 0 and not flip:
+        return x
+    oy, ox, flips = crop_flip_params(x.shape[0], padding, flip, generator, x.device)
+    return apply_crop_flip(x, oy, ox, flips, padding)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Augmentation settings: zero-padding for the random crop and whether to flip horizontally."""
+
+    padding: int = 4
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        _check_padding(self.padding)
+        if not isinstance(self.flip, bool):
+            raise GraftkdError(f"augmentation flip must be true or false (got {self.flip!r})")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.padding == 0 and not self.flip
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return random_crop_flip(x, self.padding, self.flip, generator)
+
+    __call__ = apply
+
+
+def default_augment(dataset_name: str | None, image_size: int | None = None) -> Augment:
+    """Sensible defaults: CIFAR (32x32) pad 4 + flip; digits (8x8) pad 1, no flip (digits are not
+    mirror-symmetric); other data: pad ``round(size / 8)`` + flip when the size is known, else pad 4 + flip."""
+    key = (dataset_name or "").strip().lower().split("/")[0]
+    if key == "digits":
+        return Augment(padding=1, flip=False)
+    if key in ("cifar10", "cifar100"):
+        return Augment(padding=4, flip=True)
+    if image_size is not None:
+        return Augment(padding=max(1, round(int(image_size) / 8)), flip=True)
+    return Augment(padding=4, flip=True)

@@ -1,0 +1,1 @@
+"""Training machinery shared by every stage and method: loops, checkpoints, results, devices."""

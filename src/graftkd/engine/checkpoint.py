@@ -1,0 +1,58 @@
+"""Checkpoints that survive kills: atomic writes, weights-only loading, a fingerprint of the config.
+
+A run directory holds one ``checkpoint.pt``. Re-running the same command finds it and resumes; a
+checkpoint made by a different configuration is refused rather than silently mixed in.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from graftkd.engine.io import atomic_torch_save, safe_torch_load
+from graftkd.errors import GraftkdError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def fingerprint(config: Any) -> str:
+    """A short stable hash of a JSON-able configuration."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class Checkpointer:
+    """Saves and finds the resumable state of one run directory."""
+
+    def __init__(self, run_dir: str | Path | None, config_fingerprint: str, kind: str) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.fingerprint = config_fingerprint
+        self.kind = kind
+
+    @property
+    def path(self) -> Path | None:
+        return self.run_dir / CHECKPOINT_NAME if self.run_dir is not None else None
+
+    def save(self, state: dict) -> None:
+        if self.path is None:
+            return
+        atomic_torch_save(self.path, {"kind": self.kind, "fingerprint": self.fingerprint, **state})
+
+    def load(self) -> dict | None:
+        """The saved state, or None when there is nothing to resume."""
+        if self.path is None or not self.path.is_file():
+            return None
+        state = safe_torch_load(self.path)
+        if not isinstance(state, dict) or state.get("kind") != self.kind:
+            raise GraftkdError(f"{self.path} is not a {self.kind} checkpoint: choose another --out directory")
+        if state.get("fingerprint") != self.fingerprint:
+            raise GraftkdError(
+                f"{self.path} was written by a run with different settings: resume with the same command, "
+                "or choose a new --out directory (or delete the checkpoint to start over)"
+            )
+        return state
+
+    def remove(self) -> None:
+        if self.path is not None and self.path.is_file():
+            self.path.unlink()

@@ -1,0 +1,111 @@
+"""Devices, precision, seeds and run facts (command, commit, machine) recorded with every result."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from graftkd.errors import GraftkdError
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """'auto' picks CUDA when present; an explicit device that is not there is a clear error."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = str(spec).strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise GraftkdError(f"unknown device '{spec}': use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GraftkdError(f"device '{spec}' requested but CUDA is not available here: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise GraftkdError(
+                f"device '{spec}' requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise GraftkdError(f"device '{spec}' requested but MPS is not available here: use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where asked ('auto' = bf16 on CUDA, fp32 on CPU), else a no-op context."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise GraftkdError(f"unknown precision '{precision}': use auto, fp32 or bf16")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a dedicated generator for shuffling and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str:
+    """The commit of the graftkd checkout (with '+dirty' if modified), or 'unknown' outside git."""
+    root = Path(path) if path else Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def run_facts(device: torch.device, seed: int | None = None) -> dict:
+    """What every result file records so a number can be traced and reproduced."""
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "commit": git_commit(),
+        "seed": seed,
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class Timer:
+    """Wall-clock timer that synchronises CUDA only when read, never inside a step."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.start

@@ -1,0 +1,9 @@
+"""One exception type for problems a user can fix.
+
+The CLI prints these as a single line (no traceback unless ``--debug``), so every message must name
+the thing that is wrong (file, block, shape, class count) and what to change.
+"""
+
+
+class GraftkdError(Exception):
+    """A user-fixable problem: bad input, bad config, incompatible models or files."""

@@ -1,0 +1,153 @@
+"""One call from (teacher, student, few unlabeled images) to a merged student: ``graft(...)``."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from graftkd.engine.checkpoint import Checkpointer, fingerprint
+from graftkd.engine.runtime import Timer, resolve_device, seed_everything
+from graftkd.errors import GraftkdError
+from graftkd.graft.blocks import BlockList
+from graftkd.graft.plan import GraftPlan, InheritSpec, build_plan
+from graftkd.graft.schedule import ScheduleConfig, StageSpec, batch_size_for, build_schedule
+from graftkd.graft.train import EvalHook, GraftRunner, StageRecord
+
+
+@dataclass
+class GraftConfig:
+    """Everything that changes the result of a grafting run (and so keys its checkpoint)."""
+
+    shots: int | None = None  # K, for the batch-size rule; None → images / classes
+    batch_size: int | None = None  # None → ⌊64·K/10⌋, learning rates scaled by B/64
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    inherit: InheritSpec = "auto"
+    inherit_trainable: bool = False
+    augment: bool = True  # random crop (zero padding) + horizontal flip, batched on the device
+    padding: int = 4
+    flip: bool = True
+    seed: int = 0
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool | None = None  # None → on for CUDA
+    checkpoint_every_s: float = 60.0
+    log_every: int = 10
+    eval_every: int = 0  # epochs between optional evaluation-curve points; 0 = off (the default)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if not isinstance(data["inherit"], str):
+            data["inherit"] = list(data["inherit"])
+        return data
+
+
+@dataclass
+class GraftResult:
+    student: nn.Module
+    plan: GraftPlan
+    blocks: list[dict]  # the plan as it was grafted (adapters included), for reports
+    stages: list[StageSpec]
+    records: list[StageRecord]
+    batch_size: int
+    shots: int
+    merge_max_abs_diff: float
+    seconds: float
+
+    def summary(self) -> dict:
+        return {
+            "batch_size": self.batch_size,
+            "shots": self.shots,
+            "inherited_blocks": [i + 1 for i in self.plan.inherited],
+            "blocks": self.blocks,
+            "stages": [
+                {**stage.to_dict(), **{k: v for k, v in vars(rec).items() if k not in ("name", "kind", "epochs", "lr")},
+                 "images_per_second": rec.images_per_second}
+                for stage, rec in zip(self.stages, self.records)
+            ],
+            "merge_max_abs_diff": self.merge_max_abs_diff,
+            "seconds": self.seconds,
+        }
+
+
+def _augmenter(config: GraftConfig):
+    if not config.augment or (config.padding == 0 and not config.flip):
+        return None
+    from graftkd.data.augment import random_crop_flip
+
+    return lambda x, generator: random_crop_flip(x, padding=config.padding, flip=config.flip, generator=generator)
+
+
+def graft(
+    teacher: nn.Module,
+    student: nn.Module,
+    images: torch.Tensor,
+    *,
+    normalize: nn.Module,
+    config: GraftConfig | None = None,
+    teacher_blocks: BlockList = None,
+    student_blocks: BlockList = None,
+    device: str | torch.device = "auto",
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    eval_hook: EvalHook | None = None,
+) -> GraftResult:
+    """Graft ``student`` into ``teacher`` on unlabeled uint8 ``images`` and return the merged student.
+
+    The student is trained in place and finally *is* the plain student architecture (adapters folded).
+    With ``run_dir`` the run checkpoints there and a repeated call resumes where it stopped.
+    """
+    config = config or GraftConfig()
+    device = resolve_device(device)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise GraftkdError("few-shot images must be a uint8 tensor of shape (N, C, H, W)")
+    if len(images) < 2:
+        raise GraftkdError(f"grafting needs at least 2 images, got {len(images)}")
+    generator = seed_everything(config.seed)  # before the plan, so adapter initialisation is seeded too
+    timer = Timer(device)
+    teacher.to(device).eval()
+    student.to(device)
+    plan = build_plan(
+        teacher,
+        student,
+        images.shape[1:],
+        teacher_blocks=teacher_blocks,
+        student_blocks=student_blocks,
+        inherit=config.inherit,
+        inherit_trainable=config.inherit_trainable,
+    )
+    num_classes = plan.teacher_out[-1].channels
+    shots = config.shots or max(1, len(images) // num_classes)
+    batch_size = config.batch_size or batch_size_for(shots, len(images))
+    stages = build_schedule(plan, config.schedule, batch_size)
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        teacher.to(memory_format=torch.channels_last)
+        plan.scions.to(memory_format=torch.channels_last)
+    run_fingerprint = fingerprint(
+        {"config": config.to_dict(), "images": list(images.shape), "stages": [s.to_dict() for s in stages],
+         "checksum": int(images[:, :, ::7, ::7].sum())}
+    )
+    runner = GraftRunner(
+        plan,
+        images,
+        normalize=normalize,
+        augment=_augmenter(config),
+        batch_size=batch_size,
+        generator=generator,
+        device=device,
+        precision=config.precision,
+        channels_last=channels_last,
+        checkpointer=Checkpointer(run_dir, run_fingerprint, "graft"),
+        checkpoint_every_s=config.checkpoint_every_s,
+        log_every=config.log_every,
+        eval_every=config.eval_every,
+        eval_hook=eval_hook,
+        progress=progress,
+    )
+    records = runner.run(stages)
+    probe = normalize.to(device)(images[: min(len(images), 32)].to(device)).float()
+    blocks = plan.describe()
+    difference = plan.merge(probe)
+    student.to(memory_format=torch.contiguous_format).eval()
+    return GraftResult(student, plan, blocks, stages, records, batch_size, shots, difference, timer.elapsed())

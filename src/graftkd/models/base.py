@@ -1,0 +1,67 @@
+"""The block contract every zoo model follows, so grafting can swap blocks between teacher and student.
+
+``model(x)`` is *defined* as ``for b in model.blocks(): x = b(x)``: ``forward`` below runs exactly those
+module calls in that order, so composition is bitwise equal to the model by construction. Blocks that are not one existing
+submodule are ``nn.Sequential`` views built on the fly over existing submodules (never assigned as
+attributes, so ``state_dict`` keys and parameters stay those of the model). Parameter-free glue
+(ReLU, pooling, Flatten) lives in blocks as modules, kept as attributes of the model so that both a
+block and the whole model can be traced with ``torch.fx.symbolic_trace``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class BlockModel(nn.Module):
+    """Base class: subclasses implement ``block_parts()`` and ``block_names()``; forward composes the blocks."""
+
+    #: natural input size (C, H, W), used by tests, FLOP counting and the CLI.
+    input_shape: tuple[int, int, int] = (3, 32, 32)
+
+    def block_parts(self) -> list[list[nn.Module]]:
+        """For each block, the existing submodules it chains, in order (subclasses implement this)."""
+        raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        """The L blocks, in order; ``model(x)`` equals applying them one after the other.
+
+        A block of one part is that submodule itself; longer ones are fresh ``nn.Sequential`` views
+        (shared parameters, not registered, so ``state_dict`` keys do not change).
+        """
+        return [parts[0] if len(parts) == 1 else nn.Sequential(*parts) for parts in self.block_parts()]
+
+    def block_names(self) -> list[str]:
+        """Human-readable names of the blocks, same length and order as ``blocks()``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same calls, same order as composing ``blocks()`` (``nn.Sequential`` just loops over its
+        # parts), but every module called is registered, so the whole model is fx-traceable too.
+        for parts in self.block_parts():
+            for part in parts:
+                x = part(x)
+        return x
+
+
+def check_block_contract(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise AssertionError unless ``model(x)`` equals the composition of its blocks bitwise.
+
+    Runs in eval mode (batch-norm statistics must not change between the two passes) and restores the
+    previous train/eval mode of every submodule afterwards.
+    """
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        blocks = model.blocks()  # type: ignore[operator]
+        names = model.block_names()  # type: ignore[operator]
+        assert len(blocks) == len(names), f"{len(blocks)} blocks but {len(names)} block names"
+        with torch.no_grad():
+            full = model(x)
+            y = x
+            for block in blocks:
+                y = block(y)
+        assert torch.equal(full, y), "model(x) differs from the composition of its blocks"
+    finally:
+        for m, mode in modes.items():
+            m.training = mode

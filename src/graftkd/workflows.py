@@ -1,0 +1,215 @@
+"""One function per CLI command: load inputs, validate them up front, run, write results atomically."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from graftkd.engine.checkpoint import Checkpointer, fingerprint
+from graftkd.engine.evaluate import evaluate_model
+from graftkd.engine.io import atomic_torch_save, atomic_write_json
+from graftkd.engine.runtime import resolve_device, run_facts
+from graftkd.engine.supervised import TeacherRecipe, train_supervised
+from graftkd.errors import GraftkdError
+from graftkd.graft import GraftConfig, graft
+from graftkd.models import build_model
+from graftkd.models.profile import count_flops, count_params, format_count
+
+STUDENT_FORMAT = "graftkd-student/1"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    arch: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+    classes: list[str] | None = None
+
+
+def normalizer(mean, std) -> nn.Module:
+    from graftkd.data.normalize import Normalizer
+
+    return Normalizer(mean, std)
+
+
+def load_model_file(arch: str, path: str | Path, num_classes: int) -> LoadedModel:
+    """A teacher or a saved graftkd model: zoo architecture + weights file, strictly loaded."""
+    from graftkd.models.teachers import load_pretrained
+
+    model, meta = load_pretrained(arch, path, num_classes=num_classes)
+    return LoadedModel(model, arch, tuple(meta["mean"]), tuple(meta["std"]), str(path), meta.get("classes"))
+
+
+def save_model(path: Path, loaded: LoadedModel, extra: dict) -> None:
+    """Plain state_dict + what rebuilds the model: the file loads with ``torch.load(weights_only=True)``."""
+    atomic_torch_save(
+        path,
+        {"format": STUDENT_FORMAT, "arch": loaded.arch, "state_dict": loaded.model.state_dict(),
+         "mean": list(loaded.mean), "std": list(loaded.std), "classes": loaded.classes, **extra},
+    )
+
+
+def model_costs(model: nn.Module, input_shape: tuple[int, ...]) -> dict:
+    return {"params": count_params(model), "flops": count_flops(model, input_shape)}
+
+
+# ---------------------------------------------------------------------------------------- fewshot
+def build_fewshot(
+    source: str, k: int, seed: int, subset: int = 0, split: str = "train", out: str | Path | None = None
+):
+    """Sample K images per class (labels only stratify) and optionally write the manifest."""
+    from graftkd.data.fewshot import FewShotManifest
+
+    manifest = FewShotManifest.create(source, split=split, k=k, seed=seed, subset=subset)
+    if out is not None:
+        manifest.save(out)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------- train-teacher
+def train_teacher(
+    arch: str,
+    data: str,
+    out: str | Path,
+    recipe: TeacherRecipe,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    from graftkd.data import load_dataset
+    from graftkd.data.normalize import stats_for
+
+    device_ = resolve_device(device)
+    train = load_dataset(data, "train")
+    test = load_dataset(data, "test")
+    if train.labels is None:
+        raise GraftkdError(f"train-teacher needs labeled data, but {data} has no class folders")
+    mean, std = stats_for(train.dataset or data)
+    model = build_model(arch, num_classes=train.num_classes, **_input_kwargs(arch, train.images.shape[1]))
+    out = Path(out)
+    facts = run_facts(device_, recipe.seed)
+    checkpointer = Checkpointer(out, fingerprint({"arch": arch, "data": data, "recipe": recipe.to_dict()}), "supervised")
+    started = time.perf_counter()
+    result = train_supervised(
+        model, train.images, train.labels, normalize=normalizer(mean, std), recipe=recipe, device=device_,
+        checkpointer=checkpointer, test=(test.images, test.labels), progress=progress,
+    )
+    loaded = LoadedModel(model.cpu(), arch, mean, std, data, train.classes)
+    save_model(out / "model.pt", loaded, {"test_acc": result["test_acc"], "recipe": recipe.to_dict()})
+    payload = {**facts, "kind": "train-teacher", "arch": arch, "data": data, "recipe": recipe.to_dict(),
+               "test_acc": result["test_acc"], "wall_seconds": time.perf_counter() - started,
+               "history": result["history"], **model_costs(model, tuple(train.images.shape[1:]))}
+    atomic_write_json(out / "result.json", payload)
+    return payload
+
+
+def _input_kwargs(arch: str, channels: int) -> dict:
+    return {} if channels == 3 or arch.startswith("digits") else {"in_channels": channels}
+
+
+# ------------------------------------------------------------------------------------------ distill
+def distill(
+    *,
+    teacher: LoadedModel,
+    student_arch: str,
+    fewshot,  # ImageSet with labels dropped
+    test=None,  # labeled ImageSet or None
+    config: GraftConfig,
+    device: str = "auto",
+    out: str | Path | None = None,
+    progress: bool = True,
+    manifest: dict | None = None,
+    label: str = "",
+) -> dict:
+    """Graft ``student_arch`` into ``teacher`` on the few-shot images; evaluate both; write results."""
+    device_ = resolve_device(device)
+    num_classes = _num_outputs(teacher.model, fewshot.images.shape[1:])
+    if test is not None and test.labels is not None and test.num_classes != num_classes:
+        raise GraftkdError(
+            f"the teacher predicts {num_classes} classes but the test data {test.name} has {test.num_classes}: "
+            "use a teacher trained on this dataset"
+        )
+    expected = getattr(teacher.model, "input_shape", None)
+    if expected is not None and expected[0] != fewshot.images.shape[1]:
+        raise GraftkdError(
+            f"the few-shot images have {fewshot.images.shape[1]} channels but the teacher {teacher.arch} expects "
+            f"{expected[0]}: convert the images (RGB vs grayscale)"
+        )
+    student = build_model(student_arch, num_classes=num_classes, **_input_kwargs(student_arch, fewshot.images.shape[1]))
+    input_shape = tuple(fewshot.images.shape[1:])
+    norm = normalizer(teacher.mean, teacher.std)
+    facts = run_facts(device_, config.seed)
+    teacher_costs = model_costs(teacher.model, input_shape)
+    out_dir = Path(out) if out is not None else None
+    started = time.perf_counter()
+    teacher_acc = None
+    if test is not None:
+        teacher_acc = evaluate_model(teacher.model.to(device_), test.images, test.labels, norm, device_)
+    result = graft(
+        teacher.model, student, fewshot.images, normalize=norm, config=config, device=device_,
+        run_dir=out_dir, progress=progress,
+    )
+    student_acc = None
+    if test is not None:
+        student_acc = evaluate_model(result.student, test.images, test.labels, norm, device_)
+    student_costs = model_costs(result.student.cpu(), input_shape)
+    payload = {
+        **facts,
+        "kind": "distill",
+        "method": "graft",
+        "label": label,
+        "teacher": {"arch": teacher.arch, "source": teacher.source, "test_acc": teacher_acc, **teacher_costs},
+        "student": {"arch": student_arch, "test_acc": student_acc, **student_costs},
+        "fewshot": {"images": len(fewshot), "shots": result.shots, "manifest": manifest},
+        "test": {"name": test.name, "images": len(test)} if test is not None else None,
+        "protocol": "last-epoch student after the full schedule; the test set is used only for this report",
+        "config": config.to_dict(),
+        "graft": result.summary(),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    if out_dir is not None:
+        loaded = LoadedModel(result.student, student_arch, teacher.mean, teacher.std, "graftkd distill", teacher.classes)
+        save_model(out_dir / "student.pt", loaded, {"test_acc": student_acc, "teacher": teacher.source})
+        atomic_write_json(out_dir / "result.json", payload)
+        (out_dir / "checkpoint.pt").unlink(missing_ok=True)
+    return payload
+
+
+def _num_outputs(model: nn.Module, input_shape) -> int:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros((2, *input_shape), device=next(model.parameters()).device))
+    model.train(was)
+    return int(out.shape[1])
+
+
+# ----------------------------------------------------------------------------------------- reports
+def summary_table(payload: dict) -> str:
+    """The end-of-run table: teacher vs student accuracy, size, compute, compression, time."""
+    t, s = payload["teacher"], payload["student"]
+
+    def acc(value):
+        return "-" if value is None else f"{value:.2f}%"
+
+    rows = [
+        ("", "teacher", "student"),
+        ("architecture", t["arch"], s["arch"]),
+        ("test accuracy", acc(t.get("test_acc")), acc(s.get("test_acc"))),
+        ("parameters", format_count(t["params"]), format_count(s["params"])),
+        ("FLOPs / image", format_count(t["flops"]), format_count(s["flops"])),
+        ("compression", "1.00x", f"{t['params'] / s['params']:.2f}x params, {t['flops'] / s['flops']:.2f}x FLOPs"),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    few = payload["fewshot"]
+    lines.append(
+        f"few-shot: {few['images']} unlabeled images ({few['shots']} per class), wall time "
+        f"{payload['wall_seconds']:.1f} s on {payload['device']}"
+    )
+    return "\n".join(lines)
