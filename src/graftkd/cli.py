@@ -119,7 +119,7 @@ def _cmd_train_teacher(args) -> None:
 
 def _cmd_distill(args) -> None:
     from graftkd.data import load_dataset
-    from graftkd.data.fewshot import FewShotManifest
+    from graftkd.data.fewshot import FewShotManifest, make_manifest
     from graftkd.graft import GraftConfig, ScheduleConfig
     from graftkd.workflows import distill, load_model_file, summary_table
 
@@ -130,7 +130,7 @@ def _cmd_distill(args) -> None:
     elif args.data:
         if args.k is None:
             raise GraftkdError("--data needs --k (images per class to sample)")
-        manifest = FewShotManifest.create(args.data, split="train", k=args.k, seed=args.seed, subset=args.subset)
+        manifest = make_manifest(args.data, "train", args.k, args.seed, args.subset)
         fewshot = manifest.materialize()
     else:
         from graftkd.data.readers import load_unlabeled_folder

@@ -18,7 +18,7 @@ DEMO_TEACHER_RECIPE = TeacherRecipe(epochs=40, batch_size=64, lr=0.05, padding=1
 
 def run_demo(out: str | Path = "runs/demo", device: str = "cpu", seed: int = 0, progress: bool = True) -> list[dict]:
     from graftkd.data import load_dataset
-    from graftkd.data.fewshot import FewShotManifest
+    from graftkd.data.fewshot import make_manifest
     from graftkd.workflows import load_model_file
 
     out = Path(out)
@@ -30,7 +30,7 @@ def run_demo(out: str | Path = "runs/demo", device: str = "cpu", seed: int = 0, 
     test = load_dataset("digits", "test")
     results = []
     for shots in DEMO_SHOTS:
-        manifest = FewShotManifest.create("digits", split="train", k=shots, seed=seed)
+        manifest = make_manifest("digits", "train", shots, seed)
         manifest.save(out / f"{shots}shot" / "manifest.json")
         config = GraftConfig(shots=shots, schedule=ScheduleConfig(preset="digits"), padding=1, seed=seed)
         print(f"\n{shots}-shot grafting: {shots * 10} unlabeled images")

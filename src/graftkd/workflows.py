@@ -63,9 +63,9 @@ def build_fewshot(
     source: str, k: int, seed: int, subset: int = 0, split: str = "train", out: str | Path | None = None
 ):
     """Sample K images per class (labels only stratify) and optionally write the manifest."""
-    from graftkd.data.fewshot import FewShotManifest
+    from graftkd.data.fewshot import make_manifest
 
-    manifest = FewShotManifest.create(source, split=split, k=k, seed=seed, subset=subset)
+    manifest = make_manifest(source, split, k, seed, subset)
     if out is not None:
         manifest.save(out)
     return manifest

@@ -23,9 +23,9 @@ import torch
 
 from graftkd import __version__
 from graftkd.data.dataset import ImageSet
-from graftkd.data.readers import load_image_files, load_unlabeled_folder
-from graftkd.data.sources import load_dataset, resolve_source, source_sha256
 from graftkd.data.cache import file_sha256
+from graftkd.data.readers import CIFAR_INFO, list_images, load_image_files, load_unlabeled_folder
+from graftkd.data.sources import load_dataset, resolve_source, source_sha256
 from graftkd.engine.io import atomic_write_json
 from graftkd.errors import GraftkdError
 
@@ -172,7 +172,7 @@ class FewShotManifest:
     format: str = MANIFEST_FORMAT
 
     # manifests loaded from a file remember where, to resolve relative source paths
-    _base_dir: Path | None = field(default=None, repr=False, compare=False)
+    _base_dir: Path | None = field(default=None, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "FewShotManifest":
@@ -298,8 +298,6 @@ class FewShotManifest:
         src = self.source
         if src == "digits" or Path(src).expanduser().exists():
             return src
-        from graftkd.data.readers import CIFAR_INFO
-
         if src in CIFAR_INFO:
             return src
         candidates = []
@@ -383,7 +381,7 @@ def make_manifest(
     if full.labels is None:
         raise GraftkdError(f"{source} has no labels; use make_unlabeled_manifest for unlabeled folders")
     indices = sample_few_shot(full.labels, k, seed, subset, classes=full.classes, num_classes=full.num_classes)
-    kind, path = resolve_source(source, data_root)
+    _, path = resolve_source(source, data_root)
     sha = file_sha256(path) if path is not None and path.is_file() else None
     return FewShotManifest(
         source=str(source),
@@ -407,11 +405,9 @@ def make_unlabeled_manifest(
     Images are read once to check that every chosen file decodes and that sizes agree.
     """
     root = Path(folder).expanduser()
-    from graftkd.data.readers import _walk_images  # listing only; decoding happens below
-
     if not root.is_dir():
         raise GraftkdError(f"image folder not found: {root}; check the path")
-    rels = _walk_images(root)
+    rels = list_images(root)
     if not rels:
         load_unlabeled_folder(root)  # raises the standard "no images found" error
     if n is None:

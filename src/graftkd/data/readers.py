@@ -38,6 +38,7 @@ __all__ = [
     "load_image_files",
     "load_digits",
     "is_archive_path",
+    "list_images",
 ]
 
 # ----------------------------------------------------------------------------------------- CIFAR
@@ -91,6 +92,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             return _numpy_attr(name)
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
+        if module == "_codecs" and name == "encode":  # python-3 pickles store raw bytes this way
+            import codecs
+
+            return codecs.encode
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR data file")
 
 
@@ -227,8 +232,9 @@ def _md5(data: bytes) -> str:
 
 
 # ----------------------------------------------------------------------------------------- folders
-def _walk_images(root: Path) -> list[str]:
+def list_images(root: str | os.PathLike) -> list[str]:
     """Relative POSIX paths of all non-hidden image files under ``root`` (recursive), sorted."""
+    root = Path(root)
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
@@ -307,7 +313,7 @@ def load_image_folder(
     rels: list[str] = []
     keys: list[tuple] = []
     for ci, cls in enumerate(classes):
-        files = _walk_images(base / cls)
+        files = list_images(base / cls)
         if not files:
             raise GraftkdError(
                 f"class folder {base / cls} has no images (looked for {looked_for()}); add images or remove the folder"
@@ -320,7 +326,7 @@ def load_image_folder(
     def build() -> dict:
         collector = ImageCollector(str(base), grayscale, on_bad_image)
         decode_stream(collector, _read_files(base, rels, keys), workers)
-        return _finish(collector, labeled=True)
+        return {**_finish(collector, labeled=True), "classes": list(classes)}
 
     key_parts = ["folder", folder_fingerprint(base, rels), f"gray={grayscale}", f"bad={on_bad_image}"]
     payload, _ = cached_payload(f"folder-{base.name}", key_parts, build, cache)
@@ -353,7 +359,7 @@ def load_unlabeled_folder(
     root = Path(path).expanduser()
     if not root.is_dir():
         raise GraftkdError(f"image folder not found: {root}; check the path")
-    rels = _walk_images(root)
+    rels = list_images(root)
     if not rels:
         raise GraftkdError(f"no images found in {root} (looked for {looked_for()})")
     return load_image_files(root, rels, grayscale=grayscale, on_bad_image=on_bad_image, workers=workers, cache=cache)
@@ -399,7 +405,7 @@ def load_image_files(
     def build() -> dict:
         collector = ImageCollector(str(root), grayscale, on_bad_image)
         decode_stream(collector, _read_files(root, rels, keys), workers)
-        return _finish(collector, labeled=False)
+        return {**_finish(collector, labeled=False), "classes": []}
 
     # the key hashes the list in order (sorted fingerprint + order digest)
     order = hashlib.sha256("\n".join(rels).encode("utf-8", "surrogateescape")).hexdigest()
@@ -420,13 +426,11 @@ def is_archive_path(path: str | os.PathLike) -> bool:
 
 def _member_parts(name: str) -> tuple[str, ...] | None:
     """Normalised path parts of an archive member, or None for hidden / unsafe / non-image entries."""
-    parts = tuple(p for p in PurePosixPath(name).parts if p not in ("", "."))
-    if not parts or name.startswith("/") or ".." in parts:
+    if name.startswith("/") or not is_image_name(name):
         return None
-    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
-        return None
-    if not is_image_name(parts[-1]):
-        return None
+    parts = tuple(p for p in name.split("/") if p and p != ".")
+    if not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
+        return None  # hidden entries, AppleDouble files, and '..' (starts with '.')
     return parts
 
 
@@ -457,8 +461,6 @@ def _scan_archive(path: Path, split: str | None, collector: ImageCollector, work
 
     try:
         decode_stream(collector, items(), workers)
-    except GraftkdError:
-        raise
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise GraftkdError(
             f"cannot read archive {path} ({type(exc).__name__}: {exc}); it is damaged or not a tar archive: "

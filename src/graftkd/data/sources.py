@@ -117,7 +117,7 @@ def source_sha256(spec: str, data_root: str | os.PathLike | None = None) -> str 
 
 def load_dataset(
     spec: str,
-    split: str | None = "train",
+    split: str | None,
     cache: bool = True,
     *,
     data_root: str | os.PathLike | None = None,

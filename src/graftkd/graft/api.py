@@ -28,6 +28,7 @@ class GraftConfig:
     augment: bool = True  # random crop (zero padding) + horizontal flip, batched on the device
     padding: int = 4
     flip: bool = True
+    mixup: bool = False  # not in the paper: blend pairs of few-shot images (teacher sees the same blend)
     seed: int = 0
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool | None = None  # None → on for CUDA
@@ -133,6 +134,7 @@ def graft(
         images,
         normalize=normalize,
         augment=_augmenter(config),
+        mixup=config.mixup,
         batch_size=batch_size,
         generator=generator,
         device=device,

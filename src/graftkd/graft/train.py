@@ -60,6 +60,7 @@ class GraftRunner:
         *,
         normalize: nn.Module,
         augment: Augmenter | None,
+        mixup: bool = False,
         batch_size: int,
         generator: torch.Generator,
         device: torch.device,
@@ -79,6 +80,7 @@ class GraftRunner:
         self.images = images.to(device)
         self.normalize = normalize.to(device)
         self.augment = augment
+        self.mixup = mixup
         self.batch_size = batch_size
         self.generator = generator
         self.precision = precision
@@ -110,7 +112,14 @@ class GraftRunner:
         x = self.images[indices]
         if self.augment is not None:
             x = self.augment(x, self.generator)
-        return self.normalize(x).contiguous(memory_format=self.memory_format)
+        x = self.normalize(x)
+        if self.mixup and len(indices) > 1:
+            # Label-free mixup: teacher and grafted net see the same blend of two few-shot images, which
+            # widens the input support the student learns the teacher's function on.
+            weight = torch.rand((len(x), 1, 1, 1), generator=self.generator).to(x.device, x.dtype)
+            partner = torch.randperm(len(x), generator=self.generator).to(x.device)
+            x = torch.lerp(x[partner], x, weight) if x.dim() == 4 else x
+        return x.contiguous(memory_format=self.memory_format)
 
     @torch.inference_mode()
     def _precompute(self, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +220,7 @@ class GraftRunner:
             self.records.append(record)
         replaced = set(stage.replaced)
         prefix = self._prefix_length(stage)
-        cached = self._precompute(prefix) if self.augment is None else None
+        cached = self._precompute(prefix) if self.augment is None and not self.mixup else None
         self._set_modes(stage)
         bar.set_description(stage.name)
         timer = Timer(self.device)
