@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="images per class (with --data)")
     p.add_argument("--subset", type=int, default=0)
     p.add_argument("--test-data", help="labeled data whose 'test' split is used for reporting only")
+    p.add_argument("--num-classes", type=int, help="classes the teacher predicts (default: from the data)")
     p.add_argument("--preset", default="cifar10", help="learning-rate/epoch defaults: cifar10, cifar100, imagenet, digits")
     p.add_argument("--block-epochs", type=_int_list, help="epochs per block stage (one value or a list)")
     p.add_argument("--net-epochs", type=_int_list, help="epochs per network stage (one value or a list)")
@@ -75,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inherit", default="auto", help="auto, none, or block numbers 1,2,3 to copy from the teacher")
     p.add_argument("--inherit-trainable", action="store_true", help="train inherited blocks in network grafting")
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--padding", type=int, default=4)
+    p.add_argument("--padding", type=int, help="crop padding (default: 4, digits 1)")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (always off for digits)")
+    p.add_argument("--mixup", action="store_true", help="blend pairs of few-shot images (not in the paper)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--on-bad-image", default="error", choices=["error", "skip"])
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
@@ -118,7 +121,7 @@ def _cmd_train_teacher(args) -> None:
 
 
 def _cmd_distill(args) -> None:
-    from graftkd.data import load_dataset
+    from graftkd.data import default_augment, load_dataset
     from graftkd.data.fewshot import FewShotManifest, make_manifest
     from graftkd.graft import GraftConfig, ScheduleConfig
     from graftkd.workflows import distill, load_model_file, summary_table
@@ -133,14 +136,21 @@ def _cmd_distill(args) -> None:
         manifest = make_manifest(args.data, "train", args.k, args.seed, args.subset)
         fewshot = manifest.materialize()
     else:
+        fewshot = None  # read once the teacher says how many channels it expects
+    labeled_manifest = manifest is not None and manifest.num_classes > 0
+    test_source = args.test_data or (manifest.source if labeled_manifest else None)
+    test = load_dataset(test_source, "test") if test_source else None
+    num_classes = args.num_classes or (test.num_classes if test is not None else None)
+    num_classes = num_classes or (manifest.num_classes if labeled_manifest else None)
+    if not num_classes:
+        raise GraftkdError("cannot tell how many classes the teacher predicts: pass --num-classes or --test-data")
+    teacher = load_model_file(args.teacher_arch, args.teacher, num_classes=num_classes)
+    if fewshot is None:
         from graftkd.data.readers import load_unlabeled_folder
 
-        fewshot = load_unlabeled_folder(args.unlabeled, on_bad_image=args.on_bad_image)
-    test_source = args.test_data or (manifest.source if manifest is not None else None)
-    test = load_dataset(test_source, "test") if test_source else None
-    probe_classes = test.num_classes if test is not None else None
-    num_classes = probe_classes or 10
-    teacher = load_model_file(args.teacher_arch, args.teacher, num_classes=num_classes)
+        channels = getattr(teacher.model, "input_shape", (3,))[0]
+        fewshot = load_unlabeled_folder(args.unlabeled, grayscale=channels == 1, on_bad_image=args.on_bad_image)
+    augment = default_augment(getattr(test, "dataset", None) or (manifest.source if manifest else None))
     config = GraftConfig(
         shots=args.k,
         batch_size=args.batch_size,
@@ -148,7 +158,9 @@ def _cmd_distill(args) -> None:
         inherit=args.inherit,
         inherit_trainable=args.inherit_trainable,
         augment=not args.no_augment,
-        padding=args.padding,
+        padding=args.padding if args.padding is not None else augment.padding,
+        flip=augment.flip and not args.no_flip,
+        mixup=args.mixup,
         seed=args.seed,
         precision=args.precision,
     )

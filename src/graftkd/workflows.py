@@ -81,14 +81,17 @@ def train_teacher(
     progress: bool = True,
 ) -> dict:
     from graftkd.data import load_dataset
-    from graftkd.data.normalize import stats_for
+    from graftkd.data.normalize import channel_stats, stats_for
 
     device_ = resolve_device(device)
     train = load_dataset(data, "train")
     test = load_dataset(data, "test")
     if train.labels is None:
         raise GraftkdError(f"train-teacher needs labeled data, but {data} has no class folders")
-    mean, std = stats_for(train.dataset or data)
+    if train.dataset:
+        mean, std = stats_for(train.dataset)
+    else:  # a custom folder: measure its per-channel statistics once
+        mean, std = channel_stats(train.images)
     model = build_model(arch, num_classes=train.num_classes, **_input_kwargs(arch, train.images.shape[1]))
     out = Path(out)
     facts = run_facts(device_, recipe.seed)
@@ -127,17 +130,17 @@ def distill(
 ) -> dict:
     """Graft ``student_arch`` into ``teacher`` on the few-shot images; evaluate both; write results."""
     device_ = resolve_device(device)
-    num_classes = _num_outputs(teacher.model, fewshot.images.shape[1:])
-    if test is not None and test.labels is not None and test.num_classes != num_classes:
-        raise GraftkdError(
-            f"the teacher predicts {num_classes} classes but the test data {test.name} has {test.num_classes}: "
-            "use a teacher trained on this dataset"
-        )
     expected = getattr(teacher.model, "input_shape", None)
     if expected is not None and expected[0] != fewshot.images.shape[1]:
         raise GraftkdError(
             f"the few-shot images have {fewshot.images.shape[1]} channels but the teacher {teacher.arch} expects "
             f"{expected[0]}: convert the images (RGB vs grayscale)"
+        )
+    num_classes = _num_outputs(teacher.model, fewshot.images.shape[1:])
+    if test is not None and test.labels is not None and test.num_classes != num_classes:
+        raise GraftkdError(
+            f"the teacher predicts {num_classes} classes but the test data {test.name} has {test.num_classes}: "
+            "use a teacher trained on this dataset"
         )
     student = build_model(student_arch, num_classes=num_classes, **_input_kwargs(student_arch, fewshot.images.shape[1]))
     input_shape = tuple(fewshot.images.shape[1:])

@@ -24,7 +24,7 @@ PRESETS: dict[str, dict] = {
         "net_epochs": [20],
     },
     # The embedded 8x8 digits demo: small nets, so larger steps and fewer epochs keep it under minutes.
-    "digits": {"block_lr": 2e-3, "net_lr": 1e-3, "block_epochs": [60], "net_epochs": [80]},
+    "digits": {"block_lr": 5e-3, "net_lr": 2e-3, "block_epochs": [100], "net_epochs": [150]},
 }
 
 

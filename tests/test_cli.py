@@ -1,0 +1,126 @@
+"""The command line as a new user meets it: a tiny real run, and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from graftkd.cli import main
+from graftkd.models import build_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    code = main(["train-teacher", "--arch", "digits_cnn", "--data", "digits", "--out", str(out), "--epochs", "3",
+                 "--batch-size", "64", "--lr", "0.05", "--padding", "1", "--device", "cpu", "--no-progress"])
+    assert code == 0
+    return out / "model.pt"
+
+
+def _distill_args(teacher: Path, out: Path, *extra: str) -> list[str]:
+    return ["distill", "--teacher", str(teacher), "--teacher-arch", "digits_cnn", "--student-arch", "digits_cnn_half",
+            "--preset", "digits", "--block-epochs", "2", "--net-epochs", "2", "--device", "cpu", "--no-progress",
+            "--out", str(out), *extra]
+
+
+def test_fewshot_then_distill_writes_a_loadable_student_and_a_traceable_result(tmp_path, digits_teacher, capsys):
+    manifest = tmp_path / "m.json"
+    assert main(["fewshot", "--data", "digits", "--k", "2", "--seed", "3", "--out", str(manifest)]) == 0
+    assert json.loads(manifest.read_text())["k"] == 2
+    out = tmp_path / "run"
+    assert main(_distill_args(digits_teacher, out, "--fewshot", str(manifest), "--seed", "3")) == 0
+    table = capsys.readouterr().out
+    assert "test accuracy" in table and "compression" in table
+    result = json.loads((out / "result.json").read_text())
+    for key in ("command", "commit", "seed", "device", "wall_seconds", "protocol"):
+        assert key in result
+    assert result["seed"] == 3 and result["fewshot"]["images"] == 20
+    assert 0 <= result["student"]["test_acc"] <= 100 and result["teacher"]["test_acc"] > 50
+    assert result["graft"]["merge_max_abs_diff"] <= 1e-4
+    saved = torch.load(out / "student.pt", weights_only=True)
+    fresh = build_model(saved["arch"], num_classes=10)
+    fresh.load_state_dict(saved["state_dict"], strict=True)
+    assert not (out / "checkpoint.pt").exists()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_distill_from_an_unlabeled_folder(tmp_path, digits_teacher):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        pixels = torch.randint(0, 256, (8, 8), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:02d}.png")
+    # the teacher expects 1 channel, so the folder is read as grayscale; no test data → no accuracy
+    code = main(_distill_args(digits_teacher, tmp_path / "run", "--unlabeled", str(folder), "--num-classes", "10"))
+    assert code == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["fewshot"]["images"] == 12 and result["student"]["test_acc"] is None
+
+
+@pytest.mark.parametrize(
+    "make_args, expected",
+    [
+        (lambda t, d: _distill_args(t, d / "o", "--data", "digits", "--k", "500"), "K=500 needs"),
+        (lambda t, d: _distill_args(t, d / "o", "--unlabeled", str(d), "--num-classes", "10"), "no images found"),
+        (lambda t, d: ["distill", "--teacher", str(t), "--teacher-arch", "resnet20", "--student-arch", "resnet20",
+                       "--data", "digits", "--k", "1", "--out", str(d / "o")], "another architecture"),
+        (lambda t, d: _distill_args(t, d / "o", "--data", "digits", "--k", "1", "--device", "cuda:7"), "cuda"),
+        (lambda t, d: ["evaluate", "--arch", "digits_cnn", "--weights", str(d / "missing.pt"), "--data", "digits"],
+         "not found"),
+    ],
+    ids=["k-too-large", "empty-folder", "wrong-architecture", "missing-device", "missing-file"],
+)
+def test_bad_input_ends_in_one_line_and_writes_nothing(tmp_path, digits_teacher, make_args, expected):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "graftkd.cli", *make_args(digits_teacher, empty)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert len(lines) == 1 and lines[0].startswith("graftkd: error:"), proc.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (empty / "o").exists() or not any((empty / "o").iterdir())
+
+
+def test_malicious_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": Evil()}, path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "graftkd.cli", "evaluate", "--arch", "digits_cnn", "--weights", str(path),
+         "--data", "digits"], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "refused to load" in proc.stderr and "code ran" not in proc.stdout
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_resnet56_teacher_loads_and_grafts_resnet20_on_cifar10_shapes(tmp_path):
+    """The paper pair on the real teacher: a short schedule on 10-shot CIFAR-10, exact merge."""
+    from graftkd.data import make_manifest
+    from graftkd.graft import GraftConfig, ScheduleConfig, graft
+    from graftkd.workflows import load_model_file, normalizer
+
+    teacher = load_model_file("resnet56", SHARED / "teachers" / "resnet56-4bfd9763.th", num_classes=10)
+    manifest = make_manifest(str(SHARED / "data" / "cifar10.tar.gz"), "train", 1, seed=0)
+    fewshot = manifest.materialize()
+    student = build_model("resnet20")
+    config = GraftConfig(shots=1, schedule=ScheduleConfig("cifar10", block_epochs=1, net_epochs=1))
+    result = graft(teacher.model, student, fewshot.images, normalize=normalizer(teacher.mean, teacher.std),
+                   config=config, device="cpu", progress=False)
+    assert result.merge_max_abs_diff <= 1e-4 and len(result.stages) == 5
