@@ -124,3 +124,9 @@ def test_resnet56_teacher_loads_and_grafts_resnet20_on_cifar10_shapes(tmp_path):
     result = graft(teacher.model, student, fewshot.images, normalize=normalizer(teacher.mean, teacher.std),
                    config=config, device="cpu", progress=False)
     assert result.merge_max_abs_diff <= 1e-4 and len(result.stages) == 5
+
+
+def test_models_lists_params_and_flops(capsys):
+    assert main(["models"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "5.41M" in lines["vgg16_graft"] and "14.98M" in lines["vgg16"] and "0.27M" in lines["resnet20"]

@@ -28,15 +28,6 @@ N_BLOCKS.update({n: 6 for n in ALL if n.startswith("vgg")})
 N_BLOCKS.update({n: 3 for n in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to CPU contention; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _input(model: nn.Module, name: str, n: int = 2) -> torch.Tensor:
     shape = (3, 64, 64) if name in ("resnet18", "resnet34") else model.input_shape  # 64x64 keeps ImageNet nets fast
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(0))

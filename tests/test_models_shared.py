@@ -25,15 +25,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to CPU contention; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_vgg16_bn_file_loads_strictly_after_float32_cast() -> None:
     raw = torch.load(VGG_FILE, map_location="cpu", weights_only=True)
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in raw["state_dict"].items()}

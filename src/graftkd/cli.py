@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
     _add_common(p)
 
+    p = sub.add_parser("models", help="list the zoo with parameters, FLOPs and blocks")
+    p.add_argument("--num-classes", type=int, default=10)
+
     p = sub.add_parser("evaluate", help="test accuracy of a weights file")
     p.add_argument("--arch", required=True)
     p.add_argument("--weights", required=True)
@@ -189,7 +192,22 @@ def _cmd_evaluate(args) -> None:
     print(f"{args.arch} ({args.weights}) on {data.name}: {acc:.2f}% top-1 over {len(data)} images")
 
 
+def _cmd_models(args) -> None:
+    from graftkd.models import build_model, list_models
+    from graftkd.models.profile import count_flops, count_params, format_count
+
+    print(f"{'model':<16} {'input':<9} {'params':>8} {'FLOPs':>8}  blocks")
+    for name in list_models():
+        model = build_model(name, num_classes=args.num_classes)
+        shape = tuple(getattr(model, "input_shape", (3, 32, 32)))
+        flops = count_flops(model, shape)  # torch.utils.flop_counter: a multiply-add counts 2
+        size = "x".join(map(str, shape))
+        print(f"{name:<16} {size:<9} {format_count(count_params(model)):>8} {format_count(flops):>8}  "
+              f"{', '.join(model.block_names())}")
+
+
 COMMANDS = {
+    "models": _cmd_models,
     "demo": _cmd_demo,
     "fewshot": _cmd_fewshot,
     "train-teacher": _cmd_train_teacher,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from graftkd.engine.supervised import TeacherRecipe
 from graftkd.graft import GraftConfig, ScheduleConfig
-from graftkd.workflows import LoadedModel, distill, summary_table, train_teacher
+from graftkd.workflows import distill, summary_table, train_teacher
 
 DEMO_SHOTS = (1, 5)
 # Digits are never mirrored (a flipped 2 is not a 2): crop with 1-pixel padding only, for teacher and student.
