@@ -11,7 +11,7 @@ from torch import nn
 from graftkd.engine.checkpoint import Checkpointer, fingerprint
 from graftkd.engine.evaluate import evaluate_model
 from graftkd.engine.io import atomic_torch_save, atomic_write_json
-from graftkd.engine.runtime import resolve_device, run_facts
+from graftkd.engine.runtime import resolve_device, run_facts, seed_everything
 from graftkd.engine.supervised import TeacherRecipe, train_supervised
 from graftkd.errors import GraftkdError
 from graftkd.graft import GraftConfig, graft
@@ -92,6 +92,7 @@ def train_teacher(
         mean, std = stats_for(train.dataset)
     else:  # a custom folder: measure its per-channel statistics once
         mean, std = channel_stats(train.images)
+    seed_everything(recipe.seed)  # the initial weights are part of the run: seed them too
     model = build_model(arch, num_classes=train.num_classes, **_input_kwargs(arch, train.images.shape[1]))
     out = Path(out)
     facts = run_facts(device_, recipe.seed)
@@ -142,6 +143,7 @@ def distill(
             f"the teacher predicts {num_classes} classes but the test data {test.name} has {test.num_classes}: "
             "use a teacher trained on this dataset"
         )
+    seed_everything(config.seed)  # the student's initial weights are part of the run: seed them too
     student = build_model(student_arch, num_classes=num_classes, **_input_kwargs(student_arch, fewshot.images.shape[1]))
     input_shape = tuple(fewshot.images.shape[1:])
     norm = normalizer(teacher.mean, teacher.std)
