@@ -138,11 +138,8 @@ class GraftRunner:
     def _set_modes(self, stage: StageSpec) -> None:
         self.plan.teacher.eval()
         self.plan.scions.eval()
-        for index in stage.trainable:
+        for index in stage.trainable:  # inherited frozen blocks are never trainable: they stay in eval
             self.plan.scions[index].train()
-        for index in self.plan.inherited:
-            if not self.plan.inherit_trainable:
-                self.plan.scions[index].eval()
 
     def _parameters(self, stage: StageSpec) -> list[nn.Parameter]:
         params = [p for i in stage.trainable for p in self.plan.scions[i].parameters() if p.requires_grad]
