@@ -79,20 +79,18 @@ class BoundaryShape:
 
 def trace_boundaries(
     model: nn.Module, blocks: Sequence[nn.Module], sample: torch.Tensor, *, role: str
-) -> tuple[list[BoundaryShape], list[BoundaryShape]]:
-    """Run the blocks on ``sample`` and return each block's input and output shapes.
+) -> list[BoundaryShape]:
+    """Run the blocks on ``sample`` and return each block's output shape (block l+1's input is block l's output).
 
     Also checks that the composition equals ``model(sample)``, so grafting trains the real network.
     """
     was_training = model.training
     model.eval()
-    inputs: list[BoundaryShape] = []
     outputs: list[BoundaryShape] = []
     try:
         with torch.no_grad():
             x = sample
             for index, block in enumerate(blocks):
-                inputs.append(BoundaryShape(tuple(x.shape[1:])))
                 try:
                     x = block(x)
                 except Exception as exc:
@@ -118,7 +116,7 @@ def trace_boundaries(
                 )
     finally:
         model.train(was_training)
-    return inputs, outputs
+    return outputs
 
 
 def same_architecture(a: nn.Module, b: nn.Module) -> bool:

@@ -179,8 +179,8 @@ def build_plan(
     names = block_names(teacher, teacher_blocks, len(t_blocks))
     device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
     sample = torch.zeros((2, *input_shape), device=device)
-    _, t_out = trace_boundaries(teacher, t_blocks, sample, role="teacher")
-    _, s_out = trace_boundaries(student, s_blocks, sample.to(next(student.parameters()).device), role="student")
+    t_out = trace_boundaries(teacher, t_blocks, sample, role="teacher")
+    s_out = trace_boundaries(student, s_blocks, sample.to(next(student.parameters()).device), role="student")
 
     for i, (t_shape, s_shape) in enumerate(zip(t_out, s_out)):
         if t_shape.spatial != s_shape.spatial or len(t_shape.shape) != len(s_shape.shape):

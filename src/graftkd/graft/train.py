@@ -121,18 +121,21 @@ class GraftRunner:
             x = torch.lerp(x[partner], x, weight) if x.dim() == 4 else x
         return x.contiguous(memory_format=self.memory_format)
 
-    @torch.inference_mode()
+    def _teacher_pass(self, indices: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One teacher forward: the frozen prefix output (shared with the grafted net) and the target logits."""
+        with torch.no_grad(), autocast(self.device, self.precision):
+            features = self._batch_input(indices)
+            for index in range(prefix):
+                features = self.plan.teacher_blocks[index](features)
+            return features, self._run_from(features, prefix, set()).float()
+
     def _precompute(self, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefix outputs and teacher targets for every image: valid only without augmentation."""
-        features, targets = [], []
-        with autocast(self.device, self.precision):
-            for start in range(0, len(self.images), 256):
-                x = self._batch_input(torch.arange(start, min(start + 256, len(self.images)), device=self.device))
-                for index in range(prefix):
-                    x = self.plan.teacher_blocks[index](x)
-                features.append(x.clone())
-                targets.append(self._run_from(x, prefix, set()).float())
-        return torch.cat(features), torch.cat(targets)
+        """Prefix outputs and teacher targets for every image: valid only without augmentation or mixing."""
+        chunks = [
+            self._teacher_pass(torch.arange(start, min(start + 256, len(self.images)), device=self.device), prefix)
+            for start in range(0, len(self.images), 256)
+        ]
+        return torch.cat([f for f, _ in chunks]), torch.cat([t for _, t in chunks])
 
     # ------------------------------------------------------------------------------ the loop
     def _set_modes(self, stage: StageSpec) -> None:
@@ -230,11 +233,7 @@ class GraftRunner:
                 if cached is not None:
                     features, target = cached[0][indices], cached[1][indices]
                 else:
-                    with torch.no_grad(), autocast(self.device, self.precision):
-                        features = self._batch_input(indices)
-                        for index in range(prefix):
-                            features = self.plan.teacher_blocks[index](features)
-                        target = self._run_from(features, prefix, set())
+                    features, target = self._teacher_pass(indices, prefix)
                 with autocast(self.device, self.precision):
                     output = self._run_from(features, prefix, replaced)
                 loss = normalized_logit_loss(output, target)
