@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean teachers-eval
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,11 @@ test: install
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+
+# Re-measure every registered teacher on the shared lossless test split (needs ../shared or your own copies).
+TEACHERS_DIR ?= ../shared/teachers
+DATA_DIR ?= ../shared/data
+teachers-eval: install
+	for t in vgg16bn-cifar10 resnet20-cifar10 resnet32-cifar10 resnet44-cifar10 resnet56-cifar10; do \
+	  GRAFTKD_DATA=$(DATA_DIR) $(VENV)/bin/graftkd evaluate --teacher $$t --teachers-dir $(TEACHERS_DIR) \
+	    --no-progress --tolerance 100 --out results/teachers/$$t.json || exit 1; done

@@ -52,12 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine"])
     p.add_argument("--padding", type=int, default=4)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (e.g. digits, text)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    p.add_argument("--checkpoint-every-s", type=float, default=300.0,
+                   help="also checkpoint inside an epoch this often (seconds; 0 = every step)")
     _add_common(p)
 
     p = sub.add_parser("distill", help="graft a student into a teacher from a few unlabeled images")
-    p.add_argument("--teacher", required=True, help="teacher weights file")
-    p.add_argument("--teacher-arch", required=True, help="zoo architecture of the teacher, e.g. resnet56")
+    p.add_argument("--teacher", required=True,
+                   help="a registered teacher name (`graftkd teachers list`) or a weights file")
+    p.add_argument("--teacher-arch", help="zoo architecture of a teacher weights file, e.g. resnet56")
+    p.add_argument("--teachers-dir", help="folder holding registered teacher files (also: GRAFTKD_TEACHERS)")
     p.add_argument("--student-arch", required=True, help="zoo architecture of the student, e.g. resnet20")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--fewshot", help="few-shot manifest written by `graftkd fewshot`")
@@ -87,12 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the zoo with parameters, FLOPs and blocks")
     p.add_argument("--num-classes", type=int, default=10)
 
-    p = sub.add_parser("evaluate", help="test accuracy of a weights file")
-    p.add_argument("--arch", required=True)
-    p.add_argument("--weights", required=True)
-    p.add_argument("--data", required=True)
+    p = sub.add_parser("evaluate", help="test accuracy of a registered teacher or of a weights file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--teacher", help="registered teacher name; compared with the registry's accuracy")
+    which.add_argument("--weights", help="weights file (needs --arch)")
+    p.add_argument("--arch", help="zoo architecture of --weights")
+    p.add_argument("--data", help="labeled data (default for --teacher: its registered dataset)")
     p.add_argument("--split", default="test")
+    p.add_argument("--teachers-dir", help="folder holding registered teacher files (also: GRAFTKD_TEACHERS)")
+    p.add_argument("--tolerance", type=float, default=0.1,
+                   help="fail when a teacher's accuracy differs from the registry by more (points)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--out", help="write the measurement (with command, commit, device, time) to this JSON")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("teachers", help="the teacher registry")
+    tsub = p.add_subparsers(dest="teachers_command", required=True)
+    q = tsub.add_parser("list", help="registered teachers, their accuracy and whether their file is here")
+    q.add_argument("--teachers-dir", help="folder holding teacher files (also: GRAFTKD_TEACHERS)")
     return parser
 
 
@@ -115,10 +134,11 @@ def _cmd_train_teacher(args) -> None:
 
     recipe = TeacherRecipe(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, schedule=args.schedule, padding=args.padding, seed=args.seed,
-        precision=args.precision,
+        label_smoothing=args.label_smoothing, schedule=args.schedule, padding=args.padding, flip=not args.no_flip,
+        seed=args.seed, precision=args.precision,
     )
-    result = train_teacher(args.arch, args.data, args.out, recipe, args.device, not args.no_progress)
+    result = train_teacher(args.arch, args.data, args.out, recipe, args.device, not args.no_progress,
+                           checkpoint_every_s=args.checkpoint_every_s)
     print(f"{args.arch} on {args.data}: {result['test_acc']:.2f}% test accuracy in {result['wall_seconds']:.0f} s; "
           f"weights in {args.out}/model.pt")
 
@@ -127,7 +147,7 @@ def _cmd_distill(args) -> None:
     from graftkd.data import default_augment, load_dataset
     from graftkd.data.fewshot import FewShotManifest, make_manifest
     from graftkd.graft import GraftConfig, ScheduleConfig
-    from graftkd.workflows import distill, load_model_file, summary_table
+    from graftkd.workflows import distill, load_teacher, summary_table
 
     manifest = None
     if args.fewshot:
@@ -145,9 +165,7 @@ def _cmd_distill(args) -> None:
     test = load_dataset(test_source, "test") if test_source else None
     num_classes = args.num_classes or (test.num_classes if test is not None else None)
     num_classes = num_classes or (manifest.num_classes if labeled_manifest else None)
-    if not num_classes:
-        raise GraftkdError("cannot tell how many classes the teacher predicts: pass --num-classes or --test-data")
-    teacher = load_model_file(args.teacher_arch, args.teacher, num_classes=num_classes)
+    teacher = load_teacher(args.teacher, args.teacher_arch, num_classes, args.teachers_dir)
     if fewshot is None:
         from graftkd.data.readers import load_unlabeled_folder
 
@@ -178,18 +196,41 @@ def _cmd_distill(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    from graftkd.data import load_dataset
-    from graftkd.engine.evaluate import evaluate_model
-    from graftkd.engine.runtime import resolve_device
-    from graftkd.workflows import load_model_file, normalizer
+    from graftkd.workflows import evaluate_weights
 
-    data = load_dataset(args.data, args.split)
-    if data.labels is None:
-        raise GraftkdError(f"{args.data} has no labels to evaluate against")
-    loaded = load_model_file(args.arch, args.weights, num_classes=data.num_classes)
-    device = resolve_device(args.device)
-    acc = evaluate_model(loaded.model, data.images, data.labels, normalizer(loaded.mean, loaded.std), device, progress=True)
-    print(f"{args.arch} ({args.weights}) on {data.name}: {acc:.2f}% top-1 over {len(data)} images")
+    if args.weights and not args.arch:
+        raise GraftkdError("--weights needs --arch (the zoo architecture of the file, e.g. resnet56)")
+    payload = evaluate_weights(
+        teacher=args.teacher, weights=args.weights, arch=args.arch, data=args.data, split=args.split,
+        teachers_dir=args.teachers_dir, device=args.device, batch_size=args.batch_size, out=args.out,
+        progress=not args.no_progress,
+    )
+    print(f"{payload['model']} on {payload['data']} ({payload['split']}): {payload['accuracy']:.2f}% top-1 over "
+          f"{payload['images']} images in {payload['wall_seconds']:.1f} s")
+    expected = payload.get("registry_accuracy")
+    if expected is not None:
+        delta = payload["accuracy"] - expected
+        verdict = "matches" if abs(delta) <= args.tolerance else "DIFFERS FROM"
+        print(f"{verdict} the registry's {expected:.2f}% (delta {delta:+.2f}, tolerance {args.tolerance})")
+        if abs(delta) > args.tolerance:
+            raise GraftkdError(f"teacher '{args.teacher}' measured {payload['accuracy']:.2f}% but the registry says "
+                               f"{expected:.2f}%: check the data ({payload['data']}) and the file")
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def _cmd_teachers(args) -> None:
+    from graftkd.models.teacher_registry import load_registry, teacher_dirs
+    from graftkd.workflows import teacher_status
+
+    registry = load_registry()
+    print(f"{'name':<18} {'arch':<10} {'data':<9} {'acc %':>6} {'ref %':>6}  file")
+    for entry in registry:
+        acc = f"{entry.accuracy:.2f}" if entry.accuracy is not None else "-"
+        ref = f"{entry.reference_accuracy:.2f}" if entry.reference_accuracy is not None else "-"
+        print(f"{entry.name:<18} {entry.arch:<10} {entry.dataset:<9} {acc:>6} {ref:>6}  "
+              f"{entry.file} [{teacher_status(entry, args.teachers_dir)}]")
+    print("searched: " + ", ".join(str(d) for d in teacher_dirs(args.teachers_dir)))
 
 
 def _cmd_models(args) -> None:
@@ -213,6 +254,7 @@ COMMANDS = {
     "train-teacher": _cmd_train_teacher,
     "distill": _cmd_distill,
     "evaluate": _cmd_evaluate,
+    "teachers": _cmd_teachers,
 }
 
 

@@ -45,6 +45,32 @@ def load_model_file(arch: str, path: str | Path, num_classes: int) -> LoadedMode
     return LoadedModel(model, arch, tuple(meta["mean"]), tuple(meta["std"]), str(path), meta.get("classes"))
 
 
+def load_teacher(
+    spec: str, arch: str | None, num_classes: int | None, teachers_dir: str | Path | None = None
+) -> LoadedModel:
+    """``spec`` is a registered teacher name (verified by sha256) or a weights file (then ``arch`` is needed)."""
+    from graftkd.models.teacher_registry import load_registered, load_registry
+
+    registry = load_registry()
+    if spec in registry and not Path(spec).is_file():
+        model, meta, entry = load_registered(spec, teachers_dir, registry)
+        if arch and arch.strip().lower() != entry.arch:
+            raise GraftkdError(f"teacher '{entry.name}' is a {entry.arch}, not {arch}: drop --teacher-arch")
+        if num_classes is not None and num_classes != entry.num_classes:
+            raise GraftkdError(f"teacher '{entry.name}' predicts {entry.num_classes} classes but the data has "
+                               f"{num_classes}: use a teacher trained on this data")
+        return LoadedModel(model, entry.arch, tuple(entry.mean), tuple(entry.std), f"{entry.name} ({meta['source']})",
+                           meta.get("classes"))
+    if not Path(spec).exists():
+        names = ", ".join(e.name for e in registry)
+        raise GraftkdError(f"teacher '{spec}' is neither a file nor a registered teacher ({names})")
+    if not arch:
+        raise GraftkdError(f"{spec} is a weights file: say its architecture with --teacher-arch (e.g. resnet56)")
+    if num_classes is None:
+        raise GraftkdError(f"cannot tell how many classes {spec} predicts: pass --num-classes")
+    return load_model_file(arch, spec, num_classes=num_classes)
+
+
 def save_model(path: Path, loaded: LoadedModel, extra: dict) -> None:
     """Plain state_dict + what rebuilds the model: the file loads with ``torch.load(weights_only=True)``."""
     atomic_torch_save(
@@ -56,6 +82,63 @@ def save_model(path: Path, loaded: LoadedModel, extra: dict) -> None:
 
 def model_costs(model: nn.Module, input_shape: tuple[int, ...]) -> dict:
     return {"params": count_params(model), "flops": count_flops(model, input_shape)}
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def teacher_status(entry, teachers_dir: str | Path | None = None) -> str:
+    """'ok <path>' when the registered file is present with the right sha256, else what is wrong."""
+    from graftkd.models.teacher_registry import find_teacher_file, sha256_of
+
+    try:
+        path = find_teacher_file(entry, teachers_dir)
+    except GraftkdError:
+        return "missing"
+    return f"ok {path}" if sha256_of(path) == entry.sha256 else f"sha256 mismatch {path}"
+
+
+def evaluate_weights(
+    *,
+    teacher: str | None = None,
+    weights: str | Path | None = None,
+    arch: str | None = None,
+    data: str | None = None,
+    split: str = "test",
+    teachers_dir: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 500,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Top-1 accuracy of a registered teacher (sha256-verified) or a weights file, as a traceable record."""
+    from graftkd.data import load_dataset
+    from graftkd.models.teacher_registry import load_registry
+
+    device_ = resolve_device(device)
+    facts = run_facts(device_)
+    started = time.perf_counter()
+    entry = load_registry().get(teacher) if teacher else None
+    data = data or (entry.dataset if entry else None)
+    if not data:
+        raise GraftkdError("--data is needed: the labeled dataset to evaluate on")
+    dataset = load_dataset(data, split)
+    if dataset.labels is None:
+        raise GraftkdError(f"{data} ({split}) has no labels to evaluate against")
+    loaded = load_teacher(teacher or str(weights), arch, dataset.num_classes, teachers_dir)
+    if loaded.classes and dataset.classes and list(loaded.classes) != list(dataset.classes):
+        raise GraftkdError(f"{loaded.source} was trained on classes {loaded.classes[:3]}... but {data} has "
+                           f"{dataset.classes[:3]}...: evaluate on the data it was trained on")
+    acc = evaluate_model(loaded.model, dataset.images, dataset.labels, normalizer(loaded.mean, loaded.std), device_,
+                         batch_size=batch_size, progress=progress)
+    payload = {**facts, "kind": "evaluate", "model": teacher or str(weights), "arch": loaded.arch, "source": loaded.source,
+               "data": data, "split": split, "images": len(dataset), "accuracy": round(acc, 2),
+               "protocol": "top-1 on every image of the split, fp32, no test-time augmentation",
+               "wall_seconds": time.perf_counter() - started}
+    if entry is not None:
+        payload.update({"teacher": entry.name, "sha256": entry.sha256, "registry_accuracy": entry.accuracy,
+                        "reference_accuracy": entry.reference_accuracy})
+    if out:
+        atomic_write_json(Path(out), payload)
+    return payload
 
 
 # ---------------------------------------------------------------------------------------- fewshot
@@ -79,7 +162,9 @@ def train_teacher(
     recipe: TeacherRecipe,
     device: str = "auto",
     progress: bool = True,
+    checkpoint_every_s: float = 300.0,
 ) -> dict:
+    """Train zoo model ``arch`` on ``data`` (resumable in ``out``); write model.pt and result.json."""
     from graftkd.data import load_dataset
     from graftkd.data.normalize import channel_stats, stats_for
 
@@ -101,11 +186,14 @@ def train_teacher(
     result = train_supervised(
         model, train.images, train.labels, normalize=normalizer(mean, std), recipe=recipe, device=device_,
         checkpointer=checkpointer, test=(test.images, test.labels), progress=progress,
+        checkpoint_every_s=checkpoint_every_s,
     )
     loaded = LoadedModel(model.cpu(), arch, mean, std, data, train.classes)
     save_model(out / "model.pt", loaded, {"test_acc": result["test_acc"], "recipe": recipe.to_dict()})
     payload = {**facts, "kind": "train-teacher", "arch": arch, "data": data, "recipe": recipe.to_dict(),
+               "precision": result["precision"], "channels_last": result["channels_last"],
                "test_acc": result["test_acc"], "wall_seconds": time.perf_counter() - started,
+               "train_seconds": result["seconds"], "resumed_at": result["resumed_at"],
                "history": result["history"], **model_costs(model, tuple(train.images.shape[1:]))}
     atomic_write_json(out / "result.json", payload)
     return payload

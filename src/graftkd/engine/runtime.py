@@ -39,10 +39,39 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 matmuls run in hardware: CUDA with bf16 support, or a CPU with AMX/AVX512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(device: torch.device, precision: str, cpu_bf16: bool = False) -> str:
+    """'auto' -> 'bf16' on CUDA (and on a bf16-capable CPU when ``cpu_bf16``), else 'fp32'."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise GraftkdError(f"unknown precision '{precision}': use auto, fp32 or bf16")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" or (cpu_bf16 and native_bf16(device)):
+        return "bf16"
+    return "fp32"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (timing only; never inside a training step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast where asked ('auto' = bf16 on CUDA, fp32 on CPU), else a no-op context."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16":
