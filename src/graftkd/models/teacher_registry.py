@@ -25,6 +25,7 @@ from graftkd.errors import GraftkdError
 REGISTRY_VERSION = 1
 REGISTRY_FILE = "teachers.json"
 ENV_DIRS = "GRAFTKD_TEACHERS"
+ENV_REGISTRY = "GRAFTKD_REGISTRY"  # extra registry files (your own teachers), merged with the packaged one
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,20 @@ class TeacherRegistry:
 
 
 def load_registry(path: str | os.PathLike | None = None) -> TeacherRegistry:
-    """The packaged registry, or the JSON file at ``path`` (same schema)."""
+    """The packaged registry plus the files named in ``GRAFTKD_REGISTRY``; or only the JSON file at ``path``."""
+    if path is None:
+        merged = _read_registry(None)
+        for extra in filter(None, os.environ.get(ENV_REGISTRY, "").split(os.pathsep)):
+            more = _read_registry(extra)
+            clash = sorted(set(more.entries) & set(merged.entries))
+            if clash:
+                raise GraftkdError(f"{extra} registers {', '.join(clash)} again: give your teachers other names")
+            merged = TeacherRegistry(REGISTRY_VERSION, {**merged.entries, **more.entries}, merged.path)
+        return merged
+    return _read_registry(path)
+
+
+def _read_registry(path: str | os.PathLike | None) -> TeacherRegistry:
     if path is None:
         text = resources.files("graftkd.models").joinpath(REGISTRY_FILE).read_text(encoding="utf-8")
         where = f"graftkd/models/{REGISTRY_FILE}"
