@@ -257,3 +257,10 @@ def test_evaluate_registered_resnet20_reproduces_its_registry_accuracy(tmp_path,
     record = json.loads(out.read_text())
     assert abs(record["accuracy"] - load_registry().get("resnet20-cifar10").reference_accuracy) <= 0.1
     assert "matches the registry" in capsys.readouterr().out
+
+
+def test_readme_teacher_table_matches_the_registry() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for entry in load_registry():
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{entry.name}` |"))
+        assert f"| {entry.accuracy:.2f}% |" in row, row
