@@ -99,7 +99,9 @@ def git_commit(path: str | os.PathLike | None = None) -> str:
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            # result files are outputs, not code: writing one must not mark the next run "dirty"
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+             ".", ":(exclude)results", ":(exclude)benchmarks/results"],
             capture_output=True,
             text=True,
             timeout=5,
