@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 import traceback
 
 from graftkd.errors import GraftkdError
@@ -107,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the measurement (with command, commit, device, time) to this JSON")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("bench", help="run (or finish) an experiment grid: methods x shots x seeds x subsets")
+    p.add_argument("--config", required=True, help="grid YAML, e.g. configs/digits.yaml")
+    p.add_argument("--out", default="results", help="results root: cells go to <out>/<grid name>/cells/")
+    p.add_argument("--runs", default="runs/bench", help="checkpoints of unfinished cells (resumable)")
+    p.add_argument("--methods", help="comma-separated subset of the grid's methods to run now")
+    p.add_argument("--no-report", action="store_true", help="do not regenerate results.md/json and plots")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("report", help="tables (Markdown, JSON) and plots from a grid's result files")
+    p.add_argument("results_dir", help="results/<grid name>")
+
+    p = sub.add_parser("methods", help="list the few-shot methods and their options")
 
     p = sub.add_parser("teachers", help="the teacher registry")
     tsub = p.add_subparsers(dest="teachers_command", required=True)
@@ -219,6 +234,39 @@ def _cmd_evaluate(args) -> None:
         print(f"wrote {args.out}")
 
 
+def _cmd_bench(args) -> None:
+    from graftkd.bench import run_grid
+
+    only = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    summary = run_grid(args.config, args.out, args.runs, args.device, not args.no_progress, only)
+    print(f"{summary['cells']} cells: {summary['ok']} ran, {summary['skipped']} already done, "
+          f"{summary['unsupported']} unsupported, {summary['failed']} failed; results in {summary['out']}")
+    if not args.no_report:
+        from graftkd.report import write_report
+
+        written = write_report(Path(summary["out"]))
+        print(f"report: {written['markdown']}")
+    if summary["failed"]:
+        raise GraftkdError(f"{summary['failed']} cell(s) failed (see their result files); re-run to retry them")
+
+
+def _cmd_report(args) -> None:
+    from graftkd.report import write_report
+
+    written = write_report(Path(args.results_dir))
+    print(f"wrote {written['markdown']}, {written['json']}" + "".join(f", {p}" for p in written["plots"] if p))
+
+
+def _cmd_methods(args) -> None:
+    from graftkd.distill.base import METHODS, list_methods
+
+    for name in list_methods():
+        cls = METHODS[name]
+        options = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "no options"
+        summary = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<8} {summary}  [{options}]")
+
+
 def _cmd_teachers(args) -> None:
     from graftkd.models.teacher_registry import load_registry, teacher_dirs
     from graftkd.workflows import teacher_status
@@ -255,6 +303,9 @@ COMMANDS = {
     "distill": _cmd_distill,
     "evaluate": _cmd_evaluate,
     "teachers": _cmd_teachers,
+    "bench": _cmd_bench,
+    "report": _cmd_report,
+    "methods": _cmd_methods,
 }
 
 

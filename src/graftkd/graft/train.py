@@ -260,6 +260,7 @@ class GraftRunner:
                 record.loss_curve.append((completed, mean_loss))
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
             if self.eval_hook is not None and self.eval_every and completed % self.eval_every == 0:
+                self.plan.scions.eval()  # evaluation must not update BatchNorm statistics
                 record.eval_curve.append((completed, self.eval_hook(self.hybrid_forward(stage))))
                 self._set_modes(stage)
             if completed == stage.epochs:

@@ -1,0 +1,375 @@
+"""The experiment grid: methods × shots × seeds × few-shot subsets, one result file per cell, resumable.
+
+A grid is a YAML file (see ``configs/``). Every cell gets the same teacher, the same few-shot manifest
+for its (K, subset), the same augmentation, the same fresh student (seeded) and the same epoch budget
+(grafting's total), so methods differ only in what they do with them. A finished cell's file is never
+recomputed; a killed grid re-run with the same command finishes only the missing cells, and a cell
+killed half-way resumes from its checkpoint under the runs directory.
+
+Seeds vary training noise AND the few-shot subset (``variation: both`` runs seed i on subset i, and
+also seed i on subset 0 — the reference repo's protocol, training noise only); reports give both.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from graftkd.engine.io import atomic_write_json
+from graftkd.engine.runtime import resolve_device, run_facts, seed_everything
+from graftkd.errors import GraftkdError
+
+PROTOCOL = ("last-epoch student after the full budget; nothing is selected on the test split, which is used "
+            "only for reporting; labels of the few-shot images are never used for training")
+VARIATIONS = ("both", "noise+subset", "noise")
+
+
+@dataclass
+class CurveSpec:
+    """Figure 3: per-epoch train (few-shot images) and test accuracy for a few methods at one K."""
+
+    methods: list[str] = field(default_factory=lambda: ["graft", "whole"])
+    shots: int = 5
+    seed: int = 0
+    eval_every: int = 10
+
+
+@dataclass
+class GridConfig:
+    name: str
+    data: str  # labeled source: few-shot images come from its train split, reporting uses its test split
+    teacher: dict  # {registry: NAME} | {file: PATH, arch: ARCH} | {train: {arch: ARCH, epochs: ..., ...}}
+    student: str
+    methods: dict  # method name -> options (order kept)
+    shots: list
+    seeds: list
+    title: str = ""
+    preset: str = "cifar10"
+    variation: str = "both"
+    augment: bool = True
+    padding: int | None = None
+    flip: bool | None = None
+    mixup: bool = False
+    inherit: Any = "auto"
+    block_epochs: Any = None
+    net_epochs: Any = None
+    block_lr: Any = None
+    net_lr: Any = None
+    baseline_lr: float | None = None  # Adam lr at batch 64 for end-to-end methods; default: preset block lr
+    precision: str = "auto"
+    curves: dict | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str) -> "GridConfig":
+        if not isinstance(raw, dict):
+            raise GraftkdError(f"{where}: a grid config is a mapping of keys to values")
+        known = [f.name for f in fields(cls)]
+        for key in raw:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise GraftkdError(f"{where}: unknown key '{key}'{hint}; valid keys: {', '.join(known)}")
+        missing = [f.name for f in fields(cls) if f.name in ("name", "data", "teacher", "student", "methods",
+                                                              "shots", "seeds") and f.name not in raw]
+        if missing:
+            raise GraftkdError(f"{where}: missing required key(s) {', '.join(missing)}")
+        config = cls(**raw)
+        config.validate(where)
+        return config
+
+    def validate(self, where: str) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise GraftkdError(f"{where}: {message}")
+
+        need(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").isalnum(),
+             f"name must be letters, digits, '-' or '_' (it names the results folder), got {self.name!r}")
+        need(isinstance(self.methods, dict) and len(self.methods) > 0, "methods must map method names to options")
+        for method, options in self.methods.items():
+            need(options is None or isinstance(options, dict), f"options of method '{method}' must be a mapping")
+        need(isinstance(self.shots, list) and all(isinstance(k, int) and k > 0 for k in self.shots),
+             f"shots must be a list of positive integers, got {self.shots!r}")
+        need(isinstance(self.seeds, list) and all(isinstance(s, int) and s >= 0 for s in self.seeds) and self.seeds,
+             f"seeds must be a non-empty list of integers >= 0, got {self.seeds!r}")
+        need(self.variation in VARIATIONS, f"variation must be one of {', '.join(VARIATIONS)}, got {self.variation!r}")
+        need(isinstance(self.teacher, dict) and len(set(self.teacher) & {"registry", "file", "train"}) == 1,
+             "teacher must have exactly one of: registry: NAME, file: PATH (+ arch), train: {arch: ..., ...}")
+        if self.curves is not None:
+            need(isinstance(self.curves, dict), "curves must be a mapping (methods, shots, seed, eval_every)")
+            unknown = set(self.curves) - {f.name for f in fields(CurveSpec)}
+            need(not unknown, f"curves has unknown key(s) {', '.join(sorted(unknown))}")
+
+
+def load_grid(path: str | Path) -> GridConfig:
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise GraftkdError(f"cannot read grid config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise GraftkdError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return GridConfig.from_dict(raw, str(path))
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    shots: int
+    seed: int
+    subset: int
+    variations: tuple[str, ...]
+    curves: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}-k{self.shots}-seed{self.seed}-subset{self.subset}" + ("-curves" if self.curves else "")
+
+
+def grid_cells(config: GridConfig) -> list[Cell]:
+    """Every cell of the grid, in run order (cheap K first, so partial grids are still useful)."""
+    pairs: dict[tuple[int, int], list[str]] = {}
+    for seed in config.seeds:
+        if config.variation in ("both", "noise+subset"):
+            pairs.setdefault((seed, seed), []).append("noise+subset")
+        if config.variation in ("both", "noise"):
+            pairs.setdefault((seed, 0), []).append("noise")
+    cells = [
+        Cell(method, k, seed, subset, tuple(variations))
+        for k in sorted(config.shots)
+        for (seed, subset), variations in pairs.items()
+        for method in config.methods
+    ]
+    if config.curves is not None:
+        spec = CurveSpec(**config.curves)
+        cells += [Cell(m, spec.shots, spec.seed, 0, (), curves=True) for m in spec.methods]
+    return cells
+
+
+# ---------------------------------------------------------------------------------------- running
+class GridRunner:
+    def __init__(self, config: GridConfig, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",
+                 device: str = "auto", progress: bool = True, config_path: str = "") -> None:
+        self.config = config
+        self.out = Path(out_root) / config.name
+        self.runs = Path(runs_root) / config.name
+        self.device = resolve_device(device)
+        self.progress = progress
+        self.config_path = config_path
+        self._teacher = None
+        self._test = None
+
+    # ------------------------------------------------------------------ shared inputs (loaded once)
+    def teacher(self):
+        if self._teacher is None:
+            from graftkd.workflows import load_model_file, load_teacher, train_teacher
+
+            spec = self.config.teacher
+            test = self.test()
+            if "registry" in spec:
+                self._teacher = load_teacher(spec["registry"], None, test.num_classes, spec.get("teachers_dir"))
+            elif "file" in spec:
+                self._teacher = load_teacher(spec["file"], spec.get("arch"), test.num_classes)
+            else:
+                from graftkd.engine.supervised import TeacherRecipe
+
+                options = dict(spec["train"])
+                arch = options.pop("arch", None)
+                if not arch:
+                    raise GraftkdError("teacher.train needs arch: the zoo model to train")
+                try:
+                    recipe = TeacherRecipe(**options)
+                except TypeError as exc:
+                    raise GraftkdError(f"teacher.train: {exc}") from None
+                train_teacher(arch, self.config.data, self.runs / "teacher", recipe, str(self.device), self.progress)
+                self._teacher = load_model_file(arch, self.runs / "teacher" / "model.pt", test.num_classes)
+            self._teacher.model.to(self.device).eval()
+        return self._teacher
+
+    def test(self):
+        if self._test is None:
+            from graftkd.data import load_dataset
+
+            self._test = load_dataset(self.config.data, "test")
+            if self._test.labels is None:
+                raise GraftkdError(f"{self.config.data} has no labeled test split to report on")
+        return self._test
+
+    def manifest(self, shots: int, subset: int):
+        from graftkd.data.fewshot import FewShotManifest, make_manifest
+
+        path = self.out / "manifests" / f"k{shots}-subset{subset}.json"
+        if path.is_file():
+            return FewShotManifest.load(path)
+        manifest = make_manifest(self.config.data, "train", shots, 0, subset)
+        manifest.save(path)
+        return manifest
+
+    # --------------------------------------------------------------------------------- the grid
+    def run(self) -> dict:
+        cells = grid_cells(self.config)
+        todo = [c for c in cells if not self._finished(c)]
+        self._write_grid_file(cells)
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not self.progress,
+                   dynamic_ncols=True, desc=self.config.name)
+        counts = {"ok": 0, "unsupported": 0, "failed": 0, "skipped": len(cells) - len(todo)}
+        for cell in todo:
+            bar.set_postfix_str(cell.key)
+            record = self.run_cell(cell)
+            counts[record["status"]] += 1
+            bar.update(1)
+        bar.close()
+        return {"cells": len(cells), **counts, "out": str(self.out)}
+
+    def cell_path(self, cell: Cell) -> Path:
+        return self.out / "cells" / f"{cell.key}.json"
+
+    def _finished(self, cell: Cell) -> bool:
+        path = self.cell_path(cell)
+        if not path.is_file():
+            return False
+        import json
+
+        try:
+            return json.loads(path.read_text()).get("status") in ("ok", "unsupported")
+        except (OSError, ValueError):
+            return False  # a damaged file is recomputed
+
+    def _write_grid_file(self, cells: list[Cell]) -> None:
+        from graftkd.models.profile import count_flops, count_params
+
+        teacher = self.teacher()
+        shape = tuple(self.test().images.shape[1:])
+        if not hasattr(self, "_teacher_facts"):
+            from graftkd.engine.evaluate import evaluate_model
+            from graftkd.workflows import normalizer
+
+            test = self.test()
+            acc = evaluate_model(teacher.model, test.images, test.labels, normalizer(teacher.mean, teacher.std),
+                                 self.device)
+            self._teacher_facts = {"name": teacher.source, "arch": teacher.arch, "params": count_params(teacher.model),
+                                   "flops": count_flops(teacher.model, shape), "test_acc": acc}
+        payload = {**run_facts(self.device), "kind": "bench-grid", "name": self.config.name,
+                   "title": self.config.title or self.config.name, "config_file": self.config_path,
+                   "config": {f.name: getattr(self.config, f.name) for f in fields(self.config)},
+                   "teacher": self._teacher_facts, "student_arch": self.config.student, "protocol": PROTOCOL,
+                   "methods": list(self.config.methods), "shots": sorted(self.config.shots),
+                   "cells": [c.key for c in cells]}
+        atomic_write_json(self.out / "grid.json", payload)
+
+    def run_cell(self, cell: Cell) -> dict:
+        """Run one cell and write its result file (also for failures: status + one-line error)."""
+        from graftkd.distill.base import build_method
+
+        started = time.perf_counter()
+        facts = run_facts(self.device, cell.seed)
+        base = {**facts, "kind": "bench-cell", "grid": self.config.name, "method": cell.method,
+                "method_options": dict(self.config.methods.get(cell.method) or {}), "shots": cell.shots,
+                "subset": cell.subset, "variation": list(cell.variations), "curves": cell.curves,
+                "protocol": PROTOCOL, "teacher": self._teacher_facts}
+        try:
+            method = build_method(cell.method, self.config.methods.get(cell.method) or {})
+            record = {**base, **self._run(cell, method), "status": "ok"}
+        except GraftkdError as exc:
+            status = "unsupported" if getattr(exc, "unsupported", False) else "failed"
+            record = {**base, "status": status, "error": str(exc)}
+            tqdm.write(f"{cell.key}: {status}: {exc}")
+        record["wall_seconds"] = time.perf_counter() - started
+        atomic_write_json(self.cell_path(cell), record)
+        return record
+
+    def _run(self, cell: Cell, method) -> dict:
+        from graftkd.data import default_augment
+        from graftkd.distill.base import FewShotTask
+        from graftkd.engine.evaluate import accuracy, predict_logits
+        from graftkd.graft import ScheduleConfig
+        from graftkd.graft.plan import build_plan
+        from graftkd.graft.schedule import batch_size_for, build_schedule
+        from graftkd.models import build_model
+        from graftkd.models.profile import count_flops, count_params
+        from graftkd.workflows import normalizer
+
+        config = self.config
+        teacher = self.teacher()
+        test = self.test()
+        manifest = self.manifest(cell.shots, cell.subset)
+        labeled = manifest.materialize_with_labels()  # labels: diagnostics (few-shot accuracy) only
+        images = labeled.images.to(self.device)
+        normalize = normalizer(teacher.mean, teacher.std).to(self.device)
+        defaults = default_augment(config.data)
+        padding = config.padding if config.padding is not None else defaults.padding
+        flip = config.flip if config.flip is not None else defaults.flip
+        augment = None
+        if config.augment and (padding or flip):
+            from graftkd.data.augment import random_crop_flip
+
+            def augment(x, generator, padding=padding, flip=flip):
+                return random_crop_flip(x, padding=padding, flip=flip, generator=generator)
+
+        generator = seed_everything(cell.seed)
+        student = build_model(config.student, num_classes=test.num_classes).to(self.device)
+        schedule = ScheduleConfig(config.preset, config.block_lr, config.net_lr, config.block_epochs, config.net_epochs)
+        batch_size = batch_size_for(cell.shots, len(images))
+        probe_plan = build_plan(copy.deepcopy(teacher.model), copy.deepcopy(student), tuple(images.shape[1:]),
+                                inherit=config.inherit)
+        stages = build_schedule(probe_plan, schedule, batch_size)
+        epochs = sum(s.epochs for s in stages)
+        base_lr = config.baseline_lr if config.baseline_lr is not None else _first(schedule.resolved()["block_lr"])
+        lr = float(base_lr) * batch_size / 64
+        eval_every = CurveSpec(**config.curves).eval_every if (cell.curves and config.curves) else 0
+
+        def eval_hook(forward) -> dict:
+            test_logits = predict_logits(forward, test.images, normalize, self.device)
+            train_logits = predict_logits(forward, labeled.images, normalize, self.device)
+            return {"test_acc": accuracy(test_logits, test.labels), "train_acc": accuracy(train_logits, labeled.labels)}
+
+        task = FewShotTask(
+            teacher=teacher.model, student=student, images=images, normalize=normalize, device=self.device,
+            generator=generator, batch_size=batch_size, epochs=epochs, lr=lr, shots=cell.shots,
+            num_classes=test.num_classes, augment=augment, mixup=config.mixup, precision=config.precision,
+            inherit=config.inherit, teacher_arch=teacher.arch, student_arch=config.student,
+            run_dir=self.runs / "cells" / cell.key, progress=self.progress, schedule=schedule, seed=cell.seed,
+            padding=padding, flip=flip, eval_hook=eval_hook if eval_every else None, eval_every=eval_every,
+        )
+        outcome = method.run(task)
+        model = outcome.student.eval()
+        test_acc = accuracy(predict_logits(model, test.images, normalize, self.device), test.labels)
+        fewshot_acc = accuracy(predict_logits(model, labeled.images, normalize, self.device), labeled.labels)
+        shape = tuple(images.shape[1:])
+        return {
+            "student": {"arch": config.student if not method.own_student else outcome.extra.get("arch", config.student),
+                        "params": count_params(model), "flops": count_flops(model, shape), "test_acc": test_acc,
+                        "fewshot_acc": fewshot_acc},
+            "budget": {"epochs": epochs, "batch_size": batch_size, "lr": lr,
+                       "steps": sum(int(s.get("steps", 0)) for s in outcome.stages)},
+            "fewshot": {"manifest": str(self.out / "manifests" / f"k{cell.shots}-subset{cell.subset}.json"),
+                        "images": len(images)},
+            "stages": outcome.stages,
+            "method_extra": outcome.extra,
+        }
+
+
+def _first(value) -> float:
+    return float(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",
+             device: str = "auto", progress: bool = True, only: list[str] | None = None) -> dict:
+    """``graftkd bench``: run (or finish) every cell of the grid in ``config_path``."""
+    from graftkd.distill.base import build_method
+
+    config = load_grid(config_path)
+    for name, options in config.methods.items():  # unknown methods or options fail now, not in cell 37
+        build_method(name, options or {})
+    if only:
+        unknown = [m for m in only if m not in config.methods]
+        if unknown:
+            raise GraftkdError(f"--methods {', '.join(unknown)} not in {config_path} (it has {', '.join(config.methods)})")
+        config.methods = {m: config.methods[m] for m in config.methods if m in only}
+    return GridRunner(config, out_root, runs_root, device, progress, str(config_path)).run()

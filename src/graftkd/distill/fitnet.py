@@ -1,0 +1,63 @@
+"""FitNet (Romero et al. 2015): a hint stage, then KD.
+
+Hint stage: the student up to its middle block, plus a 1x1-conv regressor, learns to reproduce the
+teacher's middle-block output (MSE). KD stage: the whole student with soft targets. The budget is split
+by ``hint_fraction``; labels are never used.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graftkd.distill._common import block_output_path, inherit_blocks
+from graftkd.distill.base import LossMethod, LossStage, register_method
+from graftkd.distill.losses import hint_loss, kd_loss
+
+
+@register_method("fitnet")
+class FitNet(LossMethod):
+    defaults = {"temperature": 4.0, "hint_fraction": 0.3, "hint_block": -1}  # -1: the middle block
+
+    def setup(self, task) -> None:
+        self.frozen = inherit_blocks(task)
+        blocks = len(task.student.block_parts())
+        index = self.options["hint_block"] if self.options["hint_block"] >= 0 else (blocks - 1) // 2
+        self.hint_index = index
+        self.teacher_path = block_output_path(task.teacher, index)
+        self.student_path = block_output_path(task.student, index)
+        with torch.no_grad():  # widths of the two hint maps, from one dummy forward each
+            probe = torch.zeros((2, *task.images.shape[1:]), device=task.device)
+            widths = {}
+            for role, model, path in (("t", task.teacher, self.teacher_path), ("s", task.student, self.student_path)):
+                seen = {}
+                handle = model.get_submodule(path).register_forward_hook(lambda m, i, o, seen=seen: seen.setdefault("o", o))
+                was = model.training
+                model.eval()
+                model(probe)
+                model.train(was)
+                handle.remove()
+                widths[role] = seen["o"].shape[1]
+        self.regressor = nn.Conv2d(widths["s"], widths["t"], kernel_size=1, bias=False).to(task.device)
+        self._hint_modules = [p for parts in task.student.block_parts()[: index + 1] for p in parts]
+
+    def extra_modules(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"regressor": self.regressor})
+
+    def stages(self, task) -> list[LossStage]:
+        hint_epochs = max(1, round(task.epochs * self.options["hint_fraction"]))
+        return [
+            LossStage("hint", hint_epochs, task.lr, [*self._hint_modules, self.regressor]),
+            LossStage("kd", max(1, task.epochs - hint_epochs), task.lr, [task.student]),
+        ]
+
+    def teacher_paths(self, stage) -> list[str]:
+        return [self.teacher_path] if stage.name == "hint" else []
+
+    def student_paths(self, stage) -> list[str]:
+        return [self.student_path] if stage.name == "hint" else []
+
+    def loss(self, stage, student_logits, teacher_logits, student_features, teacher_features):
+        if stage.name == "hint":
+            regressed = self.regressor(student_features[self.student_path].float())
+            return {"hint": hint_loss(regressed, teacher_features[self.teacher_path])}
+        return {"kd": kd_loss(student_logits, teacher_logits, self.options["temperature"])}

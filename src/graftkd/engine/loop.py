@@ -1,0 +1,203 @@
+"""The one training loop every gradient few-shot method runs in (KD, FitNet, "whole", ...).
+
+Per step: one batch drawn from the few-shot set on the device, augmented in one tensor op; one teacher
+forward under ``no_grad`` (its features taken by hooks); one student forward/backward. Loss terms are
+summed on the device and read back only at log intervals. Checkpoints are atomic and resumable: a
+re-run with the same settings continues where the last one stopped and ends bit-identical on CPU.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from graftkd.engine.checkpoint import Checkpointer, fingerprint
+from graftkd.engine.hooks import FeatureTap
+from graftkd.engine.runtime import Timer, autocast
+from graftkd.engine.signals import StopRequest
+from graftkd.errors import GraftkdError
+
+
+class MethodInterrupted(GraftkdError):
+    """Raised after SIGINT/SIGTERM once the state is saved."""
+
+
+def few_shot_batches(count: int, batch_size: int, generator: torch.Generator, device: torch.device) -> list[torch.Tensor]:
+    """A shuffled epoch of index batches; a lone trailing image joins the previous batch (BatchNorm needs 2)."""
+    order = torch.randperm(count, generator=generator).to(device)
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] = torch.cat([batches[-2], batches.pop()])
+    return batches
+
+
+def few_shot_input(task, indices: torch.Tensor) -> torch.Tensor:
+    """Augmented, normalised (and optionally mixed) batch; teacher and student see the same tensor."""
+    x = task.images[indices]
+    if task.augment is not None:
+        x = task.augment(x, task.generator)
+    x = task.normalize(x)
+    if task.mixup and len(indices) > 1:
+        weight = torch.rand((len(x), 1, 1, 1), generator=task.generator).to(x.device, x.dtype)
+        partner = torch.randperm(len(x), generator=task.generator).to(x.device)
+        x = torch.lerp(x[partner], x, weight)
+    return x
+
+
+def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    params = []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def run_loss_method(method, task):
+    """Run ``method``'s stages on ``task``; return a MethodOutcome with the trained student."""
+    from graftkd.distill.base import MethodOutcome
+
+    method.setup(task)
+    extra = method.extra_modules().to(task.device)
+    stages = method.stages(task)
+    if not stages or all(s.epochs <= 0 for s in stages):
+        raise GraftkdError(f"method '{method.name}' got no epochs to train: raise the budget")
+    student, teacher = task.student, task.teacher
+    teacher.eval()
+    checkpointer = Checkpointer(
+        task.run_dir,
+        fingerprint({"method": method.describe(), "images": list(task.images.shape), "batch": task.batch_size,
+                     "stages": [(s.name, s.epochs, s.lr) for s in stages],
+                     "checksum": int(task.images[:, :, ::7, ::7].sum())}),
+        f"method:{method.name}",
+    )
+    records: list[dict] = []
+    start_stage, start_epoch = 0, 0
+    state = checkpointer.load()
+    if state is not None:
+        student.load_state_dict(state["student"])
+        extra.load_state_dict(state["extra"])
+        task.generator.set_state(state["generator"])
+        start_stage, start_epoch, records = int(state["stage"]), int(state["epoch"]), list(state["records"])
+    total = sum(s.epochs for s in stages)
+    bar = tqdm(total=total, initial=sum(s.epochs for s in stages[:start_stage]) + start_epoch, unit="ep",
+               disable=not task.progress, dynamic_ncols=True)
+    timer = Timer(task.device)
+    try:
+        with StopRequest() as stop:
+            for index in range(start_stage, len(stages)):
+                stage = stages[index]
+                resume = state if (state is not None and index == start_stage and start_epoch > 0) else None
+                _run_stage(method, task, extra, stages, index, resume, records, checkpointer, bar, stop)
+                state = None
+                if stop.requested and index + 1 < len(stages):
+                    raise _interrupted(stop, f"after stage '{stage.name}'", checkpointer)
+    finally:
+        bar.close()
+    student.eval()
+    return MethodOutcome(student=student, stages=records, extra={"seconds": timer.elapsed()})
+
+
+def _interrupted(stop: StopRequest, where: str, checkpointer: Checkpointer) -> MethodInterrupted:
+    saved = (f"state saved to {checkpointer.path}: re-run the same command to resume" if checkpointer.path
+             else "nothing was saved (no run directory)")
+    return MethodInterrupted(f"stopped by {stop.signal_name} {where}; {saved}")
+
+
+def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: dict | None, records: list[dict],
+               checkpointer: Checkpointer, bar: tqdm, stop: StopRequest) -> None:
+    stage = stages[index]
+    student, teacher = task.student, task.teacher
+    params = _unique_parameters(stage.modules)
+    if not params:
+        raise GraftkdError(f"stage '{stage.name}' of method '{method.name}' has nothing to train")
+    optimizer = torch.optim.Adam(params, lr=stage.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        record = records[-1]
+        first_epoch = int(resume["epoch"])
+    else:
+        record = {"name": stage.name, "kind": method.name, "epochs": stage.epochs, "lr": stage.lr, "steps": 0,
+                  "images": 0, "seconds": 0.0, "final_loss": float("nan"), "loss_terms": {}, "loss_curve": [],
+                  "eval_curve": []}
+        records.append(record)
+        first_epoch = 0
+    base_seconds = record["seconds"]
+    timer = Timer(task.device)
+    last_save = time.perf_counter()
+    running: dict[str, torch.Tensor] = {}
+    running_steps = 0
+    bar.set_description(f"{method.name}:{stage.name}")
+
+    frozen = list(getattr(method, "frozen", []))
+
+    def set_modes() -> None:
+        student.train(stage.train_student)
+        for module in frozen:  # inherited teacher blocks keep the teacher's BatchNorm statistics
+            module.eval()
+        extra.train()
+
+    set_modes()
+    with FeatureTap(teacher, method.teacher_paths(stage)) as t_tap, FeatureTap(student, method.student_paths(stage)) as s_tap:
+        for epoch in range(first_epoch, stage.epochs):
+            for indices in few_shot_batches(len(task.images), task.batch_size, task.generator, task.device):
+                x = few_shot_input(task, indices)
+                with torch.no_grad(), autocast(task.device, task.precision):
+                    teacher_logits = teacher(x).float()
+                teacher_features = {k: v.detach().float() for k, v in t_tap.features.items()}
+                with autocast(task.device, task.precision):
+                    student_logits = student(x)
+                terms = method.loss(stage, student_logits.float(), teacher_logits, s_tap.features, teacher_features)
+                loss = sum(terms.values())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for key, value in terms.items():
+                    running[key] = running.get(key, torch.zeros((), device=task.device)) + value.detach().float()
+                running_steps += 1
+                record["steps"] += 1
+                record["images"] += len(indices)
+            completed = epoch + 1
+            bar.update(1)
+            if completed % max(1, task.log_every) == 0 or completed == stage.epochs:
+                means = {k: float(v) / max(1, running_steps) for k, v in running.items()}  # host sync here only
+                running, running_steps = {}, 0
+                mean_loss = sum(means.values())
+                if not math.isfinite(mean_loss):
+                    where = checkpointer.path or "none (no run directory)"
+                    raise GraftkdError(
+                        f"loss became {mean_loss} in stage '{stage.name}' of '{method.name}' by epoch {completed} "
+                        f"(step {record['steps']}); last good checkpoint: {where}. Lower the learning rate"
+                    )
+                record["final_loss"] = mean_loss
+                record["loss_terms"] = means
+                record["loss_curve"].append((completed, mean_loss))
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if task.eval_hook is not None and task.eval_every and completed % task.eval_every == 0:
+                student.eval()  # evaluation must not update BatchNorm statistics
+                record["eval_curve"].append((completed, task.eval_hook(student)))
+                set_modes()
+            if completed == stage.epochs:
+                break
+            now = time.perf_counter()
+            if stop.requested or (checkpointer.path and now - last_save >= task.checkpoint_every_s):
+                record["seconds"] = base_seconds + (now - timer.start)
+                _save(checkpointer, task, extra, index, completed, optimizer, records)
+                last_save = now
+            if stop.requested:
+                raise _interrupted(stop, f"in stage '{stage.name}' after epoch {completed}", checkpointer)
+    record["seconds"] = base_seconds + timer.elapsed()
+    record["images_per_second"] = record["images"] / record["seconds"] if record["seconds"] > 0 else float("nan")
+    _save(checkpointer, task, extra, index + 1, 0, None, records)
+
+
+def _save(checkpointer: Checkpointer, task, extra: nn.ModuleDict, stage: int, epoch: int,
+          optimizer: torch.optim.Optimizer | None, records: list[dict]) -> None:
+    checkpointer.save({"stage": stage, "epoch": epoch, "student": task.student.state_dict(),
+                       "extra": extra.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+                       "generator": task.generator.get_state(), "records": records})

@@ -1,0 +1,89 @@
+"""The experiment grid: cells, resumability (only missing cells re-run), config validation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from graftkd.bench import GridConfig, grid_cells, load_grid, run_grid
+from graftkd.errors import GraftkdError
+
+MINI = """
+name: mini
+data: digits
+teacher:
+  train: {arch: digits_cnn, epochs: 1, batch_size: 64, lr: 0.05, padding: 1, flip: false,
+          label_smoothing: 0.0, precision: fp32, channels_last: false}
+student: digits_cnn_half
+preset: digits
+block_epochs: 1
+net_epochs: 1
+methods: {graft: {}, kd: {temperature: 2.0}}
+shots: [1]
+seeds: [0, 1]
+precision: fp32
+"""
+
+
+def _config(tmp_path: Path, text: str = MINI) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_cells_vary_seed_and_subset_and_also_seed_alone() -> None:
+    config = GridConfig(name="g", data="digits", teacher={"registry": "x"}, student="s",
+                        methods={"graft": {}, "kd": {}}, shots=[5, 1], seeds=[0, 1, 2])
+    cells = grid_cells(config)
+    pairs = sorted({(c.seed, c.subset, c.variations) for c in cells})
+    assert pairs == [(0, 0, ("noise+subset", "noise")), (1, 0, ("noise",)), (1, 1, ("noise+subset",)),
+                     (2, 0, ("noise",)), (2, 2, ("noise+subset",))]
+    assert [c.shots for c in cells][:10] == [1] * 10  # cheap K first
+    assert len({c.key for c in cells}) == len(cells) == 2 * 2 * 5
+
+
+def test_grid_runs_every_cell_once_and_a_rerun_finishes_only_missing_ones(tmp_path) -> None:
+    config = _config(tmp_path)
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    first = run_grid(config, out, runs, device="cpu", progress=False)
+    assert first["cells"] == 6 and first["ok"] == 6 and first["skipped"] == 0
+    cells = sorted((out / "mini" / "cells").glob("*.json"))
+    assert len(cells) == 6
+    record = json.loads(cells[0].read_text())
+    for key in ("command", "commit", "seed", "device", "wall_seconds", "protocol", "budget", "student", "teacher"):
+        assert key in record
+    graft = json.loads((out / "mini" / "cells" / "graft-k1-seed0-subset0.json").read_text())
+    kd = json.loads((out / "mini" / "cells" / "kd-k1-seed0-subset0.json").read_text())
+    assert graft["budget"] == kd["budget"]  # same data, batch, epochs for every method of a cell
+    assert graft["budget"]["steps"] == kd["budget"]["steps"] > 0
+    assert (out / "mini" / "manifests" / "k1-subset1.json").is_file()
+    assert json.loads((out / "mini" / "grid.json").read_text())["methods"] == ["graft", "kd"]
+
+    victim = out / "mini" / "cells" / "kd-k1-seed1-subset1.json"
+    victim.unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in cells if p.exists()}
+    second = run_grid(config, out, runs, device="cpu", progress=False)
+    assert second["ok"] == 1 and second["skipped"] == 5
+    assert victim.is_file()
+    assert all(p.stat().st_mtime_ns == before[p.name] for p in cells if p.name in before)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("shots: [1]", "shot: [1]"), "unknown key 'shot' \\(did you mean 'shots'\\?\\)"),
+    (("shots: [1]", "shots: [0]"), "shots must be a list of positive integers"),
+    (("name: mini", "name: ../evil"), "name must be letters"),
+    (("methods: {graft: {}, kd: {temperature: 2.0}}", "methods: {graft: {}, kdd: {}}"), "did you mean kd"),
+    (("methods: {graft: {}, kd: {temperature: 2.0}}", "methods: {kd: {temp: 1}}"), "no option temp"),
+    (("seeds: [0, 1]", "seeds: [0, 1"), "not valid YAML"),
+])
+def test_bad_grid_configs_fail_before_any_training(tmp_path, edit, message) -> None:
+    config = _config(tmp_path, MINI.replace(*edit))
+    with pytest.raises(GraftkdError, match=message):
+        run_grid(config, tmp_path / "r", tmp_path / "runs", device="cpu", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_committed_configs_are_valid() -> None:
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        load_grid(path)

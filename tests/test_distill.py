@@ -1,0 +1,107 @@
+"""The few-shot method zoo: golden loss values, the shared loop (resume), registry errors, smoke runs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from graftkd.data.normalize import Normalizer
+from graftkd.distill.base import FewShotTask, build_method, list_methods
+from graftkd.distill.losses import hint_loss, kd_loss
+from graftkd.errors import GraftkdError
+from graftkd.models import build_model
+
+
+def test_kd_loss_golden_values() -> None:
+    # p_T = (0.75, 0.25), p_S = (0.5, 0.5): KL = 0.75 ln 1.5 + 0.25 ln 0.5 = 0.1308120...
+    expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    s = torch.zeros(2, 2)
+    t = torch.tensor([[math.log(3.0), 0.0]] * 2)
+    assert kd_loss(s, t, temperature=1.0).item() == pytest.approx(expected, abs=1e-6)
+    # same distributions at T=2 (logits doubled): batchmean KL x T^2 = 4 x the above
+    assert kd_loss(s, 2 * t, temperature=2.0).item() == pytest.approx(4 * expected, abs=1e-6)
+    assert kd_loss(t, t, temperature=4.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_hint_loss_golden_value() -> None:
+    assert hint_loss(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2)).item() == pytest.approx(2.5)
+
+
+def test_method_registry_and_option_errors() -> None:
+    assert {"graft", "kd", "fitnet", "whole"} <= set(list_methods())
+    with pytest.raises(GraftkdError, match="did you mean kd"):
+        build_method("kdd")
+    with pytest.raises(GraftkdError, match="no option temp .*valid: temperature"):
+        build_method("kd", {"temp": 2})
+    with pytest.raises(GraftkdError, match="temperature must be float"):
+        build_method("kd", {"temperature": "hot"})
+
+
+def _task(tmp_path=None, epochs: int = 4, seed: int = 0, **kw) -> FewShotTask:
+    torch.manual_seed(1)
+    teacher = build_model("digits_cnn").eval()
+    torch.manual_seed(seed)
+    student = build_model("digits_cnn_half")
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (20, 1, 8, 8), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    return FewShotTask(teacher=teacher, student=student, images=images, normalize=Normalizer((0.0,), (1.0,)),
+                       device=torch.device("cpu"), generator=g, batch_size=8, epochs=epochs, lr=1e-3, shots=2,
+                       num_classes=10, run_dir=tmp_path, checkpoint_every_s=0.0, log_every=1, progress=False, **kw)
+
+
+@pytest.mark.parametrize("name", ["kd", "fitnet", "whole"])
+def test_loss_methods_train_and_return_the_plain_student(name: str) -> None:
+    outcome = build_method(name).run(_task(epochs=6))
+    fresh = build_model("digits_cnn_half")
+    fresh.load_state_dict(outcome.student.state_dict(), strict=True)
+    assert not outcome.student.training
+    for stage in outcome.stages:
+        curve = [loss for _, loss in stage["loss_curve"]]
+        assert all(math.isfinite(v) for v in curve) and stage["steps"] > 0
+    first, last = outcome.stages[-1]["loss_curve"][0][1], outcome.stages[-1]["loss_curve"][-1][1]
+    assert last < first
+
+
+def test_fitnet_hint_stage_only_trains_the_front_and_the_regressor() -> None:
+    task = _task(epochs=4)
+    method = build_method("fitnet", {"hint_fraction": 0.5})
+    before = {k: v.clone() for k, v in task.student.state_dict().items()}
+    method.setup(task)
+    hint, kd = method.stages(task)
+    trained = {id(p) for m in hint.modules for p in m.parameters()}
+    head = task.student.block_parts()[-1]
+    assert not any(id(p) in trained for m in head for p in m.parameters())
+    assert any(id(p) in trained for p in method.regressor.parameters())
+    assert hint.epochs == 2 and kd.epochs == 2
+    assert all(torch.equal(before[k], v) for k, v in task.student.state_dict().items())
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_interrupted_loss_method_resumes_to_identical_weights(tmp_path) -> None:
+    straight = build_method("kd").run(_task(epochs=5)).student.state_dict()
+
+    calls = {"n": 0}
+
+    def crash(forward):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Boom("killed")
+        return 0.0
+
+    with pytest.raises(_Boom):
+        build_method("kd").run(_task(tmp_path, epochs=5, eval_hook=crash, eval_every=1))
+    assert (tmp_path / "checkpoint.pt").is_file()
+    resumed = build_method("kd").run(_task(tmp_path, epochs=5)).student.state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_evaluation_curves_do_not_change_the_result() -> None:
+    plain = build_method("whole").run(_task(epochs=4)).student.state_dict()
+    seen = []
+    curved = build_method("whole").run(_task(epochs=4, eval_hook=lambda f: seen.append(1) or 1.0, eval_every=1))
+    assert len(seen) == 4
+    assert all(torch.equal(plain[k], v) for k, v in curved.student.state_dict().items())
