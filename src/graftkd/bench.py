@@ -305,12 +305,7 @@ class GridRunner:
         defaults = default_augment(config.data)
         padding = config.padding if config.padding is not None else defaults.padding
         flip = config.flip if config.flip is not None else defaults.flip
-        augment = None
-        if config.augment and (padding or flip):
-            from graftkd.data.augment import random_crop_flip
-
-            def augment(x, generator, padding=padding, flip=flip):
-                return random_crop_flip(x, padding=padding, flip=flip, generator=generator)
+        augment = _crop_flip(padding, flip) if config.augment and (padding or flip) else None
 
         generator = seed_everything(cell.seed)
         student = build_model(config.student, num_classes=test.num_classes).to(self.device)
@@ -353,6 +348,12 @@ class GridRunner:
             "stages": outcome.stages,
             "method_extra": outcome.extra,
         }
+
+
+def _crop_flip(padding: int, flip: bool):
+    from graftkd.data.augment import random_crop_flip
+
+    return lambda x, generator: random_crop_flip(x, padding=padding, flip=flip, generator=generator)
 
 
 def _first(value) -> float:
