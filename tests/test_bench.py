@@ -87,3 +87,16 @@ def test_bad_grid_configs_fail_before_any_training(tmp_path, edit, message) -> N
 def test_committed_configs_are_valid() -> None:
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         load_grid(path)
+
+
+def test_readme_digits_table_matches_the_committed_report() -> None:
+    root = Path(__file__).resolve().parents[1]
+    report = root / "results" / "digits" / "results.json"
+    if not report.is_file():
+        pytest.skip("no committed digits report")
+    rows = json.loads(report.read_text())["rows"]
+    readme = (root / "README.md").read_text().splitlines()
+    for row in rows:
+        stats = row["variations"]["noise+subset"]
+        line = next(x for x in readme if x.startswith(f"| {row['method']} | "))
+        assert f"{stats['mean']:.2f} ± {stats['std']:.2f}" in line, (row["method"], row["shots"])

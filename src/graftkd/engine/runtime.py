@@ -117,10 +117,16 @@ def device_description(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def _program_name() -> str:
+    """'graftkd' also when started as ``python -m graftkd.cli``, so recorded commands can be re-run."""
+    name = Path(sys.argv[0]).name
+    return "graftkd" if name in ("cli.py", "__main__.py") else name
+
+
 def run_facts(device: torch.device, seed: int | None = None) -> dict:
     """What every result file records so a number can be traced and reproduced."""
     return {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "command": " ".join([_program_name(), *sys.argv[1:]]) if sys.argv else "",
         "commit": git_commit(),
         "seed": seed,
         "device": device_description(device),
