@@ -361,7 +361,8 @@ def _first(value) -> float:
 
 
 def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",
-             device: str = "auto", progress: bool = True, only: list[str] | None = None) -> dict:
+             device: str = "auto", progress: bool = True, only: list[str] | None = None,
+             shots: list[int] | None = None) -> dict:
     """``graftkd bench``: run (or finish) every cell of the grid in ``config_path``."""
     from graftkd.distill.base import build_method
 
@@ -373,4 +374,11 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
         if unknown:
             raise GraftkdError(f"--methods {', '.join(unknown)} not in {config_path} (it has {', '.join(config.methods)})")
         config.methods = {m: config.methods[m] for m in config.methods if m in only}
+    if shots:
+        unknown = [k for k in shots if k not in config.shots]
+        if unknown:
+            raise GraftkdError(f"--shots {unknown} not in {config_path} (it has {config.shots})")
+        config.shots = [k for k in config.shots if k in shots]
+        if config.curves is not None and CurveSpec(**config.curves).shots not in shots:
+            config.curves = None
     return GridRunner(config, out_root, runs_root, device, progress, str(config_path)).run()

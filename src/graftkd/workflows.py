@@ -63,6 +63,8 @@ def load_teacher(
                            meta.get("classes"))
     if not Path(spec).exists():
         names = ", ".join(e.name for e in registry)
+        if any(sep in spec for sep in ("/", "\\")) or Path(spec).suffix in (".pt", ".pth", ".th", ".bin"):
+            raise GraftkdError(f"weights file {spec} not found (check the path; registered teachers: {names})")
         raise GraftkdError(f"teacher '{spec}' is neither a file nor a registered teacher ({names})")
     if not arch:
         raise GraftkdError(f"{spec} is a weights file: say its architecture with --teacher-arch (e.g. resnet56)")
