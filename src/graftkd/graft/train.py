@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graftkd.engine.checkpoint import Checkpointer
+from graftkd.engine.loop import few_shot_batches, few_shot_input
 from graftkd.engine.runtime import Timer, autocast
 from graftkd.engine.signals import StopRequest
 from graftkd.errors import GraftkdError
@@ -109,17 +110,8 @@ class GraftRunner:
         return lambda x: self._run_from(x, 0, replaced)
 
     def _batch_input(self, indices: torch.Tensor) -> torch.Tensor:
-        x = self.images[indices]
-        if self.augment is not None:
-            x = self.augment(x, self.generator)
-        x = self.normalize(x)
-        if self.mixup and len(indices) > 1:
-            # Label-free mixup: teacher and grafted net see the same blend of two few-shot images, which
-            # widens the input support the student learns the teacher's function on.
-            weight = torch.rand((len(x), 1, 1, 1), generator=self.generator).to(x.device, x.dtype)
-            partner = torch.randperm(len(x), generator=self.generator).to(x.device)
-            x = torch.lerp(x[partner], x, weight) if x.dim() == 4 else x
-        return x.contiguous(memory_format=self.memory_format)
+        # Label-free mixup (optional): teacher and grafted net see the same blend of two few-shot images.
+        return few_shot_input(self, indices).contiguous(memory_format=self.memory_format)
 
     def _teacher_pass(self, indices: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One teacher forward: the frozen prefix output (shared with the grafted net) and the target logits."""
@@ -151,12 +143,7 @@ class GraftRunner:
         return params
 
     def _batches(self, count: int) -> list[torch.Tensor]:
-        order = torch.randperm(count, generator=self.generator).to(self.device)
-        batches = list(order.split(self.batch_size))
-        # BatchNorm cannot train on a single sample: fold a lone trailing image into the previous batch.
-        if len(batches) > 1 and len(batches[-1]) == 1:
-            batches[-2] = torch.cat([batches[-2], batches.pop()])
-        return batches
+        return few_shot_batches(count, self.batch_size, self.generator, self.device)
 
     def run(self, stages: list[StageSpec]) -> list[StageRecord]:
         state = self.checkpointer.load()

@@ -6,11 +6,11 @@ temporary file beside its target and renamed into place, like all other result f
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from graftkd.engine.io import atomic_write_bytes
 from graftkd.report.tables import VARIATION_LABELS, VARIATIONS, order_methods
 
 
@@ -25,23 +25,10 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save_png(fig: Any, path: str | Path) -> Path:
-    """Render to a temp file in the target folder, then ``os.replace``: readers never see half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", bbox_inches="tight")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Render in memory, then write atomically: readers never see half a PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_accuracy_vs_shots(summary: dict[str, Any], path: str | Path,
