@@ -277,6 +277,11 @@ class GridRunner:
             method = build_method(cell.method, self.config.methods.get(cell.method) or {})
             record = {**base, **self._run(cell, method), "status": "ok"}
         except GraftkdError as exc:
+            from graftkd.engine.loop import MethodInterrupted
+            from graftkd.graft.train import GraftInterrupted
+
+            if isinstance(exc, (GraftInterrupted, MethodInterrupted)):
+                raise  # Ctrl-C / SIGTERM: not a result; the cell resumes from its checkpoint next time
             status = "unsupported" if getattr(exc, "unsupported", False) else "failed"
             record = {**base, "status": status, "error": str(exc)}
             tqdm.write(f"{cell.key}: {status}: {exc}")
