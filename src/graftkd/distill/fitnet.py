@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from graftkd.distill._common import block_output_path, inherit_blocks
+from graftkd.engine.hooks import FeatureTap
 from graftkd.distill.base import LossMethod, LossStage, register_method
 from graftkd.distill.losses import hint_loss, kd_loss
 
@@ -25,18 +26,9 @@ class FitNet(LossMethod):
         self.hint_index = index
         self.teacher_path = block_output_path(task.teacher, index)
         self.student_path = block_output_path(task.student, index)
-        with torch.no_grad():  # widths of the two hint maps, from one dummy forward each
-            probe = torch.zeros((2, *task.images.shape[1:]), device=task.device)
-            widths = {}
-            for role, model, path in (("t", task.teacher, self.teacher_path), ("s", task.student, self.student_path)):
-                seen = {}
-                handle = model.get_submodule(path).register_forward_hook(lambda m, i, o, seen=seen: seen.setdefault("o", o))
-                was = model.training
-                model.eval()
-                model(probe)
-                model.train(was)
-                handle.remove()
-                widths[role] = seen["o"].shape[1]
+        probe = torch.zeros((2, *task.images.shape[1:]), device=task.device)
+        widths = {role: _output_width(model, path, probe)
+                  for role, model, path in (("t", task.teacher, self.teacher_path), ("s", task.student, self.student_path))}
         self.regressor = nn.Conv2d(widths["s"], widths["t"], kernel_size=1, bias=False).to(task.device)
         self._hint_modules = [p for parts in task.student.block_parts()[: index + 1] for p in parts]
 
@@ -61,3 +53,15 @@ class FitNet(LossMethod):
             regressed = self.regressor(student_features[self.student_path].float())
             return {"hint": hint_loss(regressed, teacher_features[self.teacher_path])}
         return {"kd": kd_loss(student_logits, teacher_logits, self.options["temperature"])}
+
+
+@torch.no_grad()
+def _output_width(model: nn.Module, path: str, probe: torch.Tensor) -> int:
+    """Channels of the module at ``path`` on a dummy batch (eval mode: no BatchNorm statistics change)."""
+    was_training = model.training
+    model.eval()
+    with FeatureTap(model, [path]) as tap:
+        model(probe)
+        width = tap.features[path].shape[1]
+    model.train(was_training)
+    return width
