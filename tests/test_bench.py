@@ -69,6 +69,20 @@ def test_grid_runs_every_cell_once_and_a_rerun_finishes_only_missing_ones(tmp_pa
     assert all(p.stat().st_mtime_ns == before[p.name] for p in cells if p.name in before)
 
 
+def test_a_seed_slice_runs_only_its_cells_and_grid_json_still_describes_the_whole_grid(tmp_path) -> None:
+    config = _config(tmp_path)
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    summary = run_grid(config, out, runs, device="cpu", progress=False, only=["kd"], seeds=[1])
+    assert summary["cells"] == 2 and summary["ok"] == 2
+    assert sorted(p.name for p in (out / "mini" / "cells").glob("*.json")) == [
+        "kd-k1-seed1-subset0.json", "kd-k1-seed1-subset1.json"]
+    grid = json.loads((out / "mini" / "grid.json").read_text())
+    assert grid["methods"] == ["graft", "kd"] and len(grid["cells"]) == 6
+    assert grid["last_invocation_cells"] == ["kd-k1-seed1-subset1", "kd-k1-seed1-subset0"]
+    with pytest.raises(GraftkdError, match="--seeds \\[7\\] not in"):
+        run_grid(config, out, runs, device="cpu", progress=False, seeds=[7])
+
+
 @pytest.mark.parametrize("edit, message", [
     (("shots: [1]", "shot: [1]"), "unknown key 'shot' \\(did you mean 'shots'\\?\\)"),
     (("shots: [1]", "shots: [0]"), "shots must be a list of positive integers"),

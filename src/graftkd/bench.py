@@ -155,8 +155,10 @@ def grid_cells(config: GridConfig) -> list[Cell]:
 # ---------------------------------------------------------------------------------------- running
 class GridRunner:
     def __init__(self, config: GridConfig, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",
-                 device: str = "auto", progress: bool = True, config_path: str = "") -> None:
-        self.config = config
+                 device: str = "auto", progress: bool = True, config_path: str = "",
+                 full_config: GridConfig | None = None) -> None:
+        self.config = config  # the cells to run now (a --methods/--shots/--seeds slice of full_config)
+        self.full_config = full_config or config
         self.out = Path(out_root) / config.name
         self.runs = Path(runs_root) / config.name
         self.device = resolve_device(device)
@@ -215,7 +217,7 @@ class GridRunner:
     def run(self) -> dict:
         cells = grid_cells(self.config)
         todo = [c for c in cells if not self._finished(c)]
-        self._write_grid_file(cells)
+        self._write_grid_file(grid_cells(self.full_config), cells)
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not self.progress,
                    dynamic_ncols=True, desc=self.config.name)
         counts = {"ok": 0, "unsupported": 0, "failed": 0, "skipped": len(cells) - len(todo)}
@@ -241,7 +243,8 @@ class GridRunner:
         except (OSError, ValueError):
             return False  # a damaged file is recomputed
 
-    def _write_grid_file(self, cells: list[Cell]) -> None:
+    def _write_grid_file(self, cells: list[Cell], slice_cells: list[Cell]) -> None:
+        """grid.json describes the whole grid of the config file, and which slice this invocation ran."""
         from graftkd.models.profile import count_flops, count_params
 
         teacher = self.teacher()
@@ -257,10 +260,11 @@ class GridRunner:
                                    "flops": count_flops(teacher.model, shape), "test_acc": acc}
         payload = {**run_facts(self.device), "kind": "bench-grid", "name": self.config.name,
                    "title": self.config.title or self.config.name, "config_file": self.config_path,
-                   "config": {f.name: getattr(self.config, f.name) for f in fields(self.config)},
+                   "config": {f.name: getattr(self.full_config, f.name) for f in fields(self.full_config)},
                    "teacher": self._teacher_facts, "student_arch": self.config.student, "protocol": PROTOCOL,
-                   "methods": list(self.config.methods), "shots": sorted(self.config.shots),
-                   "cells": [c.key for c in cells]}
+                   "methods": list(self.full_config.methods), "shots": sorted(self.full_config.shots),
+                   "cells": [c.key for c in cells],
+                   "last_invocation_cells": [c.key for c in slice_cells]}
         atomic_write_json(self.out / "grid.json", payload)
 
     def run_cell(self, cell: Cell) -> dict:
@@ -367,11 +371,12 @@ def _first(value) -> float:
 
 def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",
              device: str = "auto", progress: bool = True, only: list[str] | None = None,
-             shots: list[int] | None = None) -> dict:
-    """``graftkd bench``: run (or finish) every cell of the grid in ``config_path``."""
+             shots: list[int] | None = None, seeds: list[int] | None = None) -> dict:
+    """``graftkd bench``: run (or finish) every cell of the grid in ``config_path`` (or a slice of it)."""
     from graftkd.distill.base import build_method
 
     config = load_grid(config_path)
+    full_config = load_grid(config_path)
     for name, options in config.methods.items():  # unknown methods or options fail now, not in cell 37
         build_method(name, options or {})
     if only:
@@ -386,4 +391,11 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
         config.shots = [k for k in config.shots if k in shots]
         if config.curves is not None and CurveSpec(**config.curves).shots not in shots:
             config.curves = None
-    return GridRunner(config, out_root, runs_root, device, progress, str(config_path)).run()
+    if seeds:
+        unknown = [s for s in seeds if s not in config.seeds]
+        if unknown:
+            raise GraftkdError(f"--seeds {unknown} not in {config_path} (it has {config.seeds})")
+        config.seeds = [s for s in config.seeds if s in seeds]
+        if config.curves is not None and CurveSpec(**config.curves).seed not in seeds:
+            config.curves = None
+    return GridRunner(config, out_root, runs_root, device, progress, str(config_path), full_config).run()
