@@ -117,6 +117,25 @@ def device_description(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def machine_facts(device: torch.device) -> dict:
+    """Hardware a benchmark ran on, so its ratios are read against the right machine."""
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="ignore").splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    facts = {"cpu": cpu_model, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+             "cpu_native_bf16": native_bf16(torch.device("cpu")), "platform": platform.platform()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        facts.update({"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                      "gpu_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda})
+    return facts
+
+
 def _program_name() -> str:
     """'graftkd' also when started as ``python -m graftkd.cli``, so recorded commands can be re-run."""
     name = Path(sys.argv[0]).name

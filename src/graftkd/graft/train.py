@@ -95,7 +95,8 @@ class GraftRunner:
         self.records: list[StageRecord] = []
 
     # ----------------------------------------------------------------- the hybrid network of a stage
-    def _prefix_length(self, stage: StageSpec) -> int:
+    def prefix_length(self, stage: StageSpec) -> int:
+        """Blocks before the first scion: identical in teacher and grafted net, so computed once per step."""
         return min(stage.replaced)
 
     def _run_from(self, x: torch.Tensor, start: int, replaced: set[int]) -> torch.Tensor:
@@ -121,7 +122,7 @@ class GraftRunner:
                 features = self.plan.teacher_blocks[index](features)
             return features, self._run_from(features, prefix, set()).float()
 
-    def _precompute(self, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def precompute(self, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix outputs and teacher targets for every image: valid only without augmentation or mixing."""
         chunks = [
             self._teacher_pass(torch.arange(start, min(start + 256, len(self.images)), device=self.device), prefix)
@@ -130,7 +131,37 @@ class GraftRunner:
         return torch.cat([f for f, _ in chunks]), torch.cat([t for _, t in chunks])
 
     # ------------------------------------------------------------------------------ the loop
-    def _set_modes(self, stage: StageSpec) -> None:
+    def train_step(
+        self,
+        indices: torch.Tensor,
+        prefix: int,
+        replaced: set[int],
+        optimizer: torch.optim.Optimizer,
+        cached: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One optimisation step; returns the detached loss *on the device* (reading it is the caller's sync).
+
+        Work: the teacher prefix once (shared by target and grafted net), the teacher suffix once for the
+        target, the scions + teacher blocks after them forward and backward. With ``cached`` (no
+        augmentation) the first two are table lookups.
+        """
+        if cached is not None:
+            features, target = cached[0][indices], cached[1][indices]
+        else:
+            features, target = self._teacher_pass(indices, prefix)
+        with autocast(self.device, self.precision):
+            output = self._run_from(features, prefix, replaced)
+        loss = normalized_logit_loss(output, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def make_optimizer(self, stage: StageSpec) -> torch.optim.Optimizer:
+        """Adam as in the paper (betas 0.9/0.999, no weight decay) over the stage's trainable scions."""
+        return torch.optim.Adam(self._parameters(stage), lr=stage.lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+    def set_modes(self, stage: StageSpec) -> None:
         self.plan.teacher.eval()
         self.plan.scions.eval()
         for index in stage.trainable:  # inherited frozen blocks are never trainable: they stay in eval
@@ -197,8 +228,7 @@ class GraftRunner:
         bar: tqdm,
         stop: StopRequest,
     ) -> None:
-        params = self._parameters(stage)
-        optimizer = torch.optim.Adam(params, lr=stage.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        optimizer = self.make_optimizer(stage)
         if resume is not None and resume.get("optimizer") is not None:
             optimizer.load_state_dict(resume["optimizer"])
             record = self.records[-1]
@@ -206,9 +236,9 @@ class GraftRunner:
             record = StageRecord(stage.name, stage.kind, stage.epochs, stage.lr)
             self.records.append(record)
         replaced = set(stage.replaced)
-        prefix = self._prefix_length(stage)
-        cached = self._precompute(prefix) if self.augment is None and not self.mixup else None
-        self._set_modes(stage)
+        prefix = self.prefix_length(stage)
+        cached = self.precompute(prefix) if self.augment is None and not self.mixup else None
+        self.set_modes(stage)
         bar.set_description(stage.name)
         timer = Timer(self.device)
         base_seconds = record.seconds
@@ -217,17 +247,7 @@ class GraftRunner:
         running_steps = 0
         for epoch in range(first_epoch, stage.epochs):
             for indices in self._batches(len(self.images)):
-                if cached is not None:
-                    features, target = cached[0][indices], cached[1][indices]
-                else:
-                    features, target = self._teacher_pass(indices, prefix)
-                with autocast(self.device, self.precision):
-                    output = self._run_from(features, prefix, replaced)
-                loss = normalized_logit_loss(output, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running += loss.detach()
+                running += self.train_step(indices, prefix, replaced, optimizer, cached)
                 running_steps += 1
                 record.steps += 1
                 record.images += len(indices)
@@ -249,7 +269,7 @@ class GraftRunner:
             if self.eval_hook is not None and self.eval_every and completed % self.eval_every == 0:
                 self.plan.scions.eval()  # evaluation must not update BatchNorm statistics
                 record.eval_curve.append((completed, self.eval_hook(self.hybrid_forward(stage))))
-                self._set_modes(stage)
+                self.set_modes(stage)
             if completed == stage.epochs:
                 break
             now = time.perf_counter()
