@@ -90,6 +90,16 @@ def test_a_seed_slice_runs_only_its_cells_and_grid_json_still_describes_the_whol
     (("methods: {graft: {}, kd: {temperature: 2.0}}", "methods: {graft: {}, kdd: {}}"), "did you mean kd"),
     (("methods: {graft: {}, kd: {temperature: 2.0}}", "methods: {kd: {temp: 1}}"), "no option temp"),
     (("seeds: [0, 1]", "seeds: [0, 1"), "not valid YAML"),
+    (("shots: [1]", "shots: [1, '5']"), "shots\\[1\\] must be an integer, got '5'"),
+    (("shots: [1]", "shots: 1"), "shots must be a list of integers, got 1"),
+    (("seeds: [0, 1]", "seeds: [0, 1]\naugment: 'yes'"), "augment must be true/false, got 'yes'"),
+    (("\nprecision: fp32", "\nprecision: fp16"), "precision must be one of 'auto', 'fp32', 'bf16'"),
+    (("seeds: [0, 1]", "seeds: [0, 1]\nblock_lr: fast"), "block_lr must be a number or a list of numbers or null"),
+    (("seeds: [0, 1]", "seeds: [0, 1]\npreset: cifar1000"), "preset must be one of cifar10, cifar100"),
+    (("seeds: [0, 1]", "seeds: [0, 1]\ncurves: {methods: [fitnet]}"), "curves.methods fitnet not in methods"),
+    (("seeds: [0, 1]", "seeds: [0, 1]\ncurves: {every: 3}"), "unknown key 'curves.every'"),
+    (("epochs: 1, batch_size", "epochs: many, batch_size"), "teacher.train.epochs must be an integer, got 'many'"),
+    (("train: {arch: digits_cnn,", "train: {arch: digits_cnn, lr_decay: 2,"), "unknown key 'teacher.train.lr_decay'"),
 ])
 def test_bad_grid_configs_fail_before_any_training(tmp_path, edit, message) -> None:
     config = _config(tmp_path, MINI.replace(*edit))

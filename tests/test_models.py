@@ -293,3 +293,16 @@ def _save_raw(tmp_path, model: nn.Module):
     path = tmp_path / "raw.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+def test_a_weights_file_says_its_class_count_when_nobody_else_does(tmp_path) -> None:
+    from graftkd.models.teachers import load_pretrained
+
+    torch.save(build_model("digits_cnn", num_classes=7).state_dict(), tmp_path / "seven.pt")
+    model, _ = load_pretrained("digits_cnn", tmp_path / "seven.pt", num_classes=None)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 7)
+    with pytest.raises(GraftkdError, match="predicts 7 classes but the data has 10"):
+        load_pretrained("digits_cnn", tmp_path / "seven.pt", num_classes=10)
+    with pytest.raises(GraftkdError, match="wrong shape"):  # a different width is not a class count
+        torch.save(build_model("digits_cnn_half", num_classes=10).state_dict(), tmp_path / "half.pt")
+        load_pretrained("digits_cnn", tmp_path / "half.pt", num_classes=None)

@@ -12,11 +12,10 @@ also seed i on subset 0 — the reference repo's protocol, training noise only);
 from __future__ import annotations
 
 import copy
-import difflib
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
@@ -40,69 +39,90 @@ class CurveSpec:
 
 
 @dataclass
+class TeacherSpec:
+    """Exactly one of: a registry name, a weights file (+ arch unless it says), or a recipe to train one."""
+
+    registry: str | None = None
+    file: str | None = None
+    arch: str | None = None
+    teachers_dir: str | None = None
+    train: dict[str, Any] | None = None  # arch + TeacherRecipe fields
+
+
+@dataclass
 class GridConfig:
     name: str
     data: str  # labeled source: few-shot images come from its train split, reporting uses its test split
-    teacher: dict  # {registry: NAME} | {file: PATH, arch: ARCH} | {train: {arch: ARCH, epochs: ..., ...}}
+    teacher: dict[str, Any]  # TeacherSpec as a mapping: {registry: NAME} | {file: PATH, arch: ARCH} | {train: {...}}
     student: str
-    methods: dict  # method name -> options (order kept)
-    shots: list
-    seeds: list
+    methods: dict[str, dict[str, Any] | None]  # method name -> options (order kept)
+    shots: list[int]
+    seeds: list[int]
     title: str = ""
     preset: str = "cifar10"
-    variation: str = "both"
+    variation: Literal["both", "noise+subset", "noise"] = "both"
     augment: bool = True
     padding: int | None = None
     flip: bool | None = None
     mixup: bool = False
-    inherit: Any = "auto"
-    block_epochs: Any = None
-    net_epochs: Any = None
-    block_lr: Any = None
-    net_lr: Any = None
+    inherit: str | list[int] = "auto"
+    block_epochs: int | list[int] | None = None
+    net_epochs: int | list[int] | None = None
+    block_lr: float | list[float] | None = None
+    net_lr: float | list[float] | None = None
     baseline_lr: float | None = None  # Adam lr at batch 64 for end-to-end methods; default: preset block lr
-    precision: str = "auto"
-    curves: dict | None = None
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    curves: dict[str, Any] | None = None  # CurveSpec as a mapping
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> "GridConfig":
-        if not isinstance(raw, dict):
-            raise GraftkdError(f"{where}: a grid config is a mapping of keys to values")
-        known = [f.name for f in fields(cls)]
-        for key in raw:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise GraftkdError(f"{where}: unknown key '{key}'{hint}; valid keys: {', '.join(known)}")
-        missing = [f.name for f in fields(cls) if f.name in ("name", "data", "teacher", "student", "methods",
-                                                              "shots", "seeds") and f.name not in raw]
-        if missing:
-            raise GraftkdError(f"{where}: missing required key(s) {', '.join(missing)}")
-        config = cls(**raw)
+        """Keys and types checked against the annotations above (graftkd.schema), then the semantics."""
+        from graftkd.schema import from_mapping
+
+        config = from_mapping(cls, raw, where)
         config.validate(where)
         return config
 
     def validate(self, where: str) -> None:
+        from graftkd.engine.supervised import TeacherRecipe
+        from graftkd.graft.schedule import PRESETS
+        from graftkd.schema import from_mapping
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise GraftkdError(f"{where}: {message}")
 
-        need(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").isalnum(),
+        need(self.name.replace("-", "").replace("_", "").isalnum() and self.name.isascii(),
              f"name must be letters, digits, '-' or '_' (it names the results folder), got {self.name!r}")
-        need(isinstance(self.methods, dict) and len(self.methods) > 0, "methods must map method names to options")
-        for method, options in self.methods.items():
-            need(options is None or isinstance(options, dict), f"options of method '{method}' must be a mapping")
-        need(isinstance(self.shots, list) and all(isinstance(k, int) and k > 0 for k in self.shots),
+        need(len(self.methods) > 0, "methods must map method names to options")
+        need(bool(self.shots) and all(k > 0 for k in self.shots),
              f"shots must be a list of positive integers, got {self.shots!r}")
-        need(isinstance(self.seeds, list) and all(isinstance(s, int) and s >= 0 for s in self.seeds) and self.seeds,
+        need(len(set(self.shots)) == len(self.shots), f"shots has repeated values: {self.shots!r}")
+        need(bool(self.seeds) and all(s >= 0 for s in self.seeds),
              f"seeds must be a non-empty list of integers >= 0, got {self.seeds!r}")
-        need(self.variation in VARIATIONS, f"variation must be one of {', '.join(VARIATIONS)}, got {self.variation!r}")
-        need(isinstance(self.teacher, dict) and len(set(self.teacher) & {"registry", "file", "train"}) == 1,
+        need(len(set(self.seeds)) == len(self.seeds), f"seeds has repeated values: {self.seeds!r}")
+        need(self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        need(self.padding is None or self.padding >= 0, f"padding must be >= 0, got {self.padding}")
+        for key in ("block_epochs", "net_epochs"):
+            value = getattr(self, key)
+            values = value if isinstance(value, list) else [value] if value is not None else []
+            need(all(v >= 0 for v in values), f"{key} must be >= 0, got {value!r}")
+        for key in ("block_lr", "net_lr", "baseline_lr"):
+            value = getattr(self, key)
+            values = value if isinstance(value, list) else [value] if value is not None else []
+            need(all(v > 0 for v in values), f"{key} must be > 0, got {value!r}")
+        teacher = from_mapping(TeacherSpec, self.teacher, where, prefix="teacher.")
+        need(sum(v is not None for v in (teacher.registry, teacher.file, teacher.train)) == 1,
              "teacher must have exactly one of: registry: NAME, file: PATH (+ arch), train: {arch: ..., ...}")
+        if teacher.train is not None:
+            options = dict(teacher.train)
+            need(isinstance(options.pop("arch", None), str), "teacher.train needs arch: the zoo model to train")
+            from_mapping(TeacherRecipe, options, where, prefix="teacher.train.")
         if self.curves is not None:
-            need(isinstance(self.curves, dict), "curves must be a mapping (methods, shots, seed, eval_every)")
-            unknown = set(self.curves) - {f.name for f in fields(CurveSpec)}
-            need(not unknown, f"curves has unknown key(s) {', '.join(sorted(unknown))}")
+            curves = from_mapping(CurveSpec, self.curves, where, prefix="curves.")
+            need(curves.shots > 0 and curves.eval_every > 0, "curves.shots and curves.eval_every must be > 0")
+            unknown = [m for m in curves.methods if m not in self.methods]
+            need(not unknown, f"curves.methods {', '.join(unknown)} not in methods ({', '.join(self.methods)})")
 
 
 def load_grid(path: str | Path) -> GridConfig:

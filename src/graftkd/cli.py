@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--on-bad-image", default="error", choices=["error", "skip"])
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
+    p.add_argument("--checkpoint-every-s", type=float, default=60.0,
+                   help="checkpoint at the first epoch end after this many seconds (0 = every epoch)")
     _add_common(p)
 
     p = sub.add_parser("models", help="list the zoo with parameters, FLOPs and blocks")
@@ -201,6 +203,7 @@ def _cmd_distill(args) -> None:
         mixup=args.mixup,
         seed=args.seed,
         precision=args.precision,
+        checkpoint_every_s=args.checkpoint_every_s,
     )
     payload = distill(
         teacher=teacher, student_arch=args.student_arch, fewshot=fewshot, test=test, config=config,
@@ -325,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graftkd: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        detail = " ".join(str(exc).split())[:300]
+        print(f"graftkd: internal error: {type(exc).__name__}: {detail} (a bug in graftkd: re-run with --debug "
+              "and report the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

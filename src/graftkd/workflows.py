@@ -37,7 +37,7 @@ def normalizer(mean, std) -> nn.Module:
     return Normalizer(mean, std)
 
 
-def load_model_file(arch: str, path: str | Path, num_classes: int) -> LoadedModel:
+def load_model_file(arch: str, path: str | Path, num_classes: int | None) -> LoadedModel:
     """A teacher or a saved graftkd model: zoo architecture + weights file, strictly loaded."""
     from graftkd.models.teachers import load_pretrained
 
@@ -68,9 +68,7 @@ def load_teacher(
         raise GraftkdError(f"teacher '{spec}' is neither a file nor a registered teacher ({names})")
     if not arch:
         raise GraftkdError(f"{spec} is a weights file: say its architecture with --teacher-arch (e.g. resnet56)")
-    if num_classes is None:
-        raise GraftkdError(f"cannot tell how many classes {spec} predicts: pass --num-classes")
-    return load_model_file(arch, spec, num_classes=num_classes)
+    return load_model_file(arch, spec, num_classes=num_classes)  # None: the class count the file was saved with
 
 
 def save_model(path: Path, loaded: LoadedModel, extra: dict) -> None:

@@ -109,7 +109,7 @@ class ImageCollector:
         if self.on_bad_image == "error":
             raise GraftkdError(
                 f"cannot read image {rel} in {self.where} ({reason}); fix or delete the file, "
-                "or pass on_bad_image='skip' to skip unreadable images"
+                "or skip unreadable images with --on-bad-image skip (on_bad_image='skip' in Python)"
             )
         self.skipped.append(rel)
 

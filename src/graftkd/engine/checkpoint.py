@@ -34,6 +34,12 @@ class Checkpointer:
     def path(self) -> Path | None:
         return self.run_dir / CHECKPOINT_NAME if self.run_dir is not None else None
 
+    def last_good(self) -> str:
+        """For error messages: the checkpoint a re-run would resume from, or why there is none."""
+        if self.path is None:
+            return "none (no run directory was given)"
+        return str(self.path) if self.path.is_file() else f"none written yet (it would be {self.path})"
+
     def save(self, state: dict) -> None:
         if self.path is None:
             return

@@ -4,7 +4,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +56,17 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise GraftkdError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # the unpickler raises several types; all mean "refused"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"(Unsupported operand \d+)", text)
+        if found:
+            reason = f"it asks to import {found.group(1)}" if "GLOBAL" in found.group(0) else found.group(1)
+        else:
+            reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise GraftkdError(
-            f"refused to load {path}: not a plain weights file ({first}). "
-            "graftkd loads checkpoints with weights_only=True; re-save it as a state_dict."
+            f"refused to load {path}: not a plain weights file ({reason[:200]}); graftkd reads checkpoints with "
+            "weights_only=True, so re-save it as a state_dict from code you trust"
         ) from exc

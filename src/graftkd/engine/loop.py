@@ -169,7 +169,7 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 running, running_steps = {}, 0
                 mean_loss = sum(means.values())
                 if not math.isfinite(mean_loss):
-                    where = checkpointer.path or "none (no run directory)"
+                    where = checkpointer.last_good()
                     raise GraftkdError(
                         f"loss became {mean_loss} in stage '{stage.name}' of '{method.name}' by epoch {completed} "
                         f"(step {record['steps']}); last good checkpoint: {where}. Lower the learning rate"
@@ -177,7 +177,8 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 record["final_loss"] = mean_loss
                 record["loss_terms"] = means
                 record["loss_curve"].append((completed, mean_loss))
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                seconds = base_seconds + timer.elapsed()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images'] / max(seconds, 1e-9):.0f}")
             if task.eval_hook is not None and task.eval_every and completed % task.eval_every == 0:
                 student.eval()  # evaluation must not update BatchNorm statistics
                 record["eval_curve"].append((completed, task.eval_hook(student)))
@@ -186,6 +187,12 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 break
             now = time.perf_counter()
             if stop.requested or (checkpointer.path and now - last_save >= task.checkpoint_every_s):
+                pending = sum(float(v) for v in running.values())  # a sync only when saving
+                if not math.isfinite(pending):  # keep the last good checkpoint as it is
+                    raise GraftkdError(
+                        f"loss became {pending} in stage '{stage.name}' of '{method.name}' by epoch {completed} "
+                        f"(step {record['steps']}); last good checkpoint: {checkpointer.last_good()}. Lower the learning rate"
+                    )
                 record["seconds"] = base_seconds + (now - timer.start)
                 _save(checkpointer, task, extra, index, completed, optimizer, records)
                 last_save = now
@@ -193,6 +200,9 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 raise _interrupted(stop, f"in stage '{stage.name}' after epoch {completed}", checkpointer)
     record["seconds"] = base_seconds + timer.elapsed()
     record["images_per_second"] = record["images"] / record["seconds"] if record["seconds"] > 0 else float("nan")
+    if not task.progress:  # one line per stage in logs (the bar shows the same live)
+        tqdm.write(f"{method.name}:{stage.name}: {stage.epochs} epochs, loss {record['final_loss']:.4f}, "
+                   f"{record['images_per_second']:.1f} img/s, {record['seconds']:.1f} s")
     _save(checkpointer, task, extra, index + 1, 0, None, records)
 
 

@@ -105,6 +105,11 @@ def trace_boundaries(
                 reference = model(sample)
             except Exception as exc:
                 raise GraftkdError(f"the {role} failed on a dummy input of shape {tuple(sample.shape)}: {exc}") from exc
+            if isinstance(reference, torch.Tensor) and not bool(torch.isfinite(reference).all()):
+                raise GraftkdError(
+                    f"the {role} outputs NaN or inf on a dummy input of shape {tuple(sample.shape)}: its weights are "
+                    "damaged (or were saved after training diverged); check the weights file"
+                )
             if not isinstance(reference, torch.Tensor) or reference.shape != x.shape or not torch.allclose(
                 reference, x, atol=1e-5, rtol=1e-4
             ):

@@ -207,6 +207,13 @@ class GraftRunner:
         )
         return GraftInterrupted(f"stopped by {stop.signal_name} {where}; {saved}")
 
+    def _non_finite(self, value: float, stage: StageSpec, completed: int, record: StageRecord) -> GraftkdError:
+        where = self.checkpointer.last_good()
+        return GraftkdError(
+            f"loss became {value} in stage '{stage.name}' by epoch {completed} (step {record.steps}); "
+            f"last good checkpoint: {where}. Lower the learning rate or check the teacher and the inputs"
+        )
+
     def _save(self, stage_index: int, epoch: int, optimizer: torch.optim.Optimizer | None) -> None:
         self.checkpointer.save(
             {
@@ -258,14 +265,11 @@ class GraftRunner:
                 running.zero_()
                 running_steps = 0
                 if not math.isfinite(mean_loss):
-                    where = self.checkpointer.path if self.checkpointer.path else "none (no --out given)"
-                    raise GraftkdError(
-                        f"loss became {mean_loss} in stage '{stage.name}' by epoch {completed} (step {record.steps}); "
-                        f"last good checkpoint: {where}. Lower the learning rate or check the inputs"
-                    )
+                    raise self._non_finite(mean_loss, stage, completed, record)
                 record.final_loss = mean_loss
                 record.loss_curve.append((completed, mean_loss))
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                seconds = base_seconds + timer.elapsed()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record.images / max(seconds, 1e-9):.0f}")
             if self.eval_hook is not None and self.eval_every and completed % self.eval_every == 0:
                 self.plan.scions.eval()  # evaluation must not update BatchNorm statistics
                 record.eval_curve.append((completed, self.eval_hook(self.hybrid_forward(stage))))
@@ -274,10 +278,16 @@ class GraftRunner:
                 break
             now = time.perf_counter()
             if stop.requested or (self.checkpointer.path and now - last_save >= self.checkpoint_every_s):
+                # never overwrite the last good checkpoint with weights a non-finite loss has touched
+                if running_steps and not math.isfinite(float(running)):
+                    raise self._non_finite(float(running), stage, completed, record)
                 record.seconds = base_seconds + (now - timer.start)
                 self._save(stage_index, completed, optimizer)
                 last_save = now
             if stop.requested:
                 raise self._interrupted(stop, f"stage '{stage.name}' after epoch {completed}")
         record.seconds = base_seconds + timer.elapsed()
+        if not self.progress:  # one line per stage in logs (the bar shows the same live)
+            tqdm.write(f"{stage.name}: {stage.epochs} epochs, loss {record.final_loss:.4f}, "
+                       f"{record.images_per_second:.1f} img/s, {record.seconds:.1f} s")
         self._save(stage_index + 1, 0, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from graftkd.errors import GraftkdError
@@ -47,14 +48,29 @@ def default_normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ..
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def load_pretrained(arch: str, path: str | os.PathLike, num_classes: int = 10) -> tuple[nn.Module, dict[str, Any]]:
+def _file_classes(model: nn.Module, sd: dict) -> int | None:
+    """The class count a state dict was saved with, when it differs from ``model``'s only in that dimension.
+
+    Only the classifier's tensors depend on the class count, and only in their first dimension; a file
+    that differs from the model anywhere else is some other architecture (``load_into`` says so).
+    """
+    own = model.state_dict()
+    shapes = {k: (tuple(sd[k].shape), tuple(own[k].shape)) for k in own
+              if k in sd and isinstance(sd[k], torch.Tensor) and sd[k].shape != own[k].shape}
+    if not shapes or any(len(f) != len(m) or f[1:] != m[1:] for f, m in shapes.values()):
+        return None
+    counts = {f[0] for f, _ in shapes.values()}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def load_pretrained(arch: str, path: str | os.PathLike, num_classes: int | None = 10) -> tuple[nn.Module, dict[str, Any]]:
     """Build zoo model ``arch`` and load ``path`` into it strictly.
 
     Returns ``(model, meta)``: the model in eval mode and float32; ``meta`` has ``mean``/``std`` (from the
     file when it has them, else the arch default), ``classes`` (when the file lists them), ``arch``,
     ``source`` and ``reported_acc`` (the file's ``test_acc``/``best_prec1`` when present).
     """
-    model = build_model(arch, num_classes=num_classes)
+    model = build_model(arch, num_classes=num_classes or 10)
     sd, extras = read_checkpoint(path)
     sd = strip_prefix(sd, "module.")  # akamaster files were saved from DataParallel
     key = arch.strip().lower()
@@ -65,6 +81,14 @@ def load_pretrained(arch: str, path: str | os.PathLike, num_classes: int = 10) -
             kind = "with" if has_bn else "without"
             raise GraftkdError(f"{path} holds a VGG {kind} batch norm, unlike {key}; use --teacher-arch {other}")
         sd = from_netgraft_release(sd, batch_norm=has_bn)
+    file_classes = _file_classes(model, sd)
+    if file_classes is not None and num_classes is None:  # nobody said: the file knows
+        model = build_model(arch, num_classes=file_classes)
+    elif file_classes is not None:
+        raise GraftkdError(
+            f"{path} predicts {file_classes} classes but the data has {num_classes}: use a teacher trained on "
+            f"this data (or pass --num-classes {file_classes} if the data really has {file_classes} classes)"
+        )
     load_into(model, sd, source=str(path))
     model.float().eval()
 

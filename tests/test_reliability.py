@@ -1,0 +1,117 @@
+"""Bad inputs end in one clear line; a grafting run killed at random points resumes to identical weights."""
+from __future__ import annotations
+
+import functools
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bad_inputs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _result(index: int) -> dict:
+    return bad_inputs.run_case(bad_inputs.CASES[index])
+
+
+@pytest.mark.parametrize("index", range(len(bad_inputs.CASES)), ids=[c.title for c in bad_inputs.CASES])
+def test_bad_input_gets_one_clear_line(index: int) -> None:
+    case, result = bad_inputs.CASES[index], _result(index)
+    message = result["stderr"]
+    assert result["code"] == 2, f"{case.title}: exit {result['code']}: {message}"
+    assert message.startswith("graftkd: error: ") and "\n" not in message, message
+    assert "Traceback" not in message
+    for needle in case.must_mention:
+        assert needle.lower() in message.lower(), f"{case.title}: {needle!r} not in: {message}"
+    assert not result["code_ran"], "the crafted pickle ran its payload"
+
+
+def test_docs_table_is_what_the_cli_prints_today() -> None:
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    start = doc.index(bad_inputs.MARK_BEGIN) + len(bad_inputs.MARK_BEGIN)
+    committed = doc[start:doc.index(bad_inputs.MARK_END)].strip()
+    current = bad_inputs.table([(case, _result(i)) for i, case in enumerate(bad_inputs.CASES)])
+    assert committed == current, "docs/reliability.md is stale: python tests/bad_inputs.py --write docs/reliability.md"
+
+
+def test_an_unexpected_exception_is_one_line_and_says_it_is_a_bug(monkeypatch, capsys) -> None:
+    from graftkd import cli
+
+    def broken(args) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setitem(cli.COMMANDS, "methods", broken)
+    assert cli.main(["methods"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("graftkd: internal error: KeyError") and "--debug" in err and "\n" not in err
+
+
+# ------------------------------------------------------------------ SIGKILL at random points
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def _distill(teacher: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "graftkd.cli", "distill", "--teacher", str(teacher), "--teacher-arch", "digits_cnn",
+            "--student-arch", "digits_cnn_half", "--data", "digits", "--k", "2", "--preset", "digits",
+            "--block-epochs", "25", "--net-epochs", "25", "--inherit", "none", "--device", "cpu", "--no-progress",
+            "--checkpoint-every-s", "0", "--out", str(out)]
+
+
+def _student(out: Path) -> dict:
+    state = torch.load(out / "student.pt", weights_only=True)
+    return state.get("state_dict", state)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_steps_then_resume_gives_identical_weights(tmp_path) -> None:
+    from graftkd.models import build_model
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"
+    torch.save(build_model("digits_cnn", num_classes=10).state_dict(), teacher)
+
+    straight = tmp_path / "straight"
+    subprocess.run(_distill(teacher, straight), env=_env(), check=True, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    checkpoint = killed / "checkpoint.pt"
+    rng = random.Random()
+    delays: list[float] = []
+    kills = 0
+    for _ in range(6):
+        before = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
+        proc = subprocess.Popen(_distill(teacher, killed), env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:  # wait until this process has saved once
+            if checkpoint.exists() and checkpoint.stat().st_mtime_ns != before:
+                break
+            time.sleep(0.01)
+        delay = rng.uniform(0.0, 0.5)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            break  # it finished before the kill landed
+        proc.kill()
+        proc.wait(timeout=60)
+        delays.append(round(delay, 3))
+        kills += 1
+        if kills == 3:
+            break
+    assert kills >= 1, "the run finished before any kill: make it longer"
+    done = subprocess.run(_distill(teacher, killed), env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    a, b = _student(straight), _student(killed)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"after SIGKILLs at {delays} s past a checkpoint, {different} differ"
