@@ -83,3 +83,22 @@ def test_the_audit_does_catch_a_read_back() -> None:
         (loss > 0).nonzero()
     assert audit.calls["linear"] == 1
     assert audit.model_reads["aten::_local_scalar_dense"] == 1 and audit.model_reads["aten::nonzero"] == 1
+
+
+def test_readme_performance_table_matches_the_committed_benchmark() -> None:
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = root / "benchmarks" / "results" / "graft_speed-cpu.json"
+    if not path.is_file():
+        pytest.skip("no committed benchmark result")
+    bench = json.loads(path.read_text())
+    readme = (root / "README.md").read_text()
+    assert bench["overhead_ratio_max"] <= 1.15
+    assert bench["commit"][:7] in readme
+    for row in bench["overhead"]:
+        label = row["stage"].split(" (")[0] + (" (classifier)" if "classifier" in row["stage"] else "")
+        line = next(l for l in readme.splitlines() if l.startswith(f"| {label} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == f"{row['median_ms']['step']:.0f} ms" and cells[3] == f"{row['overhead_ratio']:.2f}", line
