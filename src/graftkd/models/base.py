@@ -35,6 +35,36 @@ class BlockModel(nn.Module):
         """Human-readable names of the blocks, same length and order as ``blocks()``."""
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- stages (feature distillation)
+    def stage_parts(self) -> list[list[nn.Module]]:
+        """A finer cut of the same forward for feature distillers and SAKD's spots.
+
+        Stage i's output is feature i. The next-to-last stage ends with the pooled, flattened
+        embedding and the last stage is the classifier (its output: the logits). Every grafting block
+        boundary is also a stage boundary, so grafting and the distillers see the same spots. The last
+        part of each stage must be a module called exactly once per forward, so a forward hook on it
+        sees that stage's output. Default: the blocks themselves (models written for grafting only).
+        """
+        return self.block_parts()
+
+    def stage_names(self) -> list[str]:
+        return self.block_names()
+
+    def stages(self) -> list[nn.Module]:
+        return [parts[0] if len(parts) == 1 else nn.Sequential(*parts) for parts in self.stage_parts()]
+
+    def feature_paths(self) -> list[str]:
+        """Module paths whose forward outputs are features f_0 .. f_{n-1} (all stages but the classifier)."""
+        names = {id(m): n for n, m in self.named_modules()}
+        return [names[id(parts[-1])] for parts in self.stage_parts()[:-1]]
+
+    def run_stages(self, x: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+        """Stages ``begin`` .. ``end`` (inclusive) of the forward, for routing between two networks."""
+        for parts in self.stage_parts()[begin : end + 1]:
+            for part in parts:
+                x = part(x)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Same calls, same order as composing ``blocks()`` (``nn.Sequential`` just loops over its
         # parts), but every module called is registered, so the whole model is fx-traceable too.
@@ -62,6 +92,41 @@ def check_block_contract(model: nn.Module, x: torch.Tensor) -> None:
             for block in blocks:
                 y = block(y)
         assert torch.equal(full, y), "model(x) differs from the composition of its blocks"
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def check_stage_contract(model: nn.Module, x: torch.Tensor) -> list[torch.Size]:
+    """Raise AssertionError unless the stages compose to ``model(x)`` bitwise and hooks see each stage.
+
+    Returns the feature shapes f_0 .. f_{n-1} (batch included). Eval mode; modes restored afterwards.
+    """
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        stages = model.stages()  # type: ignore[operator]
+        assert len(stages) == len(model.stage_names()) >= 2, "need named stages, the classifier last"  # type: ignore[operator]
+        seen: dict[str, list[torch.Tensor]] = {}
+        handles = [model.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: seen.setdefault(p, []).append(o))
+                   for p in model.feature_paths()]  # type: ignore[operator]
+        try:
+            with torch.no_grad():
+                full = model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        with torch.no_grad():
+            y, outputs = x, []
+            for stage in stages:
+                y = stage(y)
+                outputs.append(y)
+        assert torch.equal(full, y), "model(x) differs from the composition of its stages"
+        for path, out in zip(model.feature_paths(), outputs):  # type: ignore[operator]
+            assert len(seen.get(path, [])) == 1, f"module '{path}' ran {len(seen.get(path, []))} times in one forward"
+            assert torch.equal(seen[path][0], out), f"the hook on '{path}' does not see its stage's output"
+        assert outputs[-2].dim() == 2, "the next-to-last stage must end with the flattened embedding"
+        return [o.shape for o in outputs[:-1]]
     finally:
         for m, mode in modes.items():
             m.training = mode

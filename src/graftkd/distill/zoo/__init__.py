@@ -1,0 +1,13 @@
+"""The classic feature-distiller zoo (CIFAR-100 benchmark): one file per distiller, one contract.
+
+See :mod:`graftkd.distill.zoo.base`. Importing this package registers every distiller in it.
+"""
+from graftkd.distill.zoo.base import (  # noqa: F401
+    DISTILLERS,
+    Distiller,
+    InitStage,
+    build_distiller,
+    list_distillers,
+    register_distiller,
+    resolve_spots,
+)
