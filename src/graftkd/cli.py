@@ -93,6 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint at the first epoch end after this many seconds (0 = every epoch)")
     _add_common(p)
 
+    p = sub.add_parser("train-kd", help="full-data distillation: CE + KD (+ a feature distiller); torchrun for many processes")
+    p.add_argument("--student-arch", required=True, help="zoo architecture of the student, e.g. resnet8x4")
+    p.add_argument("--teacher", help="registered teacher name or weights file (not needed for --kd-weight 0 --distiller none)")
+    p.add_argument("--teacher-arch", help="zoo architecture of a teacher weights file")
+    p.add_argument("--teachers-dir", help="folder holding registered teacher files (also: GRAFTKD_TEACHERS)")
+    p.add_argument("--data", required=True, help="labeled data: cifar100, cifar10, digits, a folder or archive")
+    p.add_argument("--distiller", default="none", help="feature distiller (`graftkd methods`), or none")
+    p.add_argument("--distiller-weight", type=float, help="beta (default: the benchmark's value for the distiller)")
+    p.add_argument("--kd-weight", type=float, default=1.0, help="alpha: weight of logit KD (0: off)")
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--epochs", type=int, default=240)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch, split over processes")
+    p.add_argument("--lr", type=float, help="default: 0.05, 0.01 for MobileNetV2/ShuffleNet students")
+    p.add_argument("--milestones", type=_int_list, default=[150, 180, 210])
+    p.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations (0: last only)")
+    p.add_argument("--limit-train", type=int, help="use only the first N training images (smoke runs)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
+    p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
+    _add_common(p)
+
     p = sub.add_parser("models", help="list the zoo with parameters, FLOPs and blocks")
     p.add_argument("--num-classes", type=int, default=10)
 
@@ -215,6 +236,38 @@ def _cmd_distill(args) -> None:
         print(f"student weights: {args.out}/student.pt; result: {args.out}/result.json")
 
 
+def _cmd_train_kd(args) -> None:
+    from graftkd.engine.fulldata import KDRecipe
+    from graftkd.workflows import distill_full
+
+    distiller = None if args.distiller.lower() in ("none", "") else args.distiller
+    if distiller:
+        from graftkd.distill.zoo import list_distillers
+
+        if distiller not in list_distillers():
+            import difflib
+
+            close = difflib.get_close_matches(distiller, list_distillers(), n=2)
+            raise GraftkdError(f"unknown distiller '{distiller}'" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                               + f"; available: {', '.join(list_distillers())}, or none")
+    recipe = KDRecipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, milestones=list(args.milestones) if isinstance(args.milestones, list) else [args.milestones],
+                      temperature=args.temperature, kd_weight=args.kd_weight, distiller=distiller,
+                      distiller_weight=args.distiller_weight, seed=args.seed, precision=args.precision,
+                      eval_every=args.eval_every, sync_bn=args.sync_bn)
+    payload = distill_full(args.student_arch, args.data, args.out, recipe, teacher=args.teacher,
+                           teacher_arch=args.teacher_arch, teachers_dir=args.teachers_dir, device=args.device,
+                           progress=not args.no_progress, limit_train=args.limit_train)
+    if payload["world_size"] > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
+        return
+    last, best = payload["last_epoch_test_acc"], payload["best_epoch"]
+    method = "+".join(["ce"] + (["kd"] if args.kd_weight else []) + ([payload["distiller"]] if payload["distiller"] else []))
+    print(f"{args.student_arch} ({method}): last epoch "
+          f"{last:.2f}% test" + (f"; best epoch {best['epoch']}: {best['test_acc']:.2f}% (selected on test)" if best else "")
+          + f"; {payload['world_size']} process(es), {payload['seconds']:.0f} s")
+    if args.out:
+        print(f"student weights: {args.out}/student.pt; result: {args.out}/result.json")
+
+
 def _cmd_evaluate(args) -> None:
     from graftkd.workflows import evaluate_weights
 
@@ -308,6 +361,7 @@ COMMANDS = {
     "fewshot": _cmd_fewshot,
     "train-teacher": _cmd_train_teacher,
     "distill": _cmd_distill,
+    "train-kd": _cmd_train_kd,
     "evaluate": _cmd_evaluate,
     "teachers": _cmd_teachers,
     "bench": _cmd_bench,

@@ -306,3 +306,58 @@ def summary_table(payload: dict) -> str:
         f"{payload['wall_seconds']:.1f} s on {payload['device']}"
     )
     return "\n".join(lines)
+
+
+def distill_full(
+    student_arch: str,
+    data: str,
+    out: str | Path | None,
+    recipe,
+    teacher: str | None = None,
+    teacher_arch: str | None = None,
+    teachers_dir: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    limit_train: int | None = None,
+) -> dict:
+    """``graftkd train-kd``: full-data CE + KD (+ a feature distiller), one process or many (torchrun)."""
+    from graftkd.data import load_dataset
+    from graftkd.data.normalize import channel_stats, stats_for
+    from graftkd.engine.fulldata import init_distributed, train_kd
+
+    world, device = init_distributed(device)
+    device_ = resolve_device(device)
+    train = load_dataset(data, "train")
+    test = load_dataset(data, "test")
+    if train.labels is None or test.labels is None:
+        raise GraftkdError(f"train-kd needs labeled train and test splits, but {data} has none")
+    images, labels = train.images, train.labels
+    if limit_train:
+        images, labels = images[:limit_train], labels[:limit_train]
+    loaded = None
+    if teacher is not None:
+        loaded = load_teacher(teacher, teacher_arch, train.num_classes, teachers_dir)
+        mean, std = loaded.mean, loaded.std
+    elif recipe.kd_weight > 0 or recipe.distiller:
+        raise GraftkdError("--teacher is needed for KD and feature distillers (or pass --kd-weight 0 --distiller none)")
+    else:
+        mean, std = stats_for(train.dataset) if train.dataset else channel_stats(images)
+    torch.manual_seed(recipe.seed)
+    student = build_model(student_arch, num_classes=train.num_classes, **_input_kwargs(student_arch, images.shape[1]))
+    facts = run_facts(device_, recipe.seed)
+    started = time.perf_counter()
+    result = train_kd(student, loaded.model if loaded else None, (images, labels), normalize=normalizer(mean, std),
+                      recipe=recipe, device=device_, student_arch=student_arch, test=(test.images, test.labels),
+                      run_dir=out, world=world, progress=progress)
+    from dataclasses import asdict
+
+    payload = {**facts, "kind": "train-kd", "student_arch": student_arch, "teacher": loaded.source if loaded else None,
+               "data": data, "train_images": len(images), "recipe": asdict(recipe), **result,
+               "wall_seconds": time.perf_counter() - started,
+               **model_costs(student, tuple(images.shape[1:]))}
+    if out is not None and world.main:
+        out = Path(out)
+        save_model(out / "student.pt", LoadedModel(student.cpu(), student_arch, mean, std, data, train.classes),
+                   {"test_acc": result["last_epoch_test_acc"], "recipe": asdict(recipe)})
+        atomic_write_json(out / "result.json", payload)
+    return payload

@@ -1,0 +1,435 @@
+"""Full-data distillation (the CIFAR-100 benchmark protocol): CE + logit KD + one feature distiller.
+
+One loop for one process or many: under ``torchrun`` the process group is set up from the environment
+(gloo on CPU, NCCL on CUDA), the objective (student + the distiller's trainable modules) is wrapped in
+``DistributedDataParallel`` and every process reads its share of each epoch through a
+``DistributedSampler``. The data order and the augmentation of every image depend only on
+(seed, epoch, image index), never on the number of processes: process r's i-th batch is the r-th
+interleaved share of the single-process run's i-th batch, so with per-sample losses (CE, KD) and no
+BatchNorm a 2-process run equals the 1-process run up to float summation order (tested). BatchNorm
+statistics are per process unless ``sync_bn`` (CUDA only) is on.
+
+Protocol (RepDistiller / CRD): SGD lr 0.05 (0.01 for MobileNetV2/ShuffleNet students), momentum 0.9,
+wd 5e-4, global batch 64, 240 epochs, x0.1 at 150/180/210, KD at T=4 (batchmean KL x T^2). The
+student reported is the **last epoch**; the best epoch's test accuracy is also recorded, labelled as
+selected on the test split, only to compare with papers that report it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from graftkd.engine.checkpoint import Checkpointer, fingerprint
+from graftkd.engine.hooks import FeatureTap
+from graftkd.engine.runtime import autocast, resolve_precision
+from graftkd.engine.signals import StopRequest
+from graftkd.errors import GraftkdError
+
+SMALL_LR_STUDENTS = ("mobilenetv2", "shufflev1", "shufflev2")
+
+
+@dataclass
+class KDRecipe:
+    epochs: int = 240
+    batch_size: int = 64  # global: split evenly over the processes
+    lr: float | None = None  # None: 0.05, or 0.01 for MobileNetV2/ShuffleNet students (the protocol)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    temperature: float = 4.0
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0  # alpha; 0 turns logit KD off
+    distiller: str | None = None  # a graftkd.distill.zoo name; None: CE (+ KD) only
+    distiller_weight: float | None = None  # beta; None: the distiller's benchmark default
+    distiller_options: dict = field(default_factory=dict)
+    padding: int = 4
+    flip: bool = True
+    seed: int = 0
+    precision: str = "auto"
+    eval_every: int = 1  # epochs between test evaluations (0: only the last epoch)
+    sync_bn: bool = False
+
+    def resolved_lr(self, student_arch: str) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 0.01 if student_arch.startswith(SMALL_LR_STUDENTS) else 0.05
+
+    def protocol(self, student_arch: str) -> str:
+        name = self.distiller or "none"
+        beta = "" if self.distiller is None else f", beta={self.distiller_weight if self.distiller_weight is not None else 'default'}"
+        return (f"SGD lr {self.resolved_lr(student_arch)} momentum {self.momentum} wd {self.weight_decay}, global batch "
+                f"{self.batch_size}, {self.epochs} epochs, x{self.gamma} at {self.milestones}; loss = {self.ce_weight}*CE + "
+                f"{self.kd_weight}*KD(T={self.temperature}, batchmean x T^2) + distiller {name}{beta}; crop (pad "
+                f"{self.padding}) + flip; reported: last epoch (best epoch = max test accuracy over evaluated epochs, "
+                "selected on the test split, for comparison with papers only)")
+
+
+class TrainInterrupted(GraftkdError):
+    """SIGINT/SIGTERM: state saved; re-running the same command resumes."""
+
+
+# ------------------------------------------------------------------------------------ distributed
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[World, str]:
+    """Join the process group torchrun describes in the environment (no-op for a single process)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World(), device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    return World(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def _barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+class _Closure(nn.Module):
+    """Holds the trainable modules; ``forward(fn)`` runs ``fn`` so DDP sees the step as its forward."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict(modules)
+
+    def forward(self, fn: Callable[[], tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, dict]:
+        return fn()
+
+
+def _wrap(module: _Closure, world: World, device: torch.device) -> nn.Module:
+    if world.size <= 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+# ----------------------------------------------------------------------------------------- data
+def epoch_indices(n: int, epoch: int, seed: int, world: World) -> torch.Tensor:
+    """This process's share of the epoch's shuffled order (a DistributedSampler; drop_last keeps shares equal)."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(iter(sampler)), dtype=torch.int64)
+
+
+def epoch_augmentation(n: int, epoch: int, recipe: KDRecipe, device: torch.device):
+    """Crop offsets and flips for every image of the epoch, from (seed, epoch) alone: world-size independent."""
+    from graftkd.data.augment import crop_flip_params
+
+    generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + epoch)
+    return crop_flip_params(n, recipe.padding, recipe.flip, generator, device)
+
+
+# ----------------------------------------------------------------------------------------- loop
+def _features(model: nn.Module) -> list[str]:
+    paths = getattr(model, "feature_paths", None)
+    if paths is None:
+        raise GraftkdError(f"{type(model).__name__} does not list its stages (feature_paths): a feature distiller "
+                           "needs a zoo model with stage_parts()")
+    return paths()
+
+
+def _spot_shapes(model: nn.Module, paths: list[str], sample: torch.Tensor) -> list[tuple[int, ...]]:
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FeatureTap(model, paths) as tap:
+        model(sample)
+        shapes = [tuple(tap.features[p].shape[1:]) for p in paths]
+    model.train(was)
+    return shapes
+
+
+def train_kd(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train: tuple[torch.Tensor, torch.Tensor],
+    *,
+    normalize: nn.Module,
+    recipe: KDRecipe,
+    device: torch.device,
+    student_arch: str = "",
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    run_dir: str | Path | None = None,
+    world: World | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``student`` on labeled uint8 ``train`` images with CE (+ KD from ``teacher``) (+ a distiller).
+
+    Resumable from ``run_dir`` (epoch granularity); returns the history and the last/best test accuracy.
+    """
+    from graftkd.distill.losses import kd_loss
+    from graftkd.engine.evaluate import evaluate_model
+
+    world = world or World()
+    images, labels = train
+    if len(images) != len(labels):
+        raise GraftkdError(f"{len(images)} training images but {len(labels)} labels")
+    if recipe.batch_size % world.size:
+        raise GraftkdError(f"global batch {recipe.batch_size} does not split over {world.size} processes: "
+                           f"use a multiple of {world.size}")
+    local_batch = recipe.batch_size // world.size
+    steps = (len(images) // world.size) // local_batch
+    if steps == 0:
+        raise GraftkdError(f"{len(images)} training images is less than one global batch of {recipe.batch_size}")
+    if (recipe.kd_weight > 0 or recipe.distiller) and teacher is None:
+        raise GraftkdError("KD and feature distillers need a teacher")
+    torch.manual_seed(recipe.seed)  # same distiller initialisation on every process
+    precision = resolve_precision(device, recipe.precision, cpu_bf16=True)
+    student.to(device)
+    if recipe.sync_bn and world.size > 1:
+        if device.type != "cuda":
+            raise GraftkdError("sync_bn needs CUDA (PyTorch's SyncBatchNorm does not run on the CPU)")
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    normalize = normalize.to(device)
+    images, labels = images.to(device), labels.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    distiller, s_paths, t_paths = None, [], []
+    if recipe.distiller:
+        from graftkd.distill.zoo import build_distiller, resolve_spots
+
+        s_all, t_all = _features(student), _features(teacher)
+        spots = resolve_spots(_spot_kind(recipe.distiller), len(s_all), len(t_all))
+        s_paths, t_paths = [s_all[i] for i, _ in spots], [t_all[j] for _, j in spots]
+        sample = normalize(images[:2])
+        distiller = build_distiller(recipe.distiller, _spot_shapes(student, s_paths, sample),
+                                    _spot_shapes(teacher, t_paths, sample), **recipe.distiller_options).to(device)
+    beta = (recipe.distiller_weight if recipe.distiller_weight is not None
+            else (type(distiller).weight if distiller is not None else 0.0))
+
+    checkpointer = Checkpointer(run_dir if world.main else None,
+                                fingerprint({"recipe": asdict(recipe), "n": len(images), "world": world.size,
+                                             "student": student_arch}), "fulldata")
+    resume_from = Checkpointer(run_dir, checkpointer.fingerprint, "fulldata").load() if run_dir else None
+    state: dict = resume_from or {"phase": 0, "epoch": 0, "history": [], "init_history": []}
+
+    def taps():
+        return FeatureTap(student, s_paths), FeatureTap(teacher, t_paths) if teacher is not None else None
+
+    # --- pre-training stages (FT paraphraser, AB/FSP init, FitNet hint), described by the distiller
+    init_stages = distiller.init_stages() if distiller is not None else []
+    if resume_from is not None:
+        _load_modules(student, distiller, resume_from)
+    for index, stage in enumerate(init_stages):
+        if state["phase"] > index:
+            for module in stage.freeze_after:
+                module.requires_grad_(False)
+            continue
+        modules = {f"m{i}": m for i, m in enumerate(stage.modules)}
+        if stage.train_student:
+            modules["student"] = student
+        closure = _Closure(modules)
+        wrapped = _wrap(closure, world, device)
+        params = [p for p in closure.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
+        first = state["epoch"] if resume_from is not None and state["phase"] == index else 0
+        if first and resume_from.get("optimizer"):
+            optimizer.load_state_dict(resume_from["optimizer"])
+        for epoch in range(first, stage.epochs):
+            student.train(stage.train_student)
+            total = torch.zeros((), device=device)
+            s_tap, t_tap = taps()
+            with s_tap, t_tap:
+                for x, _y in _batches(images, labels, epoch, recipe, world, local_batch, steps, normalize, device):
+                    def step(x=x):
+                        with torch.no_grad(), autocast(device, precision):
+                            teacher(x)
+                        t_feats = [t_tap.features[p].detach().float() for p in t_paths]
+                        with torch.set_grad_enabled(stage.train_student), autocast(device, precision):
+                            student(x)
+                        s_feats = [s_tap.features[p].float() for p in s_paths]
+                        return stage.loss(s_feats, t_feats), {}
+                    loss, _ = wrapped(step)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.detach()
+            mean = float(total) / steps
+            _check_finite(mean, f"init stage '{stage.name}'", epoch + 1, checkpointer)
+            state["init_history"].append({"stage": stage.name, "epoch": epoch + 1, "loss": mean})
+            state.update(phase=index, epoch=epoch + 1)
+            _save(checkpointer, state, student, distiller, optimizer, None)
+        for module in stage.freeze_after:
+            module.requires_grad_(False)
+        state.update(phase=index + 1, epoch=0)
+        _save(checkpointer, state, student, distiller, None, None)
+        _barrier(world)
+
+    # --- main training
+    modules = {"student": student}
+    if distiller is not None:
+        modules.update({f"distiller{i}": m for i, m in enumerate(distiller.student_modules())})
+    closure = _Closure(modules)
+    wrapped = _wrap(closure, world, device)
+    lr = recipe.resolved_lr(student_arch)
+    optimizer = torch.optim.SGD([p for p in closure.parameters() if p.requires_grad], lr=lr,
+                                momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=recipe.milestones, gamma=recipe.gamma)
+    main_phase = len(init_stages)
+    first_epoch = state["epoch"] if state["phase"] == main_phase else 0
+    if resume_from is not None and state["phase"] == main_phase and resume_from.get("optimizer"):
+        optimizer.load_state_dict(resume_from["optimizer"])
+        scheduler.load_state_dict(resume_from["scheduler"])
+    bar = tqdm(total=recipe.epochs, initial=first_epoch, unit="ep", disable=not (progress and world.main),
+               dynamic_ncols=True, desc=recipe.distiller or ("kd" if recipe.kd_weight else "ce"))
+    started = time.perf_counter()
+    try:
+        with StopRequest() as stop:
+            for epoch in range(first_epoch, recipe.epochs):
+                if distiller is not None:
+                    distiller.train()
+                student.train()
+                sums: dict[str, torch.Tensor] = {}
+                correct = torch.zeros((), device=device)
+                t0 = time.perf_counter()
+                s_tap, t_tap = taps()
+                with s_tap, (t_tap if t_tap is not None else _null()):
+                    for x, y in _batches(images, labels, epoch, recipe, world, local_batch, steps, normalize, device):
+                        def step(x=x, y=y):
+                            terms: dict[str, torch.Tensor] = {}
+                            t_logits = None
+                            if teacher is not None:
+                                with torch.no_grad(), autocast(device, precision):
+                                    t_logits = teacher(x).float()
+                            with autocast(device, precision):
+                                logits = student(x).float()
+                            terms["ce"] = recipe.ce_weight * F.cross_entropy(logits, y)
+                            if recipe.kd_weight > 0:
+                                terms["kd"] = recipe.kd_weight * kd_loss(logits, t_logits, recipe.temperature)
+                            if distiller is not None:
+                                s_feats = [s_tap.features[p].float() for p in s_paths]
+                                t_feats = [t_tap.features[p].detach().float() for p in t_paths]
+                                terms[recipe.distiller] = beta * distiller(s_feats, t_feats)
+                            return sum(terms.values()), {"terms": terms, "logits": logits}
+                        loss, extra = wrapped(step)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        for key, value in extra["terms"].items():
+                            sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach()
+                        correct += (extra["logits"].detach().argmax(1) == y).sum()
+                epoch_lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                seconds = time.perf_counter() - t0
+                terms = {k: float(v) / steps for k, v in sums.items()}  # one host sync per epoch
+                _check_finite(sum(terms.values()), "main training", epoch + 1, checkpointer)
+                record = {"epoch": epoch + 1, "lr": epoch_lr, "loss": terms,
+                          "train_acc_local": 100.0 * float(correct) / (steps * local_batch),
+                          "images_per_second": steps * local_batch * world.size / seconds}
+                last = epoch + 1 == recipe.epochs
+                if test is not None and world.main and (last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0)):
+                    record["test_acc"] = evaluate_model(student, test[0], test[1], normalize, device,
+                                                        precision=precision)
+                state["history"].append(record)
+                state.update(phase=main_phase, epoch=epoch + 1)
+                _save(checkpointer, state, student, distiller, optimizer, scheduler)
+                bar.update(1)
+                line = (f"epoch {epoch + 1}/{recipe.epochs} loss {sum(terms.values()):.4f} lr {record['lr']:.4g} "
+                        f"{record['images_per_second']:.0f} img/s"
+                        + (f" test {record['test_acc']:.2f}%" if "test_acc" in record else ""))
+                if progress and world.main:
+                    bar.set_postfix_str(line.split(" ", 2)[2])
+                elif world.main:
+                    tqdm.write(line)
+                _barrier(world)
+                if stop.requested and not last:
+                    raise TrainInterrupted(f"stopped by {stop.signal_name} after epoch {epoch + 1}; "
+                                           f"{checkpointer.last_good()}: re-run the same command to resume")
+    finally:
+        bar.close()
+    evaluated = [h for h in state["history"] if "test_acc" in h]
+    best = max(evaluated, key=lambda h: h["test_acc"]) if evaluated else None
+    return {
+        "history": state["history"], "init_history": state["init_history"],
+        "last_epoch_test_acc": evaluated[-1]["test_acc"] if evaluated and evaluated[-1]["epoch"] == recipe.epochs else None,
+        "best_epoch": {"epoch": best["epoch"], "test_acc": best["test_acc"],
+                       "note": "max over evaluated epochs of the test accuracy: selected on the test split, "
+                               "reported only to compare with papers that do so"} if best else None,
+        "world_size": world.size, "local_batch": local_batch, "steps_per_epoch": steps, "lr": lr,
+        "distiller": recipe.distiller, "distiller_weight": beta if distiller is not None else None,
+        "spots": {"student": s_paths, "teacher": t_paths}, "precision": precision,
+        "seconds": time.perf_counter() - started, "protocol": recipe.protocol(student_arch),
+    }
+
+
+def _spot_kind(name: str) -> str:
+    from graftkd.distill.zoo.base import DISTILLERS, list_distillers
+
+    list_distillers()
+    if name not in DISTILLERS:
+        from graftkd.distill.zoo import build_distiller
+
+        build_distiller(name, [()], [()])  # raises the unknown-name error with suggestions
+    return DISTILLERS[name].spot_kind
+
+
+def _batches(images, labels, epoch, recipe, world, local_batch, steps, normalize, device):
+    from graftkd.data.augment import apply_crop_flip
+
+    order = epoch_indices(len(images), epoch, recipe.seed, world).to(device)
+    oy, ox, flips = epoch_augmentation(len(images), epoch, recipe, device)
+    for i in range(steps):
+        idx = order[i * local_batch:(i + 1) * local_batch]
+        x = apply_crop_flip(images[idx], oy[idx], ox[idx], flips[idx], recipe.padding)
+        yield normalize(x), labels[idx]
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _check_finite(value: float, where: str, epoch: int, checkpointer: Checkpointer) -> None:
+    if not math.isfinite(value):
+        raise GraftkdError(f"loss became {value} in {where} by epoch {epoch}; last good checkpoint: "
+                           f"{checkpointer.last_good()}. Lower the learning rate")
+
+
+def _save(checkpointer: Checkpointer, state: dict, student: nn.Module, distiller: nn.Module | None,
+          optimizer, scheduler) -> None:
+    checkpointer.save({**state, "student": student.state_dict(),
+                       "distiller": distiller.state_dict() if distiller is not None else None,
+                       "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                       "scheduler": scheduler.state_dict() if scheduler is not None else None})
+
+
+def _load_modules(student: nn.Module, distiller: nn.Module | None, state: dict) -> None:
+    student.load_state_dict(state["student"])
+    if distiller is not None and state.get("distiller") is not None:
+        distiller.load_state_dict(state["distiller"])

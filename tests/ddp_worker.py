@@ -1,0 +1,42 @@
+"""Worker for tests/test_fulldata.py: the same tiny KD run under ``torchrun`` with 1 or 2 processes.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT_FILE
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from graftkd.data.normalize import Normalizer  # noqa: E402
+from graftkd.engine.fulldata import KDRecipe, init_distributed, train_kd  # noqa: E402
+
+
+def tiny_net(width: int, seed: int) -> nn.Module:
+    """No BatchNorm: per-process batch statistics would make 2 processes differ from 1 by design."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * width, 4))
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    world, device = init_distributed("cpu")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (128, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 4, (128,), generator=generator)
+    recipe = KDRecipe(epochs=3, batch_size=16, lr=0.05, milestones=[2], precision="fp32", eval_every=0, padding=1)
+    student, teacher = tiny_net(6, 1), tiny_net(8, 2)
+    result = train_kd(student, teacher, (images, labels), normalize=Normalizer((0.5,) * 3, (0.25,) * 3),
+                      recipe=recipe, device=torch.device(device), world=world, progress=False)
+    if world.main:
+        torch.save({"state_dict": student.state_dict(), "world_size": result["world_size"],
+                    "loss": [h["loss"] for h in result["history"]]}, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Full-data distillation: 2 gloo processes equal 1 process; resume; the protocol's defaults."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from graftkd.engine.fulldata import KDRecipe, World, epoch_augmentation, epoch_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(nproc: int, out: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29500 + nproc + os.getpid() % 1000), str(ROOT / "tests" / "ddp_worker.py"), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process(tmp_path) -> None:
+    _torchrun(1, tmp_path / "one.pt")
+    _torchrun(2, tmp_path / "two.pt")
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for key, value in one["state_dict"].items():
+        # same data, order, augmentation and global batch; only float summation order differs
+        assert torch.allclose(value, two["state_dict"][key], atol=1e-5, rtol=1e-4), key
+    changed = torch.load(tmp_path / "one.pt")["loss"]
+    assert len(changed) == 3
+
+
+def test_process_shares_interleave_into_the_single_process_batches() -> None:
+    single = epoch_indices(64, epoch=3, seed=5, world=World())
+    r0 = epoch_indices(64, epoch=3, seed=5, world=World(rank=0, size=2))
+    r1 = epoch_indices(64, epoch=3, seed=5, world=World(rank=1, size=2))
+    for i in range(4):  # global batch 16 = 2 x local 8
+        union = set(r0[i * 8:(i + 1) * 8].tolist()) | set(r1[i * 8:(i + 1) * 8].tolist())
+        assert union == set(single[i * 16:(i + 1) * 16].tolist())
+    a = epoch_augmentation(64, 3, KDRecipe(seed=5), torch.device("cpu"))
+    b = epoch_augmentation(64, 3, KDRecipe(seed=5), torch.device("cpu"))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_protocol_defaults_and_small_lr_students() -> None:
+    recipe = KDRecipe()
+    assert (recipe.epochs, recipe.batch_size, recipe.milestones, recipe.temperature) == (240, 64, [150, 180, 210], 4.0)
+    assert recipe.resolved_lr("resnet8x4") == 0.05
+    assert recipe.resolved_lr("mobilenetv2") == recipe.resolved_lr("shufflev1") == 0.01
+    assert "last epoch" in recipe.protocol("resnet8x4")
+
+
+def _tiny_run(run_dir, monkeypatch=None, stop_after: int | None = None):
+    import signal
+
+    import graftkd.engine.fulldata as fulldata
+    from graftkd.data.normalize import Normalizer
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ddp_worker import tiny_net
+
+    if stop_after is not None:
+        original = fulldata._save
+        calls = {"n": 0}
+
+        def save_then_interrupt(checkpointer, state, *args):
+            original(checkpointer, state, *args)
+            calls["n"] += 1
+            if state["epoch"] == stop_after and state["phase"] == 0 and args[2] is not None:
+                os.kill(os.getpid(), signal.SIGINT)  # like Ctrl-C during the next epoch's first step
+
+        monkeypatch.setattr(fulldata, "_save", save_then_interrupt)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 4, (64,), generator=generator)
+    student, teacher = tiny_net(6, 1), tiny_net(8, 2)
+    recipe = KDRecipe(epochs=4, batch_size=16, lr=0.05, milestones=[2], precision="fp32", eval_every=0, padding=1)
+    fulldata.train_kd(student, teacher, (images, labels), normalize=Normalizer((0.5,) * 3, (0.25,) * 3),
+                      recipe=recipe, device=torch.device("cpu"), run_dir=run_dir, progress=False)
+    return student
+
+
+def test_an_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch) -> None:
+    from graftkd.engine.fulldata import TrainInterrupted
+
+    straight = _tiny_run(tmp_path / "a")
+    with pytest.raises(TrainInterrupted, match="re-run the same command"):
+        _tiny_run(tmp_path / "b", monkeypatch, stop_after=2)
+    monkeypatch.undo()
+    resumed = _tiny_run(tmp_path / "b")
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
