@@ -3,6 +3,14 @@
 Importing this package registers all architectures; build one with ``build_model(name, num_classes)``.
 """
 from graftkd.models import resnet_cifar, resnet_imagenet, small, vgg  # noqa: F401  (registration)
+from graftkd.models import (  # noqa: F401  (registration: the CIFAR-100 benchmark zoo)
+    mobilenetv2,
+    resnet50_cifar,
+    resnet_rd,
+    shufflenet,
+    vgg_cifar,
+    wrn,
+)
 from graftkd.models.base import BlockModel, check_block_contract
 from graftkd.models.profile import count_flops, count_params, format_count
 from graftkd.models.registry import MODEL_REGISTRY, build_model, list_models, register_model

@@ -3,10 +3,12 @@
 ``resnet20/32/44/56/110`` have the ``state_dict`` keys of the akamaster/pytorch_resnet_cifar10
 checkpoints (after stripping ``module.``), so the shared pretrained teachers load with ``strict=True``.
 Their shortcuts are parameter-free ("option A"): subsample by 2 and zero-pad channels, so teacher and
-student stages must have equal widths at block boundaries. Blocks: stem+layer1, layer2, layer3+head.
+student stages must have equal widths at block boundaries. Blocks: stem+layer1, layer2, layer3+head;
+stages (feature distillation): stem, layer1, layer2, layer3, pooled embedding, linear.
 
 ``resnet18_cifar`` is the common CIFAR ResNet-18 (3x3 stem, no max-pool, projection shortcuts) with
-torchvision-style keys (``downsample.0/1``, ``fc``). Blocks: stem+layer1, layer2, layer3, layer4+head.
+torchvision-style keys (``downsample.0/1``, ``fc``). Blocks: stem+layer1, layer2, layer3, layer4+head;
+stages: stem, layer1, layer2, layer3, layer4, pooled embedding, fc.
 """
 from __future__ import annotations
 
@@ -97,6 +99,20 @@ class ResNetCifarA(BlockModel):
     def block_names(self) -> list[str]:
         return ["stem+layer1", "layer2", "layer3+head"]
 
+    def stage_parts(self) -> list[list[nn.Module]]:
+        # the same calls as block_parts, cut finer: f0 stem, f1-f3 layers, f4 pooled embedding, logits
+        return [
+            [self.conv1, self.bn1, self.relu],
+            [self.layer1],
+            [self.layer2],
+            [self.layer3],
+            [self.avgpool, self.flatten],
+            [self.linear],
+        ]
+
+    def stage_names(self) -> list[str]:
+        return ["stem", "layer1", "layer2", "layer3", "pool", "linear"]
+
 
 def _resnet_a(depth: int, num_classes: int, in_channels: int) -> ResNetCifarA:
     return ResNetCifarA((depth - 2) // 6, num_classes=num_classes, in_channels=in_channels)
@@ -161,6 +177,21 @@ class ResNetCifar18(BlockModel):
 
     def block_names(self) -> list[str]:
         return ["stem+layer1", "layer2", "layer3", "layer4+head"]
+
+    def stage_parts(self) -> list[list[nn.Module]]:
+        # the same calls as block_parts, cut finer: f0 stem, f1-f4 layers, f5 pooled embedding, logits
+        return [
+            [self.conv1, self.bn1, self.relu],
+            [self.layer1],
+            [self.layer2],
+            [self.layer3],
+            [self.layer4],
+            [self.avgpool, self.flatten],
+            [self.fc],
+        ]
+
+    def stage_names(self) -> list[str]:
+        return ["stem", "layer1", "layer2", "layer3", "layer4", "pool", "fc"]
 
 
 @register_model("resnet18_cifar")
