@@ -125,17 +125,22 @@ class GridConfig:
             need(not unknown, f"curves.methods {', '.join(unknown)} not in methods ({', '.join(self.methods)})")
 
 
-def load_grid(path: str | Path) -> GridConfig:
+def _read_yaml(path: Path) -> Any:
     import yaml
 
-    path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise GraftkdError(f"cannot read grid config {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise GraftkdError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return GridConfig.from_dict(raw, str(path))
+    except UnicodeDecodeError:
+        raise GraftkdError(f"{path} is not UTF-8 text: a grid config is a YAML file") from None
+
+
+def load_grid(path: str | Path) -> GridConfig:
+    path = Path(path)
+    return GridConfig.from_dict(_read_yaml(path), str(path))
 
 
 @dataclass(frozen=True)
@@ -395,6 +400,14 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
     """``graftkd bench``: run (or finish) every cell of the grid in ``config_path`` (or a slice of it)."""
     from graftkd.distill.base import build_method
 
+    raw = _read_yaml(Path(config_path))
+    if isinstance(raw, dict) and raw.get("kind") == "fulldata":  # pairs x distillers x modes on full data
+        from graftkd.fullbench import FullGridConfig, run_full_grid
+
+        if only or shots or seeds:
+            raise GraftkdError("--methods/--shots/--seeds slice few-shot grids; a full-data grid runs whole")
+        return run_full_grid(FullGridConfig.from_dict(raw, str(config_path)), str(config_path), out_root, runs_root,
+                             device, progress)
     config = load_grid(config_path)
     full_config = load_grid(config_path)
     for name, options in config.methods.items():  # unknown methods or options fail now, not in cell 37

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=int, help="use only the first N training images (smoke runs)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
+    p.add_argument("--adaptive", default="none", choices=["none", "sakd", "anti"],
+                   help="sakd: spot-adaptive KD; anti: its inverted-mask ablation; none: fixed spots")
+    p.add_argument("--homo", choices=["auto", "yes", "no"], default="auto",
+                   help="SAKD: start from distilling everywhere (auto: when teacher and student share a family)")
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
     _add_common(p)
 
@@ -253,7 +257,8 @@ def _cmd_train_kd(args) -> None:
     recipe = KDRecipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, milestones=list(args.milestones) if isinstance(args.milestones, list) else [args.milestones],
                       temperature=args.temperature, kd_weight=args.kd_weight, distiller=distiller,
                       distiller_weight=args.distiller_weight, seed=args.seed, precision=args.precision,
-                      eval_every=args.eval_every, sync_bn=args.sync_bn)
+                      eval_every=args.eval_every, sync_bn=args.sync_bn, adaptive=args.adaptive,
+                      homo=None if args.homo == "auto" else args.homo == "yes")
     payload = distill_full(args.student_arch, args.data, args.out, recipe, teacher=args.teacher,
                            teacher_arch=args.teacher_arch, teachers_dir=args.teachers_dir, device=args.device,
                            progress=not args.no_progress, limit_train=args.limit_train)
@@ -302,18 +307,31 @@ def _cmd_bench(args) -> None:
     print(f"{summary['cells']} cells: {summary['ok']} ran, {summary['skipped']} already done, "
           f"{summary['unsupported']} unsupported, {summary['failed']} failed; results in {summary['out']}")
     if not args.no_report:
-        from graftkd.report import write_report
+        if summary.get("kind") == "fulldata":
+            from graftkd.fullbench import write_full_report
 
-        written = write_report(Path(summary["out"]))
+            written = write_full_report(Path(summary["out"]))
+        else:
+            from graftkd.report import write_report
+
+            written = write_report(Path(summary["out"]))
         print(f"report: {written['markdown']}")
     if summary["failed"]:
         raise GraftkdError(f"{summary['failed']} cell(s) failed (see their result files); re-run to retry them")
 
 
 def _cmd_report(args) -> None:
+    import json
+
     from graftkd.report import write_report
 
-    written = write_report(Path(args.results_dir))
+    grid = Path(args.results_dir) / "grid.json"
+    if grid.is_file() and json.loads(grid.read_text()).get("kind") == "fulldata-grid":
+        from graftkd.fullbench import write_full_report
+
+        written = write_full_report(Path(args.results_dir))
+    else:
+        written = write_report(Path(args.results_dir))
     print(f"wrote {written['markdown']}, {written['json']}" + "".join(f", {p}" for p in written["plots"] if p))
 
 

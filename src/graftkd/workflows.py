@@ -347,7 +347,8 @@ def distill_full(
     facts = run_facts(device_, recipe.seed)
     started = time.perf_counter()
     result = train_kd(student, loaded.model if loaded else None, (images, labels), normalize=normalizer(mean, std),
-                      recipe=recipe, device=device_, student_arch=student_arch, test=(test.images, test.labels),
+                      recipe=recipe, device=device_, student_arch=student_arch,
+                      teacher_arch=loaded.arch if loaded else "", test=(test.images, test.labels),
                       run_dir=out, world=world, progress=progress)
     from dataclasses import asdict
 

@@ -59,6 +59,10 @@ class KDRecipe:
     precision: str = "auto"
     eval_every: int = 1  # epochs between test evaluations (0: only the last epoch)
     sync_bn: bool = False
+    adaptive: str = "none"  # "sakd": spot-adaptive KD; "anti": its inverted-mask ablation; "none": fixed spots
+    tau: float = 5.0  # SAKD's Gumbel-softmax temperature
+    agent_gamma: float = 1.0  # SAKD's gamma (weights the routed CE)
+    homo: bool | None = None  # SAKD: start from "distil everywhere"; None = when teacher and student share a family
 
     def resolved_lr(self, student_arch: str) -> float:
         if self.lr is not None:
@@ -68,7 +72,9 @@ class KDRecipe:
     def protocol(self, student_arch: str) -> str:
         name = self.distiller or "none"
         beta = "" if self.distiller is None else f", beta={self.distiller_weight if self.distiller_weight is not None else 'default'}"
-        return (f"SGD lr {self.resolved_lr(student_arch)} momentum {self.momentum} wd {self.weight_decay}, global batch "
+        adaptive = {"none": "fixed spots", "sakd": "spot-adaptive (SAKD, tau 5, agent SGD lr/2 wd 1e-3)",
+                    "anti": "anti spot-adaptive (inverted SAKD masks)"}[self.adaptive]
+        return (f"{adaptive}; SGD lr {self.resolved_lr(student_arch)} momentum {self.momentum} wd {self.weight_decay}, global batch "
                 f"{self.batch_size}, {self.epochs} epochs, x{self.gamma} at {self.milestones}; loss = {self.ce_weight}*CE + "
                 f"{self.kd_weight}*KD(T={self.temperature}, batchmean x T^2) + distiller {name}{beta}; crop (pad "
                 f"{self.padding}) + flip; reported: last epoch (best epoch = max test accuracy over evaluated epochs, "
@@ -178,6 +184,7 @@ def train_kd(
     recipe: KDRecipe,
     device: torch.device,
     student_arch: str = "",
+    teacher_arch: str = "",
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     run_dir: str | Path | None = None,
     world: World | None = None,
@@ -229,6 +236,13 @@ def train_kd(
                                     _spot_shapes(teacher, t_paths, sample), **recipe.distiller_options).to(device)
     beta = (recipe.distiller_weight if recipe.distiller_weight is not None
             else (type(distiller).weight if distiller is not None else 0.0))
+    adaptive, agent_opt, agent_sched, gumbel = None, None, None, None
+    if recipe.adaptive not in ("none", "sakd", "anti"):
+        raise GraftkdError(f"unknown adaptive mode '{recipe.adaptive}': use none, sakd or anti")
+    if recipe.adaptive != "none":
+        adaptive, s_paths, t_paths = _build_adaptive(recipe, student, teacher, distiller, s_paths, t_paths,
+                                                     normalize(images[:2]), student_arch, teacher_arch, world, device)
+        gumbel = torch.Generator().manual_seed(recipe.seed + 7919)
 
     checkpointer = Checkpointer(run_dir if world.main else None,
                                 fingerprint({"recipe": asdict(recipe), "n": len(images), "world": world.size,
@@ -243,6 +257,9 @@ def train_kd(
     init_stages = distiller.init_stages() if distiller is not None else []
     if resume_from is not None:
         _load_modules(student, distiller, resume_from)
+        if adaptive is not None and resume_from.get("adaptive") is not None:
+            adaptive.load_state_dict(resume_from["adaptive"])
+            gumbel.set_state(resume_from["gumbel"])
     for index, stage in enumerate(init_stages):
         if state["phase"] > index:
             for module in stage.freeze_after:
@@ -298,11 +315,17 @@ def train_kd(
     optimizer = torch.optim.SGD([p for p in closure.parameters() if p.requires_grad], lr=lr,
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=recipe.milestones, gamma=recipe.gamma)
+    if adaptive is not None:  # the agent's own optimiser: the spec's lr/2, momentum 0.9, wd 1e-3, same milestones
+        agent_opt = torch.optim.SGD(adaptive.parameters(), lr=lr / 2, momentum=0.9, weight_decay=1e-3)
+        agent_sched = torch.optim.lr_scheduler.MultiStepLR(agent_opt, milestones=recipe.milestones, gamma=recipe.gamma)
     main_phase = len(init_stages)
     first_epoch = state["epoch"] if state["phase"] == main_phase else 0
     if resume_from is not None and state["phase"] == main_phase and resume_from.get("optimizer"):
         optimizer.load_state_dict(resume_from["optimizer"])
         scheduler.load_state_dict(resume_from["scheduler"])
+        if adaptive is not None:
+            agent_opt.load_state_dict(resume_from["agent_optimizer"])
+            agent_sched.load_state_dict(resume_from["agent_scheduler"])
     bar = tqdm(total=recipe.epochs, initial=first_epoch, unit="ep", disable=not (progress and world.main),
                dynamic_ncols=True, desc=recipe.distiller or ("kd" if recipe.kd_weight else "ce"))
     started = time.perf_counter()
@@ -314,6 +337,7 @@ def train_kd(
                 student.train()
                 sums: dict[str, torch.Tensor] = {}
                 correct = torch.zeros((), device=device)
+                routed = torch.zeros(len(adaptive.router.spots) + 1 if adaptive is not None else 0, device=device)
                 t0 = time.perf_counter()
                 s_tap, t_tap = taps()
                 with s_tap, (t_tap if t_tap is not None else _null()):
@@ -327,11 +351,14 @@ def train_kd(
                             with autocast(device, precision):
                                 logits = student(x).float()
                             terms["ce"] = recipe.ce_weight * F.cross_entropy(logits, y)
+                            s_feats = [s_tap.features[p].float() for p in s_paths]
+                            t_feats = [t_tap.features[p].detach().float() for p in t_paths] if t_tap else []
+                            if adaptive is not None:
+                                return _adaptive_terms(adaptive, agent_opt, recipe, distiller, beta, x, y, student,
+                                                       teacher, logits, t_logits, s_feats, t_feats, gumbel, terms)
                             if recipe.kd_weight > 0:
                                 terms["kd"] = recipe.kd_weight * kd_loss(logits, t_logits, recipe.temperature)
                             if distiller is not None:
-                                s_feats = [s_tap.features[p].float() for p in s_paths]
-                                t_feats = [t_tap.features[p].detach().float() for p in t_paths]
                                 terms[recipe.distiller] = beta * distiller(s_feats, t_feats)
                             return sum(terms.values()), {"terms": terms, "logits": logits}
                         loss, extra = wrapped(step)
@@ -341,21 +368,30 @@ def train_kd(
                         for key, value in extra["terms"].items():
                             sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach()
                         correct += (extra["logits"].detach().argmax(1) == y).sum()
+                        if "policy" in extra:
+                            routed += extra["policy"]
                 epoch_lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
+                if agent_sched is not None:
+                    agent_sched.step()
                 seconds = time.perf_counter() - t0
                 terms = {k: float(v) / steps for k, v in sums.items()}  # one host sync per epoch
                 _check_finite(sum(terms.values()), "main training", epoch + 1, checkpointer)
                 record = {"epoch": epoch + 1, "lr": epoch_lr, "loss": terms,
                           "train_acc_local": 100.0 * float(correct) / (steps * local_batch),
                           "images_per_second": steps * local_batch * world.size / seconds}
+                if adaptive is not None:  # the policy statistics: fraction of samples distilled at each spot
+                    record["policy_fraction"] = [float(v) / (steps * local_batch) for v in routed]
                 last = epoch + 1 == recipe.epochs
                 if test is not None and world.main and (last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0)):
                     record["test_acc"] = evaluate_model(student, test[0], test[1], normalize, device,
                                                         precision=precision)
                 state["history"].append(record)
                 state.update(phase=main_phase, epoch=epoch + 1)
-                _save(checkpointer, state, student, distiller, optimizer, scheduler)
+                extra_state = {} if adaptive is None else {
+                    "adaptive": adaptive.state_dict(), "gumbel": gumbel.get_state(),
+                    "agent_optimizer": agent_opt.state_dict(), "agent_scheduler": agent_sched.state_dict()}
+                _save(checkpointer, {**state, **extra_state}, student, distiller, optimizer, scheduler)
                 bar.update(1)
                 line = (f"epoch {epoch + 1}/{recipe.epochs} loss {sum(terms.values()):.4f} lr {record['lr']:.4g} "
                         f"{record['images_per_second']:.0f} img/s"
@@ -380,9 +416,52 @@ def train_kd(
                                "reported only to compare with papers that do so"} if best else None,
         "world_size": world.size, "local_batch": local_batch, "steps_per_epoch": steps, "lr": lr,
         "distiller": recipe.distiller, "distiller_weight": beta if distiller is not None else None,
-        "spots": {"student": s_paths, "teacher": t_paths}, "precision": precision,
+        "spots": {"student": s_paths, "teacher": t_paths}, "precision": precision, "adaptive": recipe.adaptive,
+        "routing_spots": ([list(p) for p in adaptive.router.spots] if adaptive is not None else None),
         "seconds": time.perf_counter() - started, "protocol": recipe.protocol(student_arch),
     }
+
+
+def _build_adaptive(recipe, student, teacher, distiller, s_paths, t_paths, sample, student_arch, teacher_arch,
+                    world, device):
+    """SAKD's agent; returns it and the feature paths the loop must tap (distiller spots + embeddings)."""
+    from graftkd.distill.sakd import SpotAdaptive, same_family
+    from graftkd.distill.zoo import resolve_spots
+
+    if world.size > 1:
+        raise GraftkdError("spot-adaptive KD runs in one process for now: drop torchrun (or use --adaptive none)")
+    if teacher is None:
+        raise GraftkdError("spot-adaptive KD needs a teacher")
+    s_all, t_all = _features(student), _features(teacher)
+    kind = distiller.spot_kind if distiller is not None else None
+    # routing spots: the distiller's spots; FSP reads pairs (f_k, f_k+1), routed at their ends f_1..f_R
+    routing = [] if kind is None else resolve_spots("stages" if kind == "all" else kind, len(s_all), len(t_all))
+    s_shapes = _spot_shapes(student, [s_all[i] for i, _ in routing], sample)
+    t_shapes = _spot_shapes(teacher, [t_all[j] for _, j in routing], sample)
+    (s_dim,), (t_dim,) = _spot_shapes(student, [s_all[-1]], sample)[0], _spot_shapes(teacher, [t_all[-1]], sample)[0]
+    homo = recipe.homo if recipe.homo is not None else same_family(teacher_arch, student_arch)
+    agent = SpotAdaptive(routing, s_shapes, t_shapes, s_dim, t_dim, homo, recipe.tau, recipe.agent_gamma,
+                         anti=recipe.adaptive == "anti").to(device)
+    # the loop taps the distiller's spots and, last, both embeddings (the policy's input)
+    return agent, s_paths + [s_all[-1]], t_paths + [t_all[-1]]
+
+
+def _adaptive_terms(adaptive, agent_opt, recipe, distiller, beta, x, y, student, teacher, logits, t_logits,
+                    s_feats, t_feats, gumbel, terms):
+    """One SAKD agent update, then the student's masked terms (the spec's two-optimiser order)."""
+    from graftkd.distill.sakd import masked_student_terms
+
+    s_emb, t_emb = s_feats.pop(), t_feats.pop()
+    agent_loss, masks = adaptive.agent_step(x, y, student, teacher, logits, s_emb, t_emb, gumbel)
+    agent_opt.zero_grad(set_to_none=True)
+    agent_loss.backward()
+    agent_opt.step()
+    terms.update(masked_student_terms(masks, distiller, beta, recipe.kd_weight, recipe.temperature, logits,
+                                      t_logits, s_feats, t_feats))
+    terms["agent"] = agent_loss.detach()  # logged, not part of the student's loss
+    policy = (masks ^ adaptive.anti).float().sum(dim=0)  # the policy's own decisions (before any inversion)
+    student_loss = sum(v for k, v in terms.items() if k != "agent")
+    return student_loss, {"terms": terms, "logits": logits, "policy": policy}
 
 
 def _spot_kind(name: str) -> str:

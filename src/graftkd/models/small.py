@@ -61,6 +61,13 @@ class DigitsCNN(BlockModel):
     def block_names(self) -> list[str]:
         return [f"features.{i}" for i in range(len(self.features))] + ["classifier"]
 
+    def stage_parts(self) -> list[list[nn.Module]]:
+        """f0..f2 the conv blocks, f3 the pooled embedding (classifier.0-1), then the linear layer."""
+        return [[b] for b in self.features] + [[self.classifier[0], self.classifier[1]], [self.classifier[2]]]
+
+    def stage_names(self) -> list[str]:
+        return [f"features.{i}" for i in range(len(self.features))] + ["embedding", "fc"]
+
 
 @register_model("digits_cnn")
 def digits_cnn(num_classes: int = 10, width: float = 1.0, batch_norm: bool = True, in_channels: int = 1) -> DigitsCNN:

@@ -1,0 +1,242 @@
+"""The full-data grid (``kind: fulldata``): pairs x distillers x modes (standard / SAKD / anti) x seeds.
+
+One result file per cell under ``results/<name>/cells/``, finished cells skipped, unfinished ones resumed
+from ``runs/bench/<name>/cells/<key>``; ``graftkd report`` turns the files into the SAKD table
+(per pair: distiller rows, Stan. / Adap. / Anti columns, last-epoch test accuracy, mean ± std over
+seeds) and a plot of the policy's per-spot distillation fractions. ``epochs`` / ``limit_train`` shorten
+the protocol for CPU runs; the report then says so in its protocol line.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from graftkd.engine.io import atomic_write_json, atomic_write_text
+from graftkd.engine.runtime import resolve_device, run_facts
+from graftkd.errors import GraftkdError
+
+MODES = {"standard": "none", "sakd": "sakd", "anti": "anti"}
+MODE_LABELS = {"standard": "Stan.", "sakd": "Adap.", "anti": "Anti"}
+
+
+@dataclass
+class PairSpec:
+    teacher: dict[str, Any]  # {registry: NAME} | {file: PATH, arch: ARCH}
+    student: str
+    homo: bool | None = None
+
+
+@dataclass
+class FullGridConfig:
+    kind: Literal["fulldata"]
+    name: str
+    data: str
+    pairs: list[dict[str, Any]]
+    distillers: list[str]  # zoo names; "kd" = logit KD only (no feature distiller)
+    modes: list[Literal["standard", "sakd", "anti"]]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    title: str = ""
+    epochs: int = 240
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    batch_size: int = 64
+    lr: float | None = None
+    limit_train: int | None = None
+    eval_every: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    full_command: str = ""  # the command of the full-protocol run, stated when this config is a shortened one
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str) -> "FullGridConfig":
+        from graftkd.distill.zoo import list_distillers
+        from graftkd.schema import from_mapping
+
+        config = from_mapping(cls, raw, where)
+        if not (config.name.replace("-", "").replace("_", "").isalnum() and config.name.isascii()):
+            raise GraftkdError(f"{where}: name must be letters, digits, '-' or '_', got {config.name!r}")
+        for i, pair in enumerate(config.pairs):
+            spec = from_mapping(PairSpec, pair, where, prefix=f"pairs[{i}].")
+            if sum(k in spec.teacher for k in ("registry", "file")) != 1:
+                raise GraftkdError(f"{where}: pairs[{i}].teacher needs exactly one of registry: NAME or file: PATH")
+        known = list_distillers()
+        for name in config.distillers:
+            if name != "kd" and name not in known:
+                raise GraftkdError(f"{where}: unknown distiller '{name}'; available: kd, {', '.join(known)}")
+        if not config.distillers or not config.modes or not config.pairs or not config.seeds:
+            raise GraftkdError(f"{where}: pairs, distillers, modes and seeds must be non-empty")
+        if config.epochs < 1 or config.batch_size < 1:
+            raise GraftkdError(f"{where}: epochs and batch_size must be >= 1")
+        return config
+
+
+def _teacher_arch(pair: dict) -> str:
+    if "arch" in pair["teacher"]:
+        return pair["teacher"]["arch"]
+    from graftkd.models.teacher_registry import load_registry
+
+    return load_registry().get(pair["teacher"]["registry"]).arch
+
+
+def cell_key(pair: dict, distiller: str, mode: str, seed: int) -> str:
+    return f"{_teacher_arch(pair)}-{pair['student']}-{distiller}-{mode}-seed{seed}"
+
+
+def run_full_grid(config: FullGridConfig, config_path: str, out_root: str | Path = "results",
+                  runs_root: str | Path = "runs/bench", device: str = "auto", progress: bool = True) -> dict:
+    from graftkd.data import load_dataset
+    from graftkd.engine.fulldata import KDRecipe, train_kd
+    from graftkd.models import build_model
+    from graftkd.models.profile import count_flops, count_params
+    from graftkd.workflows import load_teacher, normalizer
+
+    import torch
+
+    device_ = resolve_device(device)
+    out, runs = Path(out_root) / config.name, Path(runs_root) / config.name
+    train, test = load_dataset(config.data, "train"), load_dataset(config.data, "test")
+    images, labels = train.images, train.labels
+    if config.limit_train:
+        images, labels = images[:config.limit_train], labels[:config.limit_train]
+    cells = [(p, d, m, s) for p in config.pairs for d in config.distillers for m in config.modes for s in config.seeds]
+    atomic_write_json(out / "grid.json", {**run_facts(device_), "kind": "fulldata-grid", "config_file": config_path,
+                                          "config": asdict(config), "cells": [cell_key(*c) for c in cells]})
+    teachers: dict[str, Any] = {}
+    counts = {"ok": 0, "skipped": 0, "failed": 0, "unsupported": 0}
+    bar = tqdm(total=len(cells), unit="cell", disable=not progress, desc=config.name)
+    for pair, distiller, mode, seed in cells:
+        key = cell_key(pair, distiller, mode, seed)
+        path = out / "cells" / f"{key}.json"
+        if path.is_file() and json.loads(path.read_text()).get("status") == "ok":
+            counts["skipped"] += 1
+            bar.update(1)
+            continue
+        bar.set_postfix_str(key)
+        spec = pair["teacher"]
+        tkey = json.dumps(spec, sort_keys=True)
+        if tkey not in teachers:
+            loaded = load_teacher(spec.get("registry") or spec["file"], spec.get("arch"), train.num_classes,
+                                  spec.get("teachers_dir"))
+            from graftkd.engine.evaluate import evaluate_model
+
+            teachers[tkey] = (loaded, evaluate_model(loaded.model.to(device_), test.images, test.labels,
+                                                     normalizer(loaded.mean, loaded.std), device_))
+        loaded, teacher_acc = teachers[tkey]
+        recipe = KDRecipe(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                          milestones=list(config.milestones), distiller=None if distiller == "kd" else distiller,
+                          seed=seed, precision=config.precision, eval_every=config.eval_every,
+                          adaptive=MODES[mode], homo=pair.get("homo"))
+        torch.manual_seed(seed)
+        student = build_model(pair["student"], num_classes=train.num_classes)
+        shape = tuple(images.shape[1:])
+        base = {**run_facts(device_, seed), "kind": "fulldata-cell", "grid": config.name, "pair": pair,
+                "distiller": distiller, "mode": mode, "teacher_arch": loaded.arch, "teacher_acc": teacher_acc,
+                "student_arch": pair["student"], "params": count_params(student), "flops": count_flops(student, shape),
+                "train_images": len(images), "shortened": bool(config.limit_train) or config.epochs != 240}
+        started = time.perf_counter()
+        try:
+            result = train_kd(student, loaded.model, (images, labels), normalize=normalizer(loaded.mean, loaded.std),
+                              recipe=recipe, device=device_, student_arch=pair["student"], teacher_arch=loaded.arch,
+                              test=(test.images, test.labels), run_dir=runs / "cells" / key, progress=False)
+            record = {**result, **base, "recipe": asdict(recipe), "status": "ok"}  # base names the cell's distiller
+            counts["ok"] += 1
+        except GraftkdError as exc:
+            from graftkd.engine.fulldata import TrainInterrupted
+
+            if isinstance(exc, TrainInterrupted):
+                raise
+            record = {**base, "status": "failed", "error": str(exc)}
+            counts["failed"] += 1
+            tqdm.write(f"{key}: failed: {exc}")
+        record["wall_seconds"] = time.perf_counter() - started
+        atomic_write_json(path, record)
+        bar.update(1)
+    bar.close()
+    return {"cells": len(cells), **counts, "out": str(out), "kind": "fulldata"}
+
+
+# ------------------------------------------------------------------------------------------ report
+def write_full_report(results_dir: str | Path) -> dict:
+    """results.md / results.json (the SAKD table) and policy.png from a full-data grid's cell files."""
+    results_dir = Path(results_dir)
+    grid = json.loads((results_dir / "grid.json").read_text())
+    config = grid["config"]
+    cells = [json.loads(p.read_text()) for p in sorted((results_dir / "cells").glob("*.json"))]
+    ok = [c for c in cells if c.get("status") == "ok"]
+    modes = config["modes"]
+    lines = [f"# {config.get('title') or config['name']}", ""]
+    protocol = ok[0]["protocol"].split("; ", 1)[-1] if ok else ""  # drop the mode: the columns say it
+    if ok and ok[0].get("shortened"):
+        lines += [f"**Shortened protocol** ({config['epochs']} epochs, {ok[0]['train_images']} training images): "
+                  "a smoke-scale run on CPU, not the benchmark's numbers."
+                  + (f" Full protocol: `{config['full_command']}`." if config.get("full_command") else ""), ""]
+    lines += [f"Protocol: {protocol}. Test accuracy (%) of the last-epoch student, mean ± std over seeds "
+              f"{config['seeds']}; nothing selected on the test split. Stan. = the distiller at its fixed spots "
+              "on every sample; Adap. = spot-adaptive KD (SAKD: a policy picks, per sample, the spots to distil "
+              "at); Anti = SAKD's masks inverted. Row kd = logit KD only (no feature distiller).", ""]
+    table: dict[str, Any] = {}
+    for pair in config["pairs"]:
+        rows = [c for c in ok if c["pair"] == pair]
+        if not rows:
+            continue
+        first = rows[0]
+        title = f"{first['teacher_arch']} ({first['teacher_acc']:.2f}%) → {pair['student']}"
+        lines += [f"## {title}", "", f"student: {first['params'] / 1e6:.2f}M params, {first['flops'] / 1e6:.1f}M FLOPs", "",
+                  "| distiller | " + " | ".join(MODE_LABELS[m] for m in modes) + " |",
+                  "|---|" + "---|" * len(modes)]
+        for distiller in config["distillers"]:
+            cells_md = []
+            for mode in modes:
+                accs = [c["last_epoch_test_acc"] for c in rows if c["distiller"] == distiller and c["mode"] == mode
+                        and c.get("last_epoch_test_acc") is not None]
+                table.setdefault(title, {}).setdefault(distiller, {})[mode] = accs
+                if not accs:
+                    cells_md.append("–")
+                elif len(accs) == 1:
+                    cells_md.append(f"{accs[0]:.2f}")
+                else:
+                    cells_md.append(f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}")
+            lines.append(f"| {distiller} | " + " | ".join(cells_md) + " |")
+        lines.append("")
+    failed = [c for c in cells if c.get("status") != "ok"]
+    if failed:
+        lines += ["Failed cells: " + "; ".join(f"{c['distiller']}/{c['mode']}: {c.get('error', '')}" for c in failed), ""]
+    plot = plot_policy(ok, results_dir / "policy.png")
+    if plot:
+        lines += ["![fraction of samples distilled per spot and epoch](policy.png)", ""]
+    lines += [f"Cells: {len(ok)} of {len(grid['cells'])} finished; every number comes from `cells/*.json` "
+              "(command, commit, seed, device, wall time recorded in each)."]
+    markdown = atomic_write_text(results_dir / "results.md", "\n".join(lines) + "\n")
+    data = atomic_write_json(results_dir / "results.json", {"protocol": protocol, "table": table})
+    return {"markdown": markdown, "json": data, "plots": [plot]}
+
+
+def plot_policy(cells: list[dict], path: Path) -> Path | None:
+    """SAKD's policy statistics: fraction of samples routed to the teacher (distilled) per spot, per epoch."""
+    from graftkd.report.plots import _figure, _save_png
+
+    adaptive = [c for c in cells if c.get("mode") in ("sakd", "anti") and c["history"]
+                and "policy_fraction" in c["history"][0]]
+    if not adaptive:
+        return None
+    fig = _figure(6.4, 1.0 + 2.2 * len(adaptive))
+    for row, cell in enumerate(adaptive):
+        ax = fig.add_subplot(len(adaptive), 1, row + 1)
+        epochs = [h["epoch"] for h in cell["history"]]
+        spots = len(cell["history"][0]["policy_fraction"])
+        for k in range(spots):
+            label = "logits" if k == spots - 1 else f"spot {k + 1}"
+            ax.plot(epochs, [h["policy_fraction"][k] for h in cell["history"]], marker="o", label=label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("fraction distilled")
+        ax.set_title(f"{cell['teacher_arch']}→{cell['student_arch']}, {cell['distiller']}, {cell['mode']}, "
+                     f"seed {cell['seed']}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+    ax.set_xlabel("epoch")
+    return _save_png(fig, path)
+
+

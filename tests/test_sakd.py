@@ -1,0 +1,171 @@
+"""Spot-adaptive KD: sampler, policy init, routing network, agent step, masked losses, a tiny run."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from graftkd.distill.sakd import (
+    RoutingNetwork,
+    SpotAdaptive,
+    SpotPolicy,
+    gumbel_straight_through,
+    masked_student_terms,
+    same_family,
+)
+from graftkd.distill.losses import kd_loss
+from graftkd.models.base import BlockModel, check_stage_contract
+
+
+class TinyStaged(BlockModel):
+    """f0 stem, f1, f2 (stride 2), f3 pooled embedding, then the classifier."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self, widths=(4, 6, 8), num_classes: int = 4) -> None:
+        super().__init__()
+        a, b, c = widths
+        self.stem, self.stem_relu = nn.Conv2d(3, a, 3, padding=1), nn.ReLU()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(b, c, 3, stride=2, padding=1), nn.ReLU()
+        self.pool, self.flatten = nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        self.fc = nn.Linear(c, num_classes)
+
+    def stage_parts(self):
+        return [[self.stem, self.stem_relu], [self.conv1, self.bn1, self.relu1], [self.conv2, self.relu2],
+                [self.pool, self.flatten], [self.fc]]
+
+    def stage_names(self):
+        return ["stem", "layer1", "layer2", "embedding", "fc"]
+
+    def block_parts(self):
+        parts = self.stage_parts()
+        return [parts[0] + parts[1], parts[2] + parts[3] + parts[4]]
+
+    def block_names(self):
+        return ["stem+layer1", "layer2+head"]
+
+
+def _pair(seed: int = 0):
+    torch.manual_seed(seed)
+    return TinyStaged((4, 6, 8)), TinyStaged((6, 8, 12)).eval()
+
+
+def test_tiny_model_follows_the_stage_contract() -> None:
+    shapes = check_stage_contract(TinyStaged(), torch.randn(2, 3, 8, 8))
+    assert [tuple(s[1:]) for s in shapes] == [(4, 8, 8), (6, 8, 8), (8, 4, 4), (8,)]
+
+
+def test_straight_through_sampler_is_one_hot_exact_categorical_with_soft_gradients() -> None:
+    generator = torch.Generator().manual_seed(0)
+    p = 0.3
+    logits = torch.tensor([[math.log(p), math.log(1 - p)]]).repeat(20000, 1).requires_grad_(True)
+    sample = gumbel_straight_through(logits, tau=5.0, generator=generator)
+    assert torch.equal(sample.detach().sum(dim=1), torch.ones(20000))
+    assert set(sample.detach().unique().tolist()) == {0.0, 1.0}
+    assert abs(sample[:, 0].detach().mean().item() - p) < 0.015  # argmax of Gumbel-perturbed logits ~ softmax
+    (sample[:, 0] * torch.arange(20000.0)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_homo_policy_starts_by_distilling_everywhere_without_an_autograd_error() -> None:
+    torch.manual_seed(0)
+    plain = SpotPolicy(8, 6, 3, homo=False)
+    torch.manual_seed(0)
+    homo = SpotPolicy(8, 6, 3, homo=True)
+    assert torch.allclose(homo.linear.bias[0::2], plain.linear.bias[0::2] + 10)
+    assert torch.equal(homo.linear.bias[1::2], plain.linear.bias[1::2]) and homo.linear.bias.requires_grad
+    logits = homo(torch.randn(32, 8), torch.randn(32, 6))
+    assert logits.shape == (32, 3, 2)
+    decisions = gumbel_straight_through(logits, 5.0, torch.Generator().manual_seed(1))
+    assert decisions[..., 0].mean() > 0.99
+    assert same_family("resnet56", "resnet20") and same_family("resnet32x4", "resnet8x4")
+    assert not same_family("resnet32x4", "resnet32") and not same_family("vgg13", "mobilenetv2")
+
+
+def test_routing_all_teacher_is_the_teacher_and_all_student_is_the_student() -> None:
+    student, teacher = _pair()
+    student.eval()
+    spots = [(1, 1), (2, 2)]
+    router = RoutingNetwork(spots, [(6, 8, 8), (8, 4, 4)], [(8, 8, 8), (12, 4, 4)]).eval()
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(router(x, student, teacher, torch.ones(5, 3)), teacher(x), atol=1e-6)
+        assert torch.allclose(router(x, student, teacher, torch.zeros(5, 3)), student(x), atol=1e-6)
+        mixed = router(x, student, teacher, torch.tensor([[1.0, 1.0, 1.0]] * 2 + [[0.0, 0.0, 0.0]] * 3))
+        assert torch.allclose(mixed[:2], teacher(x)[:2], atol=1e-6) and torch.allclose(mixed[2:], student(x)[2:], atol=1e-6)
+
+
+def test_agent_step_trains_policy_and_adapters_but_never_the_student() -> None:
+    student, teacher = _pair()
+    student.train()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    agent = SpotAdaptive([(1, 1), (2, 2)], [(6, 8, 8), (8, 4, 4)], [(8, 8, 8), (12, 4, 4)], 8, 12, homo=False)
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 4, (6,))
+    logits = student(x)
+    loss, masks = agent.agent_step(x, y, student, teacher, logits, torch.randn(6, 8), torch.randn(6, 12),
+                                   torch.Generator().manual_seed(0))
+    loss.backward()
+    assert masks.shape == (6, 3) and masks.dtype == torch.bool and not masks.requires_grad
+    assert agent.policy.linear.weight.grad is not None and agent.policy.linear.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.router.parameters())
+    assert all(p.grad is None for p in student.parameters())  # its weights were never in the graph
+    assert student.training and all(p.requires_grad for p in student.parameters())
+    anti = SpotAdaptive([(1, 1), (2, 2)], [(6, 8, 8), (8, 4, 4)], [(8, 8, 8), (12, 4, 4)], 8, 12, homo=True, anti=True)
+    _, anti_masks = anti.agent_step(x, y, student, teacher, student(x), torch.randn(6, 8), torch.randn(6, 12),
+                                    torch.Generator().manual_seed(0))
+    assert not anti_masks.any()  # homo policy distils everywhere, so the anti masks select nobody
+
+
+class _MeanSquare:
+    """A two-spot distiller stand-in: mean squared difference per spot."""
+
+    name = "msq"
+    spot_kind = "stages"
+
+    def spot_losses(self, s, t):
+        return [(a - b).pow(2).mean() for a, b in zip(s, t)]
+
+
+def test_masked_terms_reduce_to_standard_kd_and_to_zero() -> None:
+    torch.manual_seed(0)
+    s_logits, t_logits = torch.randn(8, 5, requires_grad=True), torch.randn(8, 5)
+    s_feats, t_feats = [torch.randn(8, 3), torch.randn(8, 2)], [torch.randn(8, 3), torch.randn(8, 2)]
+    all_on = torch.ones(8, 3, dtype=torch.bool)
+    terms = masked_student_terms(all_on, _MeanSquare(), 2.0, 1.0, 4.0, s_logits, t_logits, s_feats, t_feats)
+    assert torch.allclose(terms["kd"], kd_loss(s_logits, t_logits, 4.0), atol=1e-6)
+    expected = 2.0 * sum((a - b).pow(2).mean() for a, b in zip(s_feats, t_feats))
+    assert torch.allclose(terms["msq"], expected, atol=1e-6)
+    none = masked_student_terms(torch.zeros(8, 3, dtype=torch.bool), _MeanSquare(), 2.0, 1.0, 4.0, s_logits,
+                                t_logits, s_feats, t_feats)
+    assert float(none["kd"].detach()) == 0.0 and float(none["msq"].detach()) == 0.0
+    half = torch.zeros(8, 3, dtype=torch.bool)
+    half[:4, 0] = half[2:6, 2] = True
+    terms = masked_student_terms(half, _MeanSquare(), 1.0, 1.0, 4.0, s_logits, t_logits, s_feats, t_feats)
+    assert torch.allclose(terms["kd"], kd_loss(s_logits[2:6], t_logits[2:6], 4.0) * 4 / 8, atol=1e-6)
+    assert torch.allclose(terms["msq"], (s_feats[0][:4] - t_feats[0][:4]).pow(2).mean() * 4 / 8, atol=1e-6)
+
+
+@pytest.mark.parametrize("adaptive", ["sakd", "anti"])
+def test_a_tiny_spot_adaptive_run_logs_policy_statistics(adaptive) -> None:
+    from graftkd.data.normalize import Normalizer
+    from graftkd.engine.fulldata import KDRecipe, train_kd
+
+    student, teacher = _pair()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 4, (64,), generator=generator)
+    recipe = KDRecipe(epochs=2, batch_size=16, lr=0.05, milestones=[1], precision="fp32", eval_every=0, padding=1,
+                      distiller="at", adaptive=adaptive, homo=False)
+    before = [p.detach().clone() for p in student.parameters()]
+    result = train_kd(student, teacher, (images, labels), normalize=Normalizer((0.5,) * 3, (0.25,) * 3),
+                      recipe=recipe, device=torch.device("cpu"), student_arch="tiny", teacher_arch="tiny",
+                      test=(images[:16], labels[:16]), progress=False)
+    fractions = [h["policy_fraction"] for h in result["history"]]
+    assert len(fractions) == 2 and all(len(f) == 3 and all(0.0 <= v <= 1.0 for v in f) for f in fractions)
+    assert result["routing_spots"] == [[1, 1], [2, 2]] and result["adaptive"] == adaptive
+    assert all(math.isfinite(v) for h in result["history"] for v in h["loss"].values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
