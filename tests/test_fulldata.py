@@ -95,3 +95,12 @@ def test_an_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch) 
     resumed = _tiny_run(tmp_path / "b")
     for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+def test_a_limited_training_set_is_a_fixed_random_subset_not_the_first_classes() -> None:
+    from graftkd.engine.fulldata import training_subset
+
+    labels = torch.arange(10).repeat_interleave(100)  # stored class by class
+    keep = training_subset(labels, 200)
+    assert torch.equal(keep, training_subset(labels, 200)) and len(keep.unique()) == 200
+    assert len(labels[keep].unique()) == 10

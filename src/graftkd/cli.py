@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
     p.add_argument("--checkpoint-every-s", type=float, default=60.0,
                    help="checkpoint at the first epoch end after this many seconds (0 = every epoch)")
+    p.add_argument("--replace", type=_int_list,
+                   help="partial grafting: replace only these teacher blocks (1-based, e.g. 2,3) by the student's")
     _add_common(p)
 
     p = sub.add_parser("train-kd", help="full-data distillation: CE + KD (+ a feature distiller); torchrun for many processes")
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="default: 0.05, 0.01 for MobileNetV2/ShuffleNet students")
     p.add_argument("--milestones", type=_int_list, default=[150, 180, 210])
     p.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations (0: last only)")
-    p.add_argument("--limit-train", type=int, help="use only the first N training images (smoke runs)")
+    p.add_argument("--limit-train", type=int, help="use a fixed random subset of N training images (smoke runs)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
     p.add_argument("--adaptive", default="none", choices=["none", "sakd", "anti"],
@@ -234,6 +236,7 @@ def _cmd_distill(args) -> None:
         teacher=teacher, student_arch=args.student_arch, fewshot=fewshot, test=test, config=config,
         device=args.device, out=args.out, progress=not args.no_progress,
         manifest=manifest.to_dict() if manifest is not None else None,
+        replace=([args.replace] if isinstance(args.replace, int) else args.replace) if args.replace else None,
     )
     print(summary_table(payload))
     if args.out:
@@ -343,6 +346,13 @@ def _cmd_methods(args) -> None:
         options = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "no options"
         summary = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         print(f"{name:<8} {summary}  [{options}]")
+    from graftkd.distill.zoo import DISTILLERS, list_distillers
+
+    print("\nfeature distillers for full-data training (graftkd train-kd --distiller NAME [--adaptive sakd]):")
+    for name in list_distillers():
+        cls = DISTILLERS[name]
+        summary = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<8} spots={cls.spot_kind:<9} beta={cls.weight:<8g} {summary}")
 
 
 def _cmd_teachers(args) -> None:

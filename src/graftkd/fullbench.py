@@ -101,7 +101,10 @@ def run_full_grid(config: FullGridConfig, config_path: str, out_root: str | Path
     train, test = load_dataset(config.data, "train"), load_dataset(config.data, "test")
     images, labels = train.images, train.labels
     if config.limit_train:
-        images, labels = images[:config.limit_train], labels[:config.limit_train]
+        from graftkd.engine.fulldata import training_subset
+
+        keep = training_subset(labels, config.limit_train)
+        images, labels = images[keep], labels[keep]
     cells = [(p, d, m, s) for p in config.pairs for d in config.distillers for m in config.modes for s in config.seeds]
     atomic_write_json(out / "grid.json", {**run_facts(device_), "kind": "fulldata-grid", "config_file": config_path,
                                           "config": asdict(config), "cells": [cell_key(*c) for c in cells]})

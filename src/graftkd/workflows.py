@@ -216,8 +216,13 @@ def distill(
     progress: bool = True,
     manifest: dict | None = None,
     label: str = "",
+    replace: list[int] | None = None,
 ) -> dict:
-    """Graft ``student_arch`` into ``teacher`` on the few-shot images; evaluate both; write results."""
+    """Graft ``student_arch`` into ``teacher`` on the few-shot images; evaluate both; write results.
+
+    With ``replace`` (1-based block numbers) only those teacher blocks are replaced by the student's:
+    the result is a hybrid (``build_model("hybrid", ...)``), its other blocks the teacher's own.
+    """
     device_ = resolve_device(device)
     expected = getattr(teacher.model, "input_shape", None)
     if expected is not None and expected[0] != fewshot.images.shape[1]:
@@ -232,7 +237,18 @@ def distill(
             "use a teacher trained on this dataset"
         )
     seed_everything(config.seed)  # the student's initial weights are part of the run: seed them too
-    student = build_model(student_arch, num_classes=num_classes, **_input_kwargs(student_arch, fewshot.images.shape[1]))
+    arch_options: dict = {}
+    if replace:
+        from dataclasses import replace as with_changes
+
+        arch_options = {"teacher_arch": teacher.arch, "student_arch": student_arch, "replace": sorted(set(replace))}
+        student = build_model("hybrid", num_classes=num_classes, **arch_options,
+                              **_input_kwargs(student_arch, fewshot.images.shape[1]))
+        kept = [i + 1 for i in range(len(student.blocks())) if i + 1 not in arch_options["replace"]]
+        config = with_changes(config, inherit=kept or "none")  # kept blocks: the teacher's, frozen
+    else:
+        student = build_model(student_arch, num_classes=num_classes,
+                              **_input_kwargs(student_arch, fewshot.images.shape[1]))
     input_shape = tuple(fewshot.images.shape[1:])
     norm = normalizer(teacher.mean, teacher.std)
     facts = run_facts(device_, config.seed)
@@ -250,13 +266,21 @@ def distill(
     if test is not None:
         student_acc = evaluate_model(result.student, test.images, test.labels, norm, device_)
     student_costs = model_costs(result.student.cpu(), input_shape)
+    if replace:
+        from graftkd.models.hybrid import block_params
+
+        student_costs["blocks"] = [
+            {"block": name, "replaced": i + 1 in arch_options["replace"], "teacher_params": before, "params": after}
+            for i, (name, before, after) in enumerate(zip(teacher.model.block_names(), block_params(teacher.model),
+                                                          block_params(result.student)))]
     payload = {
         **facts,
         "kind": "distill",
         "method": "graft",
         "label": label,
         "teacher": {"arch": teacher.arch, "source": teacher.source, "test_acc": teacher_acc, **teacher_costs},
-        "student": {"arch": student_arch, "test_acc": student_acc, **student_costs},
+        "student": {"arch": "hybrid" if replace else student_arch, "arch_options": arch_options or None,
+                    "test_acc": student_acc, **student_costs},
         "fewshot": {"images": len(fewshot), "shots": result.shots, "manifest": manifest},
         "test": {"name": test.name, "images": len(test)} if test is not None else None,
         "protocol": "last-epoch student after the full schedule; the test set is used only for this report",
@@ -265,8 +289,10 @@ def distill(
         "wall_seconds": time.perf_counter() - started,
     }
     if out_dir is not None:
-        loaded = LoadedModel(result.student, student_arch, teacher.mean, teacher.std, "graftkd distill", teacher.classes)
-        save_model(out_dir / "student.pt", loaded, {"test_acc": student_acc, "teacher": teacher.source})
+        loaded = LoadedModel(result.student, "hybrid" if replace else student_arch, teacher.mean, teacher.std,
+                             "graftkd distill", teacher.classes)
+        save_model(out_dir / "student.pt", loaded, {"test_acc": student_acc, "teacher": teacher.source,
+                                                    **({"arch_options": arch_options} if replace else {})})
         atomic_write_json(out_dir / "result.json", payload)
         (out_dir / "checkpoint.pt").unlink(missing_ok=True)
     return payload
@@ -300,6 +326,9 @@ def summary_table(payload: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for block in s.get("blocks") or []:  # partial grafting: Table 3's per-block counts
+        lines.append(f"  block {block['block']}: {format_count(block['teacher_params'])} -> "
+                     f"{format_count(block['params'])}" + ("  (replaced)" if block["replaced"] else ""))
     few = payload["fewshot"]
     lines.append(
         f"few-shot: {few['images']} unlabeled images ({few['shots']} per class), wall time "
@@ -333,7 +362,10 @@ def distill_full(
         raise GraftkdError(f"train-kd needs labeled train and test splits, but {data} has none")
     images, labels = train.images, train.labels
     if limit_train:
-        images, labels = images[:limit_train], labels[:limit_train]
+        from graftkd.engine.fulldata import training_subset
+
+        keep = training_subset(labels, limit_train)
+        images, labels = images[keep], labels[keep]
     loaded = None
     if teacher is not None:
         loaded = load_teacher(teacher, teacher_arch, train.num_classes, teachers_dir)

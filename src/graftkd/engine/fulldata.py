@@ -138,6 +138,16 @@ def _wrap(module: _Closure, world: World, device: torch.device) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------- data
+def training_subset(labels: torch.Tensor, limit: int) -> torch.Tensor:
+    """Indices of a fixed (seed 0) random subset of ``limit`` images, the same for every run and seed.
+
+    Datasets are often stored class by class, so "the first N images" would be a few classes only.
+    """
+    if not 0 < limit <= len(labels):
+        raise GraftkdError(f"limit_train must be in 1..{len(labels)}, got {limit}")
+    return torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+
+
 def epoch_indices(n: int, epoch: int, seed: int, world: World) -> torch.Tensor:
     """This process's share of the epoch's shuffled order (a DistributedSampler; drop_last keeps shares equal)."""
     from torch.utils.data import DistributedSampler

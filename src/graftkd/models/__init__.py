@@ -11,6 +11,7 @@ from graftkd.models import (  # noqa: F401  (registration: the CIFAR-100 benchma
     vgg_cifar,
     wrn,
 )
+from graftkd.models import hybrid  # noqa: F401,E402  (registration: partial-grafting hybrids; after the zoo)
 from graftkd.models.base import BlockModel, check_block_contract
 from graftkd.models.profile import count_flops, count_params, format_count
 from graftkd.models.registry import MODEL_REGISTRY, build_model, list_models, register_model

@@ -70,8 +70,9 @@ def load_pretrained(arch: str, path: str | os.PathLike, num_classes: int | None 
     file when it has them, else the arch default), ``classes`` (when the file lists them), ``arch``,
     ``source`` and ``reported_acc`` (the file's ``test_acc``/``best_prec1`` when present).
     """
-    model = build_model(arch, num_classes=num_classes or 10)
     sd, extras = read_checkpoint(path)
+    options = dict(extras.get("arch_options") or {})  # e.g. a partial-grafting hybrid's blocks
+    model = build_model(arch, num_classes=num_classes or 10, **options)
     sd = strip_prefix(sd, "module.")  # akamaster files were saved from DataParallel
     key = arch.strip().lower()
     if key.startswith("vgg") and hasattr(model, "batch_norm"):
@@ -83,7 +84,7 @@ def load_pretrained(arch: str, path: str | os.PathLike, num_classes: int | None 
         sd = from_netgraft_release(sd, batch_norm=has_bn)
     file_classes = _file_classes(model, sd)
     if file_classes is not None and num_classes is None:  # nobody said: the file knows
-        model = build_model(arch, num_classes=file_classes)
+        model = build_model(arch, num_classes=file_classes, **options)
     elif file_classes is not None:
         raise GraftkdError(
             f"{path} predicts {file_classes} classes but the data has {num_classes}: use a teacher trained on "
@@ -99,10 +100,12 @@ def load_pretrained(arch: str, path: str | os.PathLike, num_classes: int | None 
         "mean": tuple(float(v) for v in extras.get("mean", mean)),
         "std": tuple(float(v) for v in extras.get("std", std)),
     }
-    if "classes" in extras:
+    if extras.get("classes") is not None:
         meta["classes"] = list(extras["classes"])
+    if options:
+        meta["arch_options"] = options
     for acc_key in ("test_acc", "best_prec1"):
-        if acc_key in extras:
+        if extras.get(acc_key) is not None:
             meta["reported_acc"] = float(extras[acc_key])
             break
     return model, meta
