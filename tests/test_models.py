@@ -40,7 +40,7 @@ CIFAR_ZOO = ["resnet8", "resnet14", "resnet20_b", "resnet32_b", "resnet56_b", "r
 
 
 def test_registry_lists_every_model() -> None:
-    assert sorted(ALL + CIFAR_ZOO) == list_models()
+    assert sorted(ALL + CIFAR_ZOO + ["hybrid"]) == list_models()  # hybrid: partial grafting (test_partial.py)
 
 
 @pytest.mark.parametrize("name", ALL)

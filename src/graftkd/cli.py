@@ -375,6 +375,8 @@ def _cmd_models(args) -> None:
 
     print(f"{'model':<16} {'input':<9} {'params':>8} {'FLOPs':>8}  blocks")
     for name in list_models():
+        if name == "hybrid":  # built from a teacher, a student and --replace, not on its own
+            continue
         model = build_model(name, num_classes=args.num_classes)
         shape = tuple(getattr(model, "input_shape", (3, 32, 32)))
         flops = count_flops(model, shape)  # torch.utils.flop_counter: a multiply-add counts 2
