@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
     _add_common(p)
 
+    p = sub.add_parser("export", help="write a trained model as state_dict + config, torch.export and ONNX, with a model card")
+    p.add_argument("--weights", required=True, help="a graftkd student.pt / model.pt")
+    p.add_argument("--out", required=True, help="folder for the exported files and MODEL_CARD.md")
+    p.add_argument("--formats", default="state_dict,torch_export,onnx", help="comma-separated subset")
+    p.add_argument("--result", help="the run's result.json (default: beside --weights) for the model card")
+
     p = sub.add_parser("models", help="list the zoo with parameters, FLOPs and blocks")
     p.add_argument("--num-classes", type=int, default=10)
 
@@ -276,6 +282,19 @@ def _cmd_train_kd(args) -> None:
         print(f"student weights: {args.out}/student.pt; result: {args.out}/result.json")
 
 
+def _cmd_export(args) -> None:
+    from graftkd.engine.runtime import run_facts, resolve_device
+    from graftkd.export import export_model
+
+    result = args.result or str(Path(args.weights).with_name("result.json"))
+    report = export_model(args.weights, args.out, tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+                          result=result, command=run_facts(resolve_device("cpu"))["command"])
+    for name, entry in report["formats"].items():
+        detail = f"max |diff| {entry['max_abs_diff']:.2e}" if "max_abs_diff" in entry else entry.get("reason", "")
+        print(f"{name:<13} {entry['status']}  {detail}")
+    print(f"model card: {report['card']}")
+
+
 def _cmd_evaluate(args) -> None:
     from graftkd.workflows import evaluate_weights
 
@@ -392,6 +411,7 @@ COMMANDS = {
     "train-teacher": _cmd_train_teacher,
     "distill": _cmd_distill,
     "train-kd": _cmd_train_kd,
+    "export": _cmd_export,
     "evaluate": _cmd_evaluate,
     "teachers": _cmd_teachers,
     "bench": _cmd_bench,

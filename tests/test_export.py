@@ -1,0 +1,110 @@
+"""Exports reload in a fresh process (torch.export: no graftkd at all) and predict what the model predicts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from graftkd.export import export_model
+from graftkd.models import build_model
+from graftkd.workflows import LoadedModel, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+FRESH_EXPORT = """
+import sys, torch
+program = torch.export.load(sys.argv[1]).module()
+x = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save({"logits": program(x), "graftkd_imported": any(m.startswith("graftkd") for m in sys.modules)}, sys.argv[3])
+"""
+
+FRESH_STATE_DICT = """
+import importlib, json, sys, torch
+config = json.load(open(sys.argv[1] + "/model_config.json"))
+model = getattr(importlib.import_module(config["module"]), config["function"])(**config["kwargs"])
+model.load_state_dict(torch.load(sys.argv[1] + "/model_state_dict.pt", weights_only=True))
+x = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save({"logits": model.eval()(x)}, sys.argv[3])
+"""
+
+
+def _fresh(script: str, args: list[str], tmp_path: Path, with_src: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if with_src:
+        env["PYTHONPATH"] = str(ROOT / "src")
+    done = subprocess.run([sys.executable, "-c", script, *args, str(tmp_path / "out.pt")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+def _student(tmp_path: Path, arch: str = "digits_cnn_half", **options) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=10, **options).eval()
+    path = tmp_path / "run" / "student.pt"
+    save_model(path, LoadedModel(model, arch, (0.5,), (0.25,), "test", None),
+               {"arch_options": options} if options else {})
+    return path, model
+
+
+def test_every_form_reloads_in_a_fresh_process_with_the_same_logits(tmp_path) -> None:
+    weights, model = _student(tmp_path)
+    report = export_model(weights, tmp_path / "export", command="graftkd export (test)")
+    assert report["formats"]["state_dict"]["max_abs_diff"] <= 1e-4
+    assert report["formats"]["torch_export"]["max_abs_diff"] <= 1e-4
+    x = torch.randn(7, 1, 8, 8)  # another batch size than the export's probe: the batch dimension is dynamic
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        expected = model(x)
+    exported = _fresh(FRESH_EXPORT, [str(tmp_path / "export" / "model.pt2"), str(tmp_path / "x.pt")], tmp_path, False)
+    assert not exported["graftkd_imported"]
+    assert (exported["logits"] - expected).abs().max() <= 1e-4
+    rebuilt = _fresh(FRESH_STATE_DICT, [str(tmp_path / "export"), str(tmp_path / "x.pt")], tmp_path, True)
+    assert (rebuilt["logits"] - expected).abs().max() <= 1e-4
+    card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    assert "graftkd.models.small.digits_cnn_half(num_classes=10, in_channels=1)" in card
+    assert "graftkd export (test)" in card and "torch.export.load('model.pt2')" in card
+    onnx = report["formats"]["onnx"]
+    assert onnx["status"] == "ok" or onnx["status"] == "skipped" and "not installed" in onnx["reason"]
+
+
+def test_a_hybrid_exports_with_the_options_that_rebuild_it(tmp_path) -> None:
+    weights, model = _student(tmp_path, "hybrid", teacher_arch="resnet56", student_arch="resnet20", replace=[2])
+    export_model(weights, tmp_path / "export", formats=("state_dict",))
+    config = json.loads((tmp_path / "export" / "model_config.json").read_text())
+    assert config["function"] == "hybrid" and config["kwargs"]["replace"] == [2]
+    x = torch.randn(3, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    rebuilt = _fresh(FRESH_STATE_DICT, [str(tmp_path / "export"), str(tmp_path / "x.pt")], tmp_path, True)
+    with torch.no_grad():
+        assert (rebuilt["logits"] - model(x)).abs().max() <= 1e-4
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_exported_resnet20_predicts_the_cifar10_test_split_like_the_model(tmp_path, monkeypatch) -> None:
+    if not (SHARED / "teachers").is_dir() or not (SHARED / "data").is_dir():
+        pytest.skip("../shared teachers/data not present")
+    monkeypatch.setenv("GRAFTKD_DATA", str(SHARED / "data"))
+    from graftkd.data import load_dataset
+    from graftkd.workflows import load_teacher, normalizer
+
+    loaded = load_teacher("resnet20-cifar10", None, 10, str(SHARED / "teachers"))
+    save_model(tmp_path / "run" / "student.pt", loaded, {})
+    export_model(tmp_path / "run" / "student.pt", tmp_path / "export", formats=("torch_export",))
+    test = load_dataset("cifar10", "test")
+    x = normalizer(loaded.mean, loaded.std)(test.images)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        expected = torch.cat([loaded.model.eval()(chunk) for chunk in x.split(1000)]).argmax(1)
+    exported = _fresh(FRESH_EXPORT, [str(tmp_path / "export" / "model.pt2"), str(tmp_path / "x.pt")], tmp_path, False)
+    assert torch.equal(exported["logits"].argmax(1), expected)
+    assert abs(float((expected == test.labels).float().mean()) * 100 - 91.73) < 0.01
