@@ -74,6 +74,20 @@ def test_every_form_reloads_in_a_fresh_process_with_the_same_logits(tmp_path) ->
     assert "graftkd export (test)" in card and "torch.export.load('model.pt2')" in card
     onnx = report["formats"]["onnx"]
     assert onnx["status"] == "ok" or onnx["status"] == "skipped" and "not installed" in onnx["reason"]
+    if onnx["status"] == "ok":  # only where onnx + onnxruntime are installed (optional extra "onnx")
+        import numpy as np
+
+        np.save(tmp_path / "x.npy", x.numpy())
+        script = ("import sys, numpy as np, onnxruntime as ort\n"
+                  "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+                  "np.save(sys.argv[3], s.run(None, {'input': np.load(sys.argv[2])})[0])\n"
+                  "assert not any(m.startswith(('graftkd', 'torch')) for m in sys.modules)\n")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "export" / "model.onnx"),
+                               str(tmp_path / "x.npy"), str(tmp_path / "onnx_out.npy")], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert np.abs(np.load(tmp_path / "onnx_out.npy") - expected.numpy()).max() <= 1e-4
 
 
 def test_a_hybrid_exports_with_the_options_that_rebuild_it(tmp_path) -> None:

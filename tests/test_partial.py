@@ -65,3 +65,24 @@ def test_imagenet_resnet34_with_a_resnet18_stage_grafts_from_an_image_folder(tmp
     kept = torch.load(tmp_path / "teacher.pt", weights_only=True)
     assert torch.equal(loaded.model.state_dict()["parts.3.0.0.conv1.weight"], kept["layer4.0.conv1.weight"])
     assert "(replaced)" in capsys.readouterr().out
+
+
+def test_committed_stage_replacement_table_matches_its_result_files_and_rebuilt_hybrids() -> None:
+    from pathlib import Path
+
+    out = Path(__file__).resolve().parents[1] / "results" / "partial-resnet56"
+    rows = sorted(out.glob("replace-*.json"))
+    if not rows:
+        pytest.skip("no committed partial-grafting study")
+    table = (out / "results.md").read_text()
+    for path in rows:
+        record = json.loads(path.read_text())
+        student, options = record["student"], record["student"]["arch_options"]
+        hybrid = build_model("hybrid", num_classes=10, **options)
+        assert count_params(hybrid) == student["params"] == sum(b["params"] for b in student["blocks"])
+        assert [b["params"] for b in student["blocks"]] == block_params(hybrid)
+        for key in ("command", "commit", "seed", "device", "wall_seconds"):
+            assert key in record
+        replaced = ",".join(map(str, options["replace"]))
+        line = next(l for l in table.splitlines() if l.startswith(f"| {replaced} |"))
+        assert f"{student['params']:,}" in line and f"{student['test_acc']:.2f}%" in line

@@ -125,8 +125,12 @@ def _export_onnx(model: nn.Module, probe: torch.Tensor, reference: torch.Tensor,
         return {"status": "skipped", "reason": "the onnx package is not installed (pip install onnx onnxruntime)"}
     path = out / "model.onnx"
     tmp = path.with_name("model.partial.onnx")
-    torch.onnx.export(model, (probe,), str(tmp), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    import warnings
+
+    with warnings.catch_warnings():  # the TorchScript-based exporter needs no onnxscript; it warns it is legacy
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (probe,), str(tmp), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     tmp.replace(path)
     import onnx
 
