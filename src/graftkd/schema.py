@@ -42,6 +42,12 @@ def _describe(annotation: Any) -> str:
                                                                                            getattr(annotation, "__name__", str(annotation)))
 
 
+def _printable(key: Any) -> str:
+    """A key as typed, or its repr when it holds newlines or other unprintable characters (one-line errors)."""
+    text = str(key)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -91,7 +97,7 @@ def _check(value: Any, annotation: Any, path: str, where: str) -> Any:
         for key, v in value.items():
             if not isinstance(key, str):
                 raise GraftkdError(f"{where}: {path} has a key {_shown(key)} that is not a string")
-            checked[key] = _check(v, item, f"{path}.{key}", where)
+            checked[key] = _check(v, item, f"{path}.{_printable(key)}", where)
         return checked
     if dataclasses.is_dataclass(annotation):
         return from_mapping(annotation, value, where, prefix=f"{path}.")
@@ -109,7 +115,7 @@ def from_mapping(cls: type[T], raw: Any, where: str, prefix: str = "") -> T:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise GraftkdError(f"{where}: unknown key '{prefix}{key}'{hint}; valid keys: {', '.join(fields)}")
+            raise GraftkdError(f"{where}: unknown key '{prefix}{_printable(key)}'{hint}; valid keys: {', '.join(fields)}")
     missing = [name for name, f in fields.items() if name not in raw and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
