@@ -169,3 +169,24 @@ def test_a_tiny_spot_adaptive_run_logs_policy_statistics(adaptive) -> None:
     assert result["routing_spots"] == [[1, 1], [2, 2]] and result["adaptive"] == adaptive
     assert all(math.isfinite(v) for h in result["history"] for v in h["loss"].values())
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_sakd_whose_policy_distils_everywhere_trains_the_student_exactly_like_standard_kd() -> None:
+    import copy
+
+    from graftkd.data.normalize import Normalizer
+    from graftkd.engine.fulldata import KDRecipe, train_kd
+
+    student, teacher = _pair()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 4, (64,), generator=generator)
+    weights = {}
+    for mode in ("none", "sakd"):  # homo: +10 on every "distil" logit, so every decision is 1
+        trained = copy.deepcopy(student)
+        recipe = KDRecipe(epochs=2, batch_size=16, lr=0.05, milestones=[1], precision="fp32", eval_every=0,
+                          padding=1, distiller="at", adaptive=mode, homo=True)
+        train_kd(trained, copy.deepcopy(teacher), (images, labels), normalize=Normalizer((0.5,) * 3, (0.25,) * 3),
+                 recipe=recipe, device=torch.device("cpu"), progress=False, student_arch="t", teacher_arch="t")
+        weights[mode] = trained.state_dict()
+    assert all(torch.equal(weights["none"][k], weights["sakd"][k]) for k in weights["none"])
