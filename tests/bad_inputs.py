@@ -132,6 +132,10 @@ CASES: list[Case] = [
     Case("few-shot manifest path leaving its folder", "distill --teacher <tmp>/teacher.pt --teacher-arch digits_cnn "
          "--student-arch digits_cnn_half --fewshot <tmp>/fewshot.json", ("../../../etc/passwd",),
          lambda t: (_digits_teacher(t), _escaping_manifest(t))[0]),
+    Case("unknown feature distiller", "train-kd --student-arch digits_cnn_half --teacher <tmp>/teacher.pt "
+         "--teacher-arch digits_cnn --data digits --distiller att", ("att", "at"), lambda t: _digits_teacher(t)),
+    Case("partial grafting of a block that does not exist", DISTILL + " --k 1 --replace 9", ("9", "1..4"),
+         lambda t: _digits_teacher(t)),
     Case("a device that is not there", DISTILL + " --k 1 --device cuda", ("cuda", "--device cpu"),
          lambda t: _digits_teacher(t)),
     Case("checkpoint crafted to run code", "evaluate --weights <tmp>/evil.pt --arch digits_cnn --data digits",
@@ -177,7 +181,7 @@ def run_case(case: Case) -> dict:
 
 
 def _takes_no_progress(case: Case) -> bool:
-    return case.command.split()[0] in ("distill", "bench", "evaluate")
+    return case.command.split()[0] in ("distill", "bench", "evaluate", "train-kd")
 
 
 def table(results: list[tuple[Case, dict]]) -> str:
