@@ -16,6 +16,7 @@ selected on the test split, only to compare with papers that report it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -350,7 +351,7 @@ def train_kd(
                 routed = torch.zeros(len(adaptive.router.spots) + 1 if adaptive is not None else 0, device=device)
                 t0 = time.perf_counter()
                 s_tap, t_tap = taps()
-                with s_tap, (t_tap if t_tap is not None else _null()):
+                with s_tap, (t_tap if t_tap is not None else contextlib.nullcontext()):
                     for x, y in _batches(images, labels, epoch, recipe, world, local_batch, steps, normalize, device):
                         def step(x=x, y=y):
                             terms: dict[str, torch.Tensor] = {}
@@ -494,14 +495,6 @@ def _batches(images, labels, epoch, recipe, world, local_batch, steps, normalize
         idx = order[i * local_batch:(i + 1) * local_batch]
         x = apply_crop_flip(images[idx], oy[idx], ox[idx], flips[idx], recipe.padding)
         yield normalize(x), labels[idx]
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _check_finite(value: float, where: str, epoch: int, checkpointer: Checkpointer) -> None:
