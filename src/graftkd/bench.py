@@ -417,18 +417,14 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
         if unknown:
             raise GraftkdError(f"--methods {', '.join(unknown)} not in {config_path} (it has {', '.join(config.methods)})")
         config.methods = {m: config.methods[m] for m in config.methods if m in only}
-    if shots:
-        unknown = [k for k in shots if k not in config.shots]
+    for flag, field_name, curve_key, chosen in (("--shots", "shots", "shots", shots), ("--seeds", "seeds", "seed", seeds)):
+        if not chosen:
+            continue
+        available = getattr(config, field_name)
+        unknown = [v for v in chosen if v not in available]
         if unknown:
-            raise GraftkdError(f"--shots {unknown} not in {config_path} (it has {config.shots})")
-        config.shots = [k for k in config.shots if k in shots]
-        if config.curves is not None and CurveSpec(**config.curves).shots not in shots:
-            config.curves = None
-    if seeds:
-        unknown = [s for s in seeds if s not in config.seeds]
-        if unknown:
-            raise GraftkdError(f"--seeds {unknown} not in {config_path} (it has {config.seeds})")
-        config.seeds = [s for s in config.seeds if s in seeds]
-        if config.curves is not None and CurveSpec(**config.curves).seed not in seeds:
-            config.curves = None
+            raise GraftkdError(f"{flag} {unknown} not in {config_path} (it has {available})")
+        setattr(config, field_name, [v for v in available if v in chosen])
+        if config.curves is not None and getattr(CurveSpec(**config.curves), curve_key) not in chosen:
+            config.curves = None  # the curve cells belong to a K / seed outside this slice
     return GridRunner(config, out_root, runs_root, device, progress, str(config_path), full_config).run()
