@@ -23,8 +23,40 @@ def tiny_net(width: int, seed: int) -> nn.Module:
                          nn.Linear(4 * width, 4))
 
 
+def sakd_main(out: Path) -> None:
+    """Spot-adaptive KD under DDP: every process must end with the same student and the same agent."""
+    import graftkd.distill.sakd as sakd
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_sakd import TinyStaged
+
+    agents = []
+    original = sakd.SpotAdaptive.__init__
+
+    def remember(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        agents.append(self)
+
+    sakd.SpotAdaptive.__init__ = remember
+    world, device = init_distributed("cpu")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 4, (64,), generator=generator)
+    torch.manual_seed(0)
+    student, teacher = TinyStaged((4, 6, 8)), TinyStaged((6, 8, 12)).eval()
+    recipe = KDRecipe(epochs=2, batch_size=16, lr=0.05, milestones=[1], precision="fp32", eval_every=0, padding=1,
+                      distiller="at", adaptive="sakd", homo=False)
+    result = train_kd(student, teacher, (images, labels), normalize=Normalizer((0.5,) * 3, (0.25,) * 3),
+                      recipe=recipe, device=torch.device(device), world=world, progress=False,
+                      student_arch="tiny", teacher_arch="tiny")
+    torch.save({"student": dict(student.named_parameters()), "agent": dict(agents[0].named_parameters()),
+                "policy": [h["policy_fraction"] for h in result["history"]]}, out.with_suffix(f".rank{world.rank}.pt"))
+
+
 def main() -> None:
     out = Path(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2] == "sakd":
+        return sakd_main(out)
     world, device = init_distributed("cpu")
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (128, 3, 8, 8), dtype=torch.uint8, generator=generator)

@@ -14,10 +14,10 @@ from graftkd.engine.fulldata import KDRecipe, World, epoch_augmentation, epoch_i
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _torchrun(nproc: int, out: Path) -> None:
+def _torchrun(nproc: int, out: Path, *extra: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + nproc + os.getpid() % 1000), str(ROOT / "tests" / "ddp_worker.py"), str(out)]
+               str(29500 + nproc + os.getpid() % 1000), str(ROOT / "tests" / "ddp_worker.py"), str(out), *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -104,3 +104,14 @@ def test_a_limited_training_set_is_a_fixed_random_subset_not_the_first_classes()
     keep = training_subset(labels, 200)
     assert torch.equal(keep, training_subset(labels, 200)) and len(keep.unique()) == 200
     assert len(labels[keep].unique()) == 10
+
+
+@pytest.mark.slow
+def test_spot_adaptive_kd_under_two_gloo_processes_keeps_student_and_agent_in_step(tmp_path) -> None:
+    _torchrun(2, tmp_path / "sakd.pt", "sakd")
+    r0, r1 = torch.load(tmp_path / "sakd.rank0.pt"), torch.load(tmp_path / "sakd.rank1.pt")
+    for part in ("student", "agent"):
+        assert r0[part].keys() == r1[part].keys()
+        for key in r0[part]:
+            assert torch.allclose(r0[part][key], r1[part][key], atol=1e-6), (part, key)
+    assert len(r0["policy"]) == 2 and r0["policy"] != r1["policy"]  # each process samples its own decisions

@@ -253,7 +253,7 @@ def train_kd(
     if recipe.adaptive != "none":
         adaptive, s_paths, t_paths = _build_adaptive(recipe, student, teacher, distiller, s_paths, t_paths,
                                                      normalize(images[:2]), student_arch, teacher_arch, world, device)
-        gumbel = torch.Generator().manual_seed(recipe.seed + 7919)
+        gumbel = torch.Generator().manual_seed(recipe.seed + 7919 + 104729 * world.rank)  # own samples per process
 
     checkpointer = Checkpointer(run_dir if world.main else None,
                                 fingerprint({"recipe": asdict(recipe), "n": len(images), "world": world.size,
@@ -326,7 +326,9 @@ def train_kd(
     optimizer = torch.optim.SGD([p for p in closure.parameters() if p.requires_grad], lr=lr,
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=recipe.milestones, gamma=recipe.gamma)
+    agent_wrapped = None
     if adaptive is not None:  # the agent's own optimiser: the spec's lr/2, momentum 0.9, wd 1e-3, same milestones
+        agent_wrapped = _wrap(_Closure({"agent": adaptive}), world, device)  # DDP keeps the agents in step
         agent_opt = torch.optim.SGD(adaptive.parameters(), lr=lr / 2, momentum=0.9, weight_decay=1e-3)
         agent_sched = torch.optim.lr_scheduler.MultiStepLR(agent_opt, milestones=recipe.milestones, gamma=recipe.gamma)
     main_phase = len(init_stages)
@@ -365,7 +367,7 @@ def train_kd(
                             s_feats = [s_tap.features[p].float() for p in s_paths]
                             t_feats = [t_tap.features[p].detach().float() for p in t_paths] if t_tap else []
                             if adaptive is not None:
-                                return _adaptive_terms(adaptive, agent_opt, recipe, distiller, beta, x, y, student,
+                                return _adaptive_terms(adaptive, agent_wrapped, agent_opt, recipe, distiller, beta, x, y, student,
                                                        teacher, logits, t_logits, s_feats, t_feats, gumbel, terms)
                             if recipe.kd_weight > 0:
                                 terms["kd"] = recipe.kd_weight * kd_loss(logits, t_logits, recipe.temperature)
@@ -439,8 +441,6 @@ def _build_adaptive(recipe, student, teacher, distiller, s_paths, t_paths, sampl
     from graftkd.distill.sakd import SpotAdaptive, same_family
     from graftkd.distill.zoo import resolve_spots
 
-    if world.size > 1:
-        raise GraftkdError("spot-adaptive KD runs in one process for now: drop torchrun (or use --adaptive none)")
     if teacher is None:
         raise GraftkdError("spot-adaptive KD needs a teacher")
     s_all, t_all = _features(student), _features(teacher)
@@ -457,13 +457,13 @@ def _build_adaptive(recipe, student, teacher, distiller, s_paths, t_paths, sampl
     return agent, s_paths + [s_all[-1]], t_paths + [t_all[-1]]
 
 
-def _adaptive_terms(adaptive, agent_opt, recipe, distiller, beta, x, y, student, teacher, logits, t_logits,
-                    s_feats, t_feats, gumbel, terms):
+def _adaptive_terms(adaptive, agent_wrapped, agent_opt, recipe, distiller, beta, x, y, student, teacher, logits,
+                    t_logits, s_feats, t_feats, gumbel, terms):
     """One SAKD agent update, then the student's masked terms (the spec's two-optimiser order)."""
     from graftkd.distill.sakd import masked_student_terms
 
     s_emb, t_emb = s_feats.pop(), t_feats.pop()
-    agent_loss, masks = adaptive.agent_step(x, y, student, teacher, logits, s_emb, t_emb, gumbel)
+    agent_loss, masks = agent_wrapped(lambda: adaptive.agent_step(x, y, student, teacher, logits, s_emb, t_emb, gumbel))
     agent_opt.zero_grad(set_to_none=True)
     agent_loss.backward()
     agent_opt.step()
