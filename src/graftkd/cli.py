@@ -255,14 +255,9 @@ def _cmd_train_kd(args) -> None:
 
     distiller = None if args.distiller.lower() in ("none", "") else args.distiller
     if distiller:
-        from graftkd.distill.zoo import list_distillers
+        from graftkd.distill.zoo import distiller_class
 
-        if distiller not in list_distillers():
-            import difflib
-
-            close = difflib.get_close_matches(distiller, list_distillers(), n=2)
-            raise GraftkdError(f"unknown distiller '{distiller}'" + (f" (did you mean {', '.join(close)}?)" if close else "")
-                               + f"; available: {', '.join(list_distillers())}, or none")
+        distiller_class(distiller)  # an unknown name fails here, before any data is read
     recipe = KDRecipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, milestones=list(args.milestones) if isinstance(args.milestones, list) else [args.milestones],
                       temperature=args.temperature, kd_weight=args.kd_weight, distiller=distiller,
                       distiller_weight=args.distiller_weight, seed=args.seed, precision=args.precision,

@@ -53,7 +53,7 @@ class FullGridConfig:
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> "FullGridConfig":
-        from graftkd.distill.zoo import list_distillers
+        from graftkd.distill.zoo import distiller_class
         from graftkd.schema import from_mapping
 
         config = from_mapping(cls, raw, where)
@@ -63,10 +63,12 @@ class FullGridConfig:
             spec = from_mapping(PairSpec, pair, where, prefix=f"pairs[{i}].")
             if sum(k in spec.teacher for k in ("registry", "file")) != 1:
                 raise GraftkdError(f"{where}: pairs[{i}].teacher needs exactly one of registry: NAME or file: PATH")
-        known = list_distillers()
         for name in config.distillers:
-            if name != "kd" and name not in known:
-                raise GraftkdError(f"{where}: unknown distiller '{name}'; available: kd, {', '.join(known)}")
+            if name != "kd":
+                try:
+                    distiller_class(name)
+                except GraftkdError as exc:
+                    raise GraftkdError(f"{where}: {exc}, or kd (logit KD only)") from None
         if not config.distillers or not config.modes or not config.pairs or not config.seeds:
             raise GraftkdError(f"{where}: pairs, distillers, modes and seeds must be non-empty")
         if config.epochs < 1 or config.batch_size < 1:

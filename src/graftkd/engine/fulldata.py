@@ -476,14 +476,9 @@ def _adaptive_terms(adaptive, agent_wrapped, agent_opt, recipe, distiller, beta,
 
 
 def _spot_kind(name: str) -> str:
-    from graftkd.distill.zoo.base import DISTILLERS, list_distillers
+    from graftkd.distill.zoo import distiller_class
 
-    list_distillers()
-    if name not in DISTILLERS:
-        from graftkd.distill.zoo import build_distiller
-
-        build_distiller(name, [()], [()])  # raises the unknown-name error with suggestions
-    return DISTILLERS[name].spot_kind
+    return distiller_class(name).spot_kind
 
 
 def _batches(images, labels, epoch, recipe, world, local_batch, steps, normalize, device):

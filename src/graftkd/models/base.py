@@ -50,6 +50,14 @@ class BlockModel(nn.Module):
     def stage_names(self) -> list[str]:
         return self.block_names()
 
+    def _stem_layers_head(self, layers: int, head: str) -> list[list[nn.Module]]:
+        """Stages of ResNet-shaped models: conv1-bn1-relu, layer1..layerN, avgpool-flatten, ``head``."""
+        return ([[self.conv1, self.bn1, self.relu]] + [[getattr(self, f"layer{i}")] for i in range(1, layers + 1)]
+                + [[self.avgpool, self.flatten], [getattr(self, head)]])
+
+    def _stem_layers_head_names(self, layers: int, head: str) -> list[str]:
+        return ["stem"] + [f"layer{i}" for i in range(1, layers + 1)] + ["pool", head]
+
     def stages(self) -> list[nn.Module]:
         return [parts[0] if len(parts) == 1 else nn.Sequential(*parts) for parts in self.stage_parts()]
 

@@ -77,18 +77,11 @@ class ResNetBottleneckCifar(StagedModel):
         init_resnet(self)  # Kaiming normal (fan_out) convs, BN 1/0: as RepDistiller's resnetv2
 
     def stage_parts(self) -> list[list[nn.Module]]:
-        return [
-            [self.conv1, self.bn1, self.relu],
-            [self.layer1],
-            [self.layer2],
-            [self.layer3],
-            [self.layer4],
-            [self.avgpool, self.flatten],
-            [self.fc],
-        ]
+        # the same calls as block_parts, cut finer: f0 stem, f1-f4 layers, f5 pooled embedding, logits
+        return self._stem_layers_head(4, "fc")
 
     def stage_names(self) -> list[str]:
-        return ["stem", "layer1", "layer2", "layer3", "layer4", "pool", "fc"]
+        return self._stem_layers_head_names(4, "fc")
 
 
 @register_model("resnet50_cifar")

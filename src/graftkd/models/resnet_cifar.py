@@ -101,17 +101,10 @@ class ResNetCifarA(BlockModel):
 
     def stage_parts(self) -> list[list[nn.Module]]:
         # the same calls as block_parts, cut finer: f0 stem, f1-f3 layers, f4 pooled embedding, logits
-        return [
-            [self.conv1, self.bn1, self.relu],
-            [self.layer1],
-            [self.layer2],
-            [self.layer3],
-            [self.avgpool, self.flatten],
-            [self.linear],
-        ]
+        return self._stem_layers_head(3, "linear")
 
     def stage_names(self) -> list[str]:
-        return ["stem", "layer1", "layer2", "layer3", "pool", "linear"]
+        return self._stem_layers_head_names(3, "linear")
 
 
 def _resnet_a(depth: int, num_classes: int, in_channels: int) -> ResNetCifarA:
@@ -180,18 +173,10 @@ class ResNetCifar18(BlockModel):
 
     def stage_parts(self) -> list[list[nn.Module]]:
         # the same calls as block_parts, cut finer: f0 stem, f1-f4 layers, f5 pooled embedding, logits
-        return [
-            [self.conv1, self.bn1, self.relu],
-            [self.layer1],
-            [self.layer2],
-            [self.layer3],
-            [self.layer4],
-            [self.avgpool, self.flatten],
-            [self.fc],
-        ]
+        return self._stem_layers_head(4, "fc")
 
     def stage_names(self) -> list[str]:
-        return ["stem", "layer1", "layer2", "layer3", "layer4", "pool", "fc"]
+        return self._stem_layers_head_names(4, "fc")
 
 
 @register_model("resnet18_cifar")

@@ -51,17 +51,11 @@ class ResNetRD(StagedModel):
         init_resnet(self)  # Kaiming normal (fan_out) convs, BN 1/0, default Linear: as the reference
 
     def stage_parts(self) -> list[list[nn.Module]]:
-        return [
-            [self.conv1, self.bn1, self.relu],
-            [self.layer1],
-            [self.layer2],
-            [self.layer3],
-            [self.avgpool, self.flatten],
-            [self.fc],
-        ]
+        # the same calls as block_parts, cut finer: f0 stem, f1-f3 layers, f4 pooled embedding, logits
+        return self._stem_layers_head(3, "fc")
 
     def stage_names(self) -> list[str]:
-        return ["stem", "layer1", "layer2", "layer3", "pool", "fc"]
+        return self._stem_layers_head_names(3, "fc")
 
 
 _NARROW = (16, 16, 32, 64)

@@ -108,17 +108,11 @@ class ShuffleNetV1Cifar(StagedModel):
         self.linear = nn.Linear(c, num_classes)
 
     def stage_parts(self) -> list[list[nn.Module]]:
-        return [
-            [self.conv1, self.bn1, self.relu],
-            [self.layer1],
-            [self.layer2],
-            [self.layer3],
-            [self.avgpool, self.flatten],
-            [self.linear],
-        ]
+        # the same calls as block_parts, cut finer: f0 stem, f1-f3 layers, f4 pooled embedding, logits
+        return self._stem_layers_head(3, "linear")
 
     def stage_names(self) -> list[str]:
-        return ["stem", "layer1", "layer2", "layer3", "pool", "linear"]
+        return self._stem_layers_head_names(3, "linear")
 
 
 # ---------------------------------------------------------------------------------------- V2

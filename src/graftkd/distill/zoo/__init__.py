@@ -7,6 +7,7 @@ from graftkd.distill.zoo.base import (  # noqa: F401
     Distiller,
     InitStage,
     build_distiller,
+    distiller_class,
     list_distillers,
     register_distiller,
     resolve_spots,

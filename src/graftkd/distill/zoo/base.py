@@ -138,14 +138,20 @@ def list_distillers() -> list[str]:
     return sorted(DISTILLERS)
 
 
-def build_distiller(name: str, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape], **options) -> Distiller:
-    """Instantiate a registered distiller; unknown names and options are one-line errors."""
+def distiller_class(name: str) -> type[Distiller]:
+    """The registered class for ``name``; an unknown name is a one-line error with the closest names."""
     _discover()
     cls = DISTILLERS.get(name)
     if cls is None:
         close = difflib.get_close_matches(name, list(DISTILLERS), n=2)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise GraftkdError(f"unknown distiller '{name}'{hint}; available: {', '.join(sorted(DISTILLERS))}")
+    return cls
+
+
+def build_distiller(name: str, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape], **options) -> Distiller:
+    """Instantiate a registered distiller; unknown names and options are one-line errors."""
+    cls = distiller_class(name)
     try:
         return cls(student_shapes, teacher_shapes, **options)
     except TypeError as exc:
