@@ -148,6 +148,38 @@ def test_auto_inheritance_copies_identical_vgg_blocks_and_schedules_the_rest():
     assert build_schedule(plan, ScheduleConfig("cifar10"), batch_size=6)[0].lr == pytest.approx(2.5e-4 * 6 / 64)
 
 
+def test_reference_preset_gives_block_stage_adapters_ten_times_the_rate_and_leaves_network_rates_unscaled():
+    from graftkd.graft.train import GraftRunner
+
+    teacher, student = build_model("vgg16_bn"), build_model("vgg16_graft_bn")
+    plan = build_plan(teacher, student, (3, 32, 32))
+    stages = build_schedule(plan, ScheduleConfig("cifar10-reference"), batch_size=6)
+    blocks, nets = [s for s in stages if s.kind == "block"], [s for s in stages if s.kind == "net"]
+    assert [s.lr for s in blocks] == pytest.approx([2.5e-4 * 6 / 64] * 3)
+    assert [s.adapter_lr for s in blocks] == pytest.approx([2.5e-3 * 6 / 64] * 3)
+    assert [s.lr for s in nets] == pytest.approx([1e-4, 1e-4]) and all(s.adapter_lr is None for s in nets)
+    # the paper's preset keeps one rate and the B/64 rule everywhere, and its stage records are unchanged
+    plain = build_schedule(plan, ScheduleConfig("cifar10"), batch_size=6)
+    assert all(s.adapter_lr is None and "adapter_lr" not in s.to_dict() for s in plain)
+    assert plain[-1].lr == pytest.approx(1e-4 * 6 / 64)
+    # overriding a preset's knob from the config
+    assert build_schedule(plan, ScheduleConfig("cifar10", block_adapter_lr_scale=3.0), batch_size=64)[0].adapter_lr \
+        == pytest.approx(7.5e-4)
+    with pytest.raises(GraftkdError, match="block_adapter_lr_scale"):
+        build_schedule(plan, ScheduleConfig("cifar10", block_adapter_lr_scale=0.0), batch_size=64)
+
+    runner = GraftRunner(plan, torch.zeros(4, 3, 32, 32, dtype=torch.uint8), normalize=nn.Identity(), augment=None,
+                         batch_size=2, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"),
+                         progress=False)
+    optimizer = runner.make_optimizer(blocks[1])  # block 5: adapters on both sides
+    scion = plan.scions[blocks[1].replaced[0]]
+    adapters = {id(p) for p in [*scion.adapter_in.parameters(), *scion.adapter_out.parameters()]}
+    assert len(adapters) == 2 and [g["lr"] for g in optimizer.param_groups] == pytest.approx([blocks[1].lr, blocks[1].adapter_lr])
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == adapters
+    assert not adapters & {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert len(runner.make_optimizer(nets[0]).param_groups) == 1
+
+
 def test_inheriting_a_block_that_differs_is_refused():
     with pytest.raises(GraftkdError, match="block 4 .*differ in architecture"):
         build_plan(build_model("vgg16"), build_model("vgg16_graft"), (3, 32, 32), inherit=[4])

@@ -70,6 +70,8 @@ class GridConfig:
     net_epochs: int | list[int] | None = None
     block_lr: float | list[float] | None = None
     net_lr: float | list[float] | None = None
+    block_adapter_lr_scale: float | None = None  # adapters' rate / block rate in block stages (preset default)
+    net_lr_batch_scaled: bool | None = None  # network-stage rates scaled by B/64 (preset default)
     baseline_lr: float | None = None  # Adam lr at batch 64 for end-to-end methods; default: preset block lr
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     curves: dict[str, Any] | None = None  # CurveSpec as a mapping
@@ -107,7 +109,7 @@ class GridConfig:
             value = getattr(self, key)
             values = value if isinstance(value, list) else [value] if value is not None else []
             need(all(v >= 0 for v in values), f"{key} must be >= 0, got {value!r}")
-        for key in ("block_lr", "net_lr", "baseline_lr"):
+        for key in ("block_lr", "net_lr", "baseline_lr", "block_adapter_lr_scale"):
             value = getattr(self, key)
             values = value if isinstance(value, list) else [value] if value is not None else []
             need(all(v > 0 for v in values), f"{key} must be > 0, got {value!r}")
@@ -343,7 +345,8 @@ class GridRunner:
 
         generator = seed_everything(cell.seed)
         student = build_model(config.student, num_classes=test.num_classes).to(self.device)
-        schedule = ScheduleConfig(config.preset, config.block_lr, config.net_lr, config.block_epochs, config.net_epochs)
+        schedule = ScheduleConfig(config.preset, config.block_lr, config.net_lr, config.block_epochs, config.net_epochs,
+                                  config.block_adapter_lr_scale, config.net_lr_batch_scaled)
         batch_size = batch_size_for(cell.shots, len(images))
         probe_plan = build_plan(copy.deepcopy(teacher.model), copy.deepcopy(student), tuple(images.shape[1:]),
                                 inherit=config.inherit)

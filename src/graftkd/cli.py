@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, default=0)
     p.add_argument("--test-data", help="labeled data whose 'test' split is used for reporting only")
     p.add_argument("--num-classes", type=int, help="classes the teacher predicts (default: from the data)")
-    p.add_argument("--preset", default="cifar10", help="learning-rate/epoch defaults: cifar10, cifar100, imagenet, digits")
+    p.add_argument("--preset", default="cifar10",
+                   help="learning-rate/epoch defaults: cifar10, cifar100, imagenet, digits, or cifar10-reference "
+                        "(the reference code's rates: adapters at 10x in block stages, network stages unscaled)")
     p.add_argument("--block-epochs", type=_int_list, help="epochs per block stage (one value or a list)")
     p.add_argument("--net-epochs", type=_int_list, help="epochs per network stage (one value or a list)")
     p.add_argument("--block-lr", type=_float_list, help="learning rate(s) at batch 64 for block grafting")

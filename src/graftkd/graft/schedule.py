@@ -25,7 +25,14 @@ PRESETS: dict[str, dict] = {
     },
     # The embedded 8x8 digits demo: small nets, so larger steps and fewer epochs keep it under minutes.
     "digits": {"block_lr": 5e-3, "net_lr": 2e-3, "block_epochs": [100], "net_epochs": [150]},
+    # What the reference code runs on CIFAR-10 (utils/parser_cifar10.py, graft_net.py), where it departs from
+    # the paper's text: in block stages the adapters learn at 10x the block's rate (both scaled by K/10), and
+    # the network stages use a flat Adam 1e-4 whatever the batch size.
+    "cifar10-reference": {"block_lr": 2.5e-4, "net_lr": 1e-4, "block_epochs": [100, 60], "net_epochs": [100],
+                          "block_adapter_lr_scale": 10.0, "net_lr_batch_scaled": False},
 }
+# Knobs a preset may leave out: adapters at the block's rate, every rate scaled by B/64 (the paper's text).
+_DEFAULTS: dict[str, object] = {"block_adapter_lr_scale": 1.0, "net_lr_batch_scaled": True}
 
 
 @dataclass(frozen=True)
@@ -38,26 +45,36 @@ class StageSpec:
     trainable: tuple[int, ...]  # 0-based block indices whose scions are optimised
     epochs: int
     lr: float  # already scaled by batch_size / 64
+    adapter_lr: float | None = None  # the scions' adapters' rate when it differs from ``lr``
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        if self.adapter_lr is None:
+            del record["adapter_lr"]  # keeps fingerprints of runs made before adapters had their own rate
+        return record
 
 
 @dataclass
 class ScheduleConfig:
-    """Learning rates (at batch 64) and epochs; lists are per stage in order, the last entry repeating."""
+    """Learning rates (at batch 64) and epochs; lists are per stage in order, the last entry repeating.
+
+    ``block_adapter_lr_scale`` multiplies the rate of the adapters in block stages; ``net_lr_batch_scaled``
+    says whether network-stage rates follow the B/64 rule. None takes the preset's value.
+    """
 
     preset: str = "cifar10"
     block_lr: float | Sequence[float] | None = None
     net_lr: float | Sequence[float] | None = None
     block_epochs: int | Sequence[int] | None = None
     net_epochs: int | Sequence[int] | None = None
+    block_adapter_lr_scale: float | None = None
+    net_lr_batch_scaled: bool | None = None
 
     def resolved(self) -> dict:
         if self.preset not in PRESETS:
             raise GraftkdError(f"unknown preset '{self.preset}': choose one of {', '.join(PRESETS)}")
-        values = dict(PRESETS[self.preset])
-        for key in ("block_lr", "net_lr", "block_epochs", "net_epochs"):
+        values = {**_DEFAULTS, **PRESETS[self.preset]}
+        for key in ("block_lr", "net_lr", "block_epochs", "net_epochs", "block_adapter_lr_scale", "net_lr_batch_scaled"):
             if getattr(self, key) is not None:
                 values[key] = getattr(self, key)
         return values
@@ -81,23 +98,29 @@ def batch_size_for(shots: int, total: int) -> int:
 def build_schedule(plan: GraftPlan, config: ScheduleConfig, batch_size: int) -> list[StageSpec]:
     values = config.resolved()
     scale = batch_size / 64.0
+    adapter_scale = float(values["block_adapter_lr_scale"])
+    if not adapter_scale > 0:
+        raise GraftkdError(f"block_adapter_lr_scale is {adapter_scale}: it must be > 0 (1 = the block's own rate)")
+    net_scale = scale if values["net_lr_batch_scaled"] else 1.0
     stages: list[StageSpec] = []
     for order, block in enumerate(plan.block_stage_blocks()):
         epochs = int(_pick(values["block_epochs"], order, "block_epochs"))
         lr = float(_pick(values["block_lr"], order, "block_lr")) * scale
-        stages.append(StageSpec(f"block {block + 1} ({plan.names[block]})", "block", (block,), (block,), epochs, lr))
+        adapter_lr = lr * adapter_scale if adapter_scale != 1.0 else None
+        stages.append(StageSpec(f"block {block + 1} ({plan.names[block]})", "block", (block,), (block,), epochs, lr,
+                                adapter_lr))
 
     grafted = plan.grafted_blocks()
     first = plan.block_stage_blocks()[0] if plan.block_stage_blocks() else None
     for order, last in enumerate(b for b in grafted if first is not None and b > first):
         chain = tuple(b for b in grafted if b <= last)
         epochs = int(_pick(values["net_epochs"], order, "net_epochs"))
-        lr = float(_pick(values["net_lr"], order, "net_lr")) * scale
+        lr = float(_pick(values["net_lr"], order, "net_lr")) * net_scale
         label = f"net {chain[0] + 1}-{last + 1}"
         stages.append(StageSpec(label, "net", chain, chain, epochs, lr))
     for stage in stages:
         if stage.epochs < 0:
             raise GraftkdError(f"stage '{stage.name}' has {stage.epochs} epochs: epochs must be >= 0")
-        if not stage.lr > 0:
+        if not stage.lr > 0 or (stage.adapter_lr is not None and not stage.adapter_lr > 0):
             raise GraftkdError(f"stage '{stage.name}' has learning rate {stage.lr}: it must be > 0")
     return stages

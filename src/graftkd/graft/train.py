@@ -158,8 +158,20 @@ class GraftRunner:
         return loss.detach()
 
     def make_optimizer(self, stage: StageSpec) -> torch.optim.Optimizer:
-        """Adam as in the paper (betas 0.9/0.999, no weight decay) over the stage's trainable scions."""
-        return torch.optim.Adam(self._parameters(stage), lr=stage.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        """Adam as in the paper (betas 0.9/0.999, no weight decay) over the stage's trainable scions.
+
+        When the stage gives adapters their own rate (the reference code's block stages), they form a
+        second parameter group.
+        """
+        params = self._parameters(stage)
+        if stage.adapter_lr is None:
+            return torch.optim.Adam(params, lr=stage.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        adapter_ids = {id(p) for i in stage.trainable for part in (self.plan.scions[i].adapter_in,
+                                                                   self.plan.scions[i].adapter_out)
+                       for p in part.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in adapter_ids], "lr": stage.lr},
+                  {"params": [p for p in params if id(p) in adapter_ids], "lr": stage.adapter_lr}]
+        return torch.optim.Adam([g for g in groups if g["params"]], betas=(0.9, 0.999), weight_decay=0.0)
 
     def set_modes(self, stage: StageSpec) -> None:
         self.plan.teacher.eval()
