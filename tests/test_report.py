@@ -150,3 +150,22 @@ def test_empty_folder_is_a_clear_error(tmp_path):
         write_report(empty)
     with pytest.raises(GraftkdError, match="not found"):
         write_report(tmp_path / "missing")
+
+
+def test_a_partial_grid_says_which_planned_cells_are_missing(tmp_path):
+    grid = _grid(tmp_path)
+    planned = [p.stem for p in sorted((grid / "cells").glob("*.json"))]
+    extra = ["graft-k5-seed2-subset2", "whole-k5-seed2-subset2", "graft-k10-seed0-subset0-curves"]
+    raw = json.loads((grid / "grid.json").read_text())
+    (grid / "grid.json").write_text(json.dumps({**raw, "cells": planned + extra}))
+    write_report(grid)
+    coverage = json.loads((grid / "results.json").read_text())["coverage"]
+    assert (coverage["planned"], coverage["present"]) == (16, 13) and coverage["missing"] == extra
+    assert coverage["missing_by_method_and_k"] == {"graft K=5": 1, "whole K=5": 1, "graft K=10 curves": 1}
+    md = (grid / "results.md").read_text()
+    assert ("**Coverage: partial grid,** 13 of 16 planned cells have results; missing: graft K=5 (1), "
+            "whole K=5 (1), graft K=10 curves (1).") in md
+
+    (grid / "grid.json").write_text(json.dumps({**raw, "cells": planned}))
+    write_report(grid)
+    assert "**Coverage:** all 13 planned cells have results." in (grid / "results.md").read_text()

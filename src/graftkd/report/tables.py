@@ -218,6 +218,7 @@ def summarize(cells: list[dict[str, Any]], grid: dict[str, Any] | None = None) -
             })
 
     teacher = grid.get("teacher") or _most_common(c.get("teacher") for c in cells)
+    coverage = _coverage(cells, grid)
     sources = Counter((str(c.get("command", "?")), str(c.get("commit", "?"))) for c in cells)
     return {
         "grid": grid.get("name") or _most_common(c.get("grid") for c in cells),
@@ -234,7 +235,28 @@ def summarize(cells: list[dict[str, Any]], grid: dict[str, Any] | None = None) -
         "rows": rows,
         "unsupported": unsupported,
         "failed": failed,
+        "coverage": coverage,
     }
+
+
+def _coverage(cells: list[dict[str, Any]], grid: dict[str, Any]) -> dict[str, Any] | None:
+    """Which of the grid's planned cells have a result file: a partial grid must say it is partial.
+
+    None when grid.json lists no cells (ad-hoc folders). ``missing`` groups the absent cells by method
+    and K, so the report can say exactly what a re-run of ``graftkd bench`` would add.
+    """
+    planned = grid.get("cells")
+    if not isinstance(planned, list) or not planned:
+        return None
+    present = {Path(str(c.get("_file", ""))).stem for c in cells}
+    missing = [str(name) for name in planned if str(name) not in present]
+    groups: dict[str, int] = {}
+    for name in missing:
+        method, _, rest = name.partition("-k")
+        label = f"{method} K={rest.split('-')[0]}" + (" curves" if name.endswith("-curves") else "")
+        groups[label] = groups.get(label, 0) + 1
+    return {"planned": len(planned), "present": len(planned) - len(missing), "missing": missing,
+            "missing_by_method_and_k": groups}
 
 
 # -------------------------------------------------------------------------------------------- markdown
@@ -292,6 +314,15 @@ def render_markdown(summary: dict[str, Any], plots: Iterable[str | Path] = ()) -
     lines.append(f"**Cells from:** {sources}.")
     if summary.get("devices"):
         lines += ["", f"**Devices:** {'; '.join(_md(d) for d in summary['devices'])}."]
+    coverage = summary.get("coverage")
+    if coverage:
+        if coverage["missing"]:
+            groups = ", ".join(f"{label} ({n})" for label, n in coverage["missing_by_method_and_k"].items())
+            lines += ["", f"**Coverage: partial grid,** {coverage['present']} of {coverage['planned']} planned cells "
+                          f"have results; missing: {_md(groups)}. Re-running the grid's `graftkd bench` command "
+                          "runs exactly these."]
+        else:
+            lines += ["", f"**Coverage:** all {coverage['planned']} planned cells have results."]
     lines.append("")
 
     acc_cols = [f"Acc. ({VARIATION_LABELS[v]}) mean ± std (n)" for v in VARIATIONS]
