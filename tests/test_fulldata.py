@@ -55,7 +55,7 @@ def test_protocol_defaults_and_small_lr_students() -> None:
     assert "last epoch" in recipe.protocol("resnet8x4")
 
 
-def _tiny_run(run_dir, monkeypatch=None, stop_after: int | None = None):
+def _tiny_run(run_dir, monkeypatch=None, stop_after: int | None = None, stop_during: int | None = None):
     import signal
 
     import graftkd.engine.fulldata as fulldata
@@ -75,6 +75,16 @@ def _tiny_run(run_dir, monkeypatch=None, stop_after: int | None = None):
                 os.kill(os.getpid(), signal.SIGINT)  # like Ctrl-C during the next epoch's first step
 
         monkeypatch.setattr(fulldata, "_save", save_then_interrupt)
+    if stop_during is not None:
+        batches = fulldata._batches
+
+        def interrupt_after_first_batch(images, labels, epoch, *args):
+            for i, batch in enumerate(batches(images, labels, epoch, *args)):
+                if epoch + 1 == stop_during and i == 1:
+                    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the epoch
+                yield batch
+
+        monkeypatch.setattr(fulldata, "_batches", interrupt_after_first_batch)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 4, (64,), generator=generator)
@@ -89,10 +99,19 @@ def test_an_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch) 
     from graftkd.engine.fulldata import TrainInterrupted
 
     straight = _tiny_run(tmp_path / "a")
-    with pytest.raises(TrainInterrupted, match="re-run the same command"):
+    with pytest.raises(TrainInterrupted, match="after epoch 2; .*re-run the same command"):
         _tiny_run(tmp_path / "b", monkeypatch, stop_after=2)
     monkeypatch.undo()
     resumed = _tiny_run(tmp_path / "b")
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+
+    # one process stops within an epoch at once; the epoch restarts from its saved start on resume
+    with pytest.raises(TrainInterrupted, match="during epoch 3 .*discarded.*re-run the same command"):
+        _tiny_run(tmp_path / "c", monkeypatch, stop_during=3)
+    assert torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    monkeypatch.undo()
+    resumed = _tiny_run(tmp_path / "c")
     for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key
 

@@ -355,6 +355,14 @@ def train_kd(
                 s_tap, t_tap = taps()
                 with s_tap, (t_tap if t_tap is not None else contextlib.nullcontext()):
                     for x, y in _batches(images, labels, epoch, recipe, world, local_batch, steps, normalize, device):
+                        if stop.requested and world.size == 1:
+                            # One process stops at once: the epoch restarts from its saved start on resume, and
+                            # data order and augmentation depend only on (seed, epoch), so nothing changes.
+                            # Under DDP every process must stop at the same point: the epoch-end check below.
+                            raise TrainInterrupted(
+                                f"stopped by {stop.signal_name} during epoch {epoch + 1} (its partial work is "
+                                f"discarded); {checkpointer.last_good()}: re-run the same command to resume")
+
                         def step(x=x, y=y):
                             terms: dict[str, torch.Tensor] = {}
                             t_logits = None
