@@ -57,6 +57,7 @@ def test_full_grid_runs_every_cell_then_skips_them_and_reports(tmp_path) -> None
     written = write_full_report(out / "mini-sakd")
     text = written["markdown"].read_text()
     assert "Shortened protocol" in text and "graftkd bench --config configs/mini.yaml" in text
+    assert "Protocol: SGD lr 0.05 momentum" in text and "FLOPs; SGD lr 0.05" in text
     standard = cells["digits_cnn-digits_cnn_half-at-standard-seed0"]["last_epoch_test_acc"]
     assert f"| at | {standard:.2f} | {sakd['last_epoch_test_acc']:.2f} |" in text
     kd = cells["digits_cnn-digits_cnn_half-kd-standard-seed0"]
@@ -75,3 +76,19 @@ def test_bad_full_grid_configs_fail_up_front(tmp_path, edit, message) -> None:
     with pytest.raises(GraftkdError, match=message):
         run_grid(config, tmp_path / "r", tmp_path / "runs", device="cpu", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_report_of_pairs_with_different_learning_rates_states_each_pairs_rate(tmp_path) -> None:
+    pairs = [{"teacher": {"registry": "t"}, "student": "wrn_16_2"}, {"teacher": {"registry": "t"}, "student": "shufflev1"}]
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "grid.json").write_text(json.dumps({"cells": ["a", "b"], "config": {
+        "name": "two-lr", "title": "", "modes": ["standard"], "pairs": pairs, "distillers": ["at"], "seeds": [0],
+        "epochs": 2}}))
+    for name, pair, lr, acc in (("a", pairs[0], 0.05, 9.41), ("b", pairs[1], 0.01, 7.93)):
+        (tmp_path / "cells" / f"{name}.json").write_text(json.dumps({
+            "status": "ok", "pair": pair, "lr": lr, "teacher_arch": "wrn_40_2", "teacher_acc": 44.32, "params": 1e6,
+            "flops": 1e8, "distiller": "at", "mode": "standard", "last_epoch_test_acc": acc, "history": [],
+            "protocol": f"fixed spots; SGD lr {lr} momentum 0.9 wd 0.0005, global batch 64"}))
+    text = write_full_report(tmp_path)["markdown"].read_text()
+    assert "Protocol: SGD lr per pair (stated under each table) momentum 0.9" in text
+    assert "FLOPs; SGD lr 0.05" in text and "FLOPs; SGD lr 0.01" in text and "| at | 9.41 |" in text

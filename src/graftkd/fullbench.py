@@ -9,6 +9,7 @@ the protocol for CPU runs; the report then says so in its protocol line.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -175,6 +176,8 @@ def write_full_report(results_dir: str | Path) -> dict:
     modes = config["modes"]
     lines = [f"# {config.get('title') or config['name']}", ""]
     protocol = ok[0]["protocol"].split("; ", 1)[-1] if ok else ""  # drop the mode: the columns say it
+    if len({c.get("lr") for c in ok}) > 1:  # e.g. 0.01 for ShuffleNet students: each pair states its own
+        protocol = re.sub(r"SGD lr \S+", "SGD lr per pair (stated under each table)", protocol)
     if ok and ok[0].get("shortened"):
         lines += [f"**Shortened protocol** ({config['epochs']} epochs, {ok[0]['train_images']} training images): "
                   "a smoke-scale run on CPU, not the benchmark's numbers."
@@ -190,7 +193,7 @@ def write_full_report(results_dir: str | Path) -> dict:
             continue
         first = rows[0]
         title = f"{first['teacher_arch']} ({first['teacher_acc']:.2f}%) → {pair['student']}"
-        lines += [f"## {title}", "", f"student: {first['params'] / 1e6:.2f}M params, {first['flops'] / 1e6:.1f}M FLOPs", "",
+        lines += [f"## {title}", "", f"student: {first['params'] / 1e6:.2f}M params, {first['flops'] / 1e6:.1f}M FLOPs; SGD lr {first['lr']:g}", "",
                   "| distiller | " + " | ".join(MODE_LABELS[m] for m in modes) + " |",
                   "|---|" + "---|" * len(modes)]
         for distiller in config["distillers"]:
@@ -237,9 +240,11 @@ def plot_policy(cells: list[dict], path: Path) -> Path | None:
             label = "logits" if k == spots - 1 else f"spot {k + 1}"
             ax.plot(epochs, [h["policy_fraction"][k] for h in cell["history"]], marker="o", label=label)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_ylabel("fraction distilled")
+        # the recorded statistic is the policy's own decision; anti distils the complement of it
+        ax.set_ylabel("policy: distil" if cell["mode"] == "anti" else "fraction distilled")
         ax.set_title(f"{cell['teacher_arch']}→{cell['student_arch']}, {cell['distiller']}, {cell['mode']}, "
-                     f"seed {cell['seed']}", fontsize=9)
+                     f"seed {cell['seed']}" + (" (masks inverted: 1 − this is distilled)" if cell["mode"] == "anti"
+                                               else ""), fontsize=9)
         ax.legend(fontsize=7, loc="lower left")
     ax.set_xlabel("epoch")
     return _save_png(fig, path)
