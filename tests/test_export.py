@@ -60,6 +60,7 @@ def test_every_form_reloads_in_a_fresh_process_with_the_same_logits(tmp_path) ->
     report = export_model(weights, tmp_path / "export", command="graftkd export (test)")
     assert report["formats"]["state_dict"]["max_abs_diff"] <= 1e-4
     assert report["formats"]["torch_export"]["max_abs_diff"] <= 1e-4
+    assert not [p.name for p in (tmp_path / "export").iterdir() if p.name.startswith(".")]  # no temp files left
     x = torch.randn(7, 1, 8, 8)  # another batch size than the export's probe: the batch dimension is dynamic
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():

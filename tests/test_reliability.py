@@ -115,3 +115,18 @@ def test_sigkill_at_random_steps_then_resume_gives_identical_weights(tmp_path) -
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"after SIGKILLs at {delays} s past a checkpoint, {different} differ"
+
+
+def test_atomic_path_renames_on_success_and_keeps_the_old_file_on_failure(tmp_path) -> None:
+    from graftkd.engine.io import atomic_path, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "model.onnx", "old")
+    with pytest.raises(RuntimeError, match="writer died"):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp != target
+            tmp.write_text("half")
+            raise RuntimeError("writer died")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

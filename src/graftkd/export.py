@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graftkd.engine.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from graftkd.engine.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
 from graftkd.errors import GraftkdError
 
 FORMATS = ("state_dict", "torch_export", "onnx")
@@ -95,10 +95,8 @@ def export_model(weights: str | Path, out: str | Path, formats: tuple[str, ...] 
         batch = torch.export.Dim("batch", min=1)
         program = torch.export.export(model, (probe,), dynamic_shapes=({0: batch},))
         path = out / "model.pt2"
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name("model.partial.pt2")  # written whole, then renamed into place
-        torch.export.save(program, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:  # written whole, then renamed into place
+            torch.export.save(program, tmp)
         with torch.no_grad():
             diff = _max_diff(torch.export.load(path).module()(probe), reference)
         report["formats"]["torch_export"] = _checked("torch_export", diff, ["model.pt2"])
@@ -124,14 +122,13 @@ def _export_onnx(model: nn.Module, probe: torch.Tensor, reference: torch.Tensor,
     if importlib.util.find_spec("onnx") is None:
         return {"status": "skipped", "reason": "the onnx package is not installed (pip install onnx onnxruntime)"}
     path = out / "model.onnx"
-    tmp = path.with_name("model.partial.onnx")
     import warnings
 
-    with warnings.catch_warnings():  # the TorchScript-based exporter needs no onnxscript; it warns it is legacy
+    with warnings.catch_warnings(), atomic_path(path) as tmp:
+        # the TorchScript-based exporter needs no onnxscript; it warns it is legacy
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, (probe,), str(tmp), input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    tmp.replace(path)
     import onnx
 
     onnx.checker.check_model(onnx.load(str(path)))
