@@ -158,3 +158,65 @@ def test_cross_options_and_budget_are_checked():
         build_method("cross", {"mu": 1.5}).run(make_task(build_model("digits_cnn"), build_model("digits_cnn_half")))
     with pytest.raises(GraftkdError, match="at least one epoch per trained block"):
         build_method("cross").run(make_task(build_model("digits_cnn"), build_model("digits_cnn_half"), epochs=2))
+
+
+# ------------------------------------------------------------------------------ graft from FSKD
+def test_channel_selection_adapters_compose_to_the_identity():
+    from graftkd.graft.adapters import ChannelAdapter
+
+    narrow_to_wide, wide_to_narrow = ChannelAdapter(3, 5), ChannelAdapter(5, 3)
+    kept = torch.tensor([4, 0, 2])
+    narrow_to_wide.set_channel_selection(kept)
+    wide_to_narrow.set_channel_selection(kept)
+    assert torch.equal(wide_to_narrow.matrix @ narrow_to_wide.matrix, torch.eye(3))
+    x = torch.randn(2, 5, 4, 4)
+    assert torch.equal(wide_to_narrow(x), x[:, kept])  # picks the kept teacher channels
+    written = narrow_to_wide(x[:, kept])
+    assert torch.equal(written[:, kept], x[:, kept]) and not written[:, [1, 3]].any()  # zeros elsewhere
+    with pytest.raises(ValueError, match="3 distinct channel indices in \\[0, 5\\)"):
+        wide_to_narrow.set_channel_selection(torch.tensor([0, 0, 1]))
+
+
+def graft_fskd_task(epochs: int, seed: int = 0) -> FewShotTask:
+    from graftkd.graft import ScheduleConfig
+
+    torch.manual_seed(0)
+    teacher = randomize_norms(build_model("digits_cnn"))
+    task = make_task(teacher, build_model("digits_cnn_half"), count=20, student_arch="digits_cnn_half",
+                     teacher_arch="digits_cnn", seed=seed)
+    task.schedule = ScheduleConfig("digits", block_epochs=epochs, net_epochs=epochs)
+    task.augment = None
+    return task
+
+
+def test_graft_fskd_without_steps_returns_fskds_student():
+    """Adapters start as the pruning's channel choice, so the merged student before training is FSKD's."""
+    task = graft_fskd_task(epochs=0)
+    outcome = build_method("graft_fskd").run(task)
+    reference = build_method("fskd").run(graft_fskd_task(epochs=0))
+    x = task.normalize(task.images).float()
+    with torch.no_grad():
+        assert torch.allclose(outcome.student(x), reference.student(x), atol=1e-4)
+    start = outcome.extra["start"]
+    assert start["init"] == "fskd" and start["logit_rel_error_corrected"] < start["logit_rel_error_pruned"]
+    assert outcome.extra["merge_max_abs_diff"] < 1e-4
+
+
+def test_graft_fskd_trains_from_the_pruned_start_and_checks_its_options():
+    pruned = graft_fskd_task(epochs=0)
+    before = build_method("graft_fskd", {"init": "pruned"}).run(pruned).student
+    trained = build_method("graft_fskd", {"init": "pruned"}).run(graft_fskd_task(epochs=3))
+    assert [s["steps"] > 0 for s in trained.stages] == [True] * len(trained.stages)
+    x = pruned.normalize(pruned.images).float()
+    with torch.no_grad():  # the stages moved the student away from the plain pruned teacher
+        assert not torch.allclose(trained.student(x), before(x), atol=1e-3)
+    with pytest.raises(GraftkdError, match="init must be one of fskd, pruned"):
+        build_method("graft_fskd", {"init": "random"}).run(graft_fskd_task(epochs=0))
+
+
+def test_graft_fskd_refuses_a_student_that_is_not_a_pruned_teacher():
+    task = make_task(build_model("resnet56"), build_model("resnet20"), count=2, shape=(3, 32, 32),
+                     teacher_arch="resnet56", student_arch="resnet20")
+    with pytest.raises(GraftkdError, match="channel-pruned teacher") as info:
+        build_method("graft_fskd").run(task)
+    assert getattr(info.value, "unsupported", False)

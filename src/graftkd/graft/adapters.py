@@ -27,6 +27,24 @@ class ChannelAdapter(nn.Module):
         # He et al. 2015 initialisation, as the paper states (fan_in of a 1×1 conv = in_channels).
         nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="linear")
 
+    @torch.no_grad()
+    def set_channel_selection(self, channels: torch.Tensor) -> None:
+        """Make the map the channel choice that pruning made: ``channels`` index the wide side.
+
+        A wide→narrow adapter then picks those channels of its input, a narrow→wide one writes its input
+        back to them (zeros elsewhere), so a (narrow→wide, wide→narrow) pair composes to the identity.
+        """
+        wide, narrow = max(self.in_channels, self.out_channels), min(self.in_channels, self.out_channels)
+        channels = torch.as_tensor(channels, dtype=torch.long).flatten().cpu()
+        if len(channels) != narrow or len(set(channels.tolist())) != narrow or not (
+                0 <= int(channels.min()) and int(channels.max()) < wide):
+            raise ValueError(f"a {self.in_channels}->{self.out_channels} adapter needs {narrow} distinct channel "
+                             f"indices in [0, {wide}), got {len(channels)}")
+        choice = torch.zeros(narrow, wide)
+        choice[torch.arange(narrow), channels] = 1.0
+        matrix = choice if self.out_channels == narrow else choice.T
+        self.weight.copy_(matrix.view_as(self.weight).to(self.weight))
+
     @property
     def matrix(self) -> torch.Tensor:
         return self.weight.view(self.out_channels, self.in_channels)

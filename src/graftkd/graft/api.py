@@ -1,6 +1,7 @@
 """One call from (teacher, student, few unlabeled images) to a merged student: ``graft(...)``."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,11 +97,14 @@ def graft(
     run_dir: str | Path | None = None,
     progress: bool = True,
     eval_hook: EvalHook | None = None,
+    init_adapters: Callable[[GraftPlan], None] | None = None,
 ) -> GraftResult:
     """Graft ``student`` into ``teacher`` on unlabeled uint8 ``images`` and return the merged student.
 
     The student is trained in place and finally *is* the plain student architecture (adapters folded).
     With ``run_dir`` the run checkpoints there and a repeated call resumes where it stopped.
+    ``init_adapters`` replaces the adapters' He initialisation (it gets the plan before any step); it is
+    not part of the checkpoint's fingerprint, so it must be the same on a resumed call.
     """
     config = config or GraftConfig()
     device = resolve_device(device)
@@ -121,6 +125,8 @@ def graft(
         inherit=config.inherit,
         inherit_trainable=config.inherit_trainable,
     )
+    if init_adapters is not None:
+        init_adapters(plan)
     num_classes = plan.teacher_out[-1].channels
     shots = config.shots or max(1, len(images) // num_classes)
     batch_size = config.batch_size or batch_size_for(shots, len(images))
