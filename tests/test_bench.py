@@ -89,6 +89,9 @@ def test_a_seed_slice_runs_only_its_cells_and_grid_json_still_describes_the_whol
     (("name: mini", "name: ../evil"), "name must be letters"),
     (("methods: {graft: {}, kd: {temperature: 2.0}}", "methods: {graft: {}, kdd: {}}"), "did you mean kd"),
     (("methods: {graft: {}, kd: {temperature: 2.0}}", "methods: {kd: {temp: 1}}"), "no option temp"),
+    (("methods: {graft: {}, kd: {temperature: 2.0}}", "methods: {kd-hot: {}}"), "method rows 'kd-hot' must be"),
+    (("methods: {graft: {}, kd: {temperature: 2.0}}", "methods: {hot: {method: kdd}}"), "did you mean kd"),
+    (("methods: {graft: {}, kd: {temperature: 2.0}}", "methods: {hot: {method: 3}}"), "methods.hot.method must"),
     (("seeds: [0, 1]", "seeds: [0, 1"), "not valid YAML"),
     (("shots: [1]", "shots: [1, '5']"), "shots\\[1\\] must be an integer, got '5'"),
     (("shots: [1]", "shots: 1"), "shots must be a list of integers, got 1"),
@@ -106,6 +109,14 @@ def test_bad_grid_configs_fail_before_any_training(tmp_path, edit, message) -> N
     with pytest.raises(GraftkdError, match=message):
         run_grid(config, tmp_path / "r", tmp_path / "runs", device="cpu", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_row_may_run_another_method_with_other_options() -> None:
+    from graftkd.bench import build_row_method
+
+    hot = build_row_method("kd_hot", {"method": "kd", "temperature": 8.0})
+    assert hot.name == "kd" and hot.options["temperature"] == 8.0
+    assert build_row_method("kd", None).options["temperature"] != 8.0
 
 
 def test_committed_configs_are_valid() -> None:

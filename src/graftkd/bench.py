@@ -97,6 +97,9 @@ class GridConfig:
         need(self.name.replace("-", "").replace("_", "").isalnum() and self.name.isascii(),
              f"name must be letters, digits, '-' or '_' (it names the results folder), got {self.name!r}")
         need(len(self.methods) > 0, "methods must map method names to options")
+        bad = [m for m in self.methods if not (m.replace("_", "").isalnum() and m.isascii())]
+        need(not bad, f"method rows {', '.join(map(repr, bad))} must be letters, digits or '_' (they name result "
+                      "files); give another method's options under a new name with method: NAME")
         need(bool(self.shots) and all(k > 0 for k in self.shots),
              f"shots must be a list of positive integers, got {self.shots!r}")
         need(len(set(self.shots)) == len(self.shots), f"shots has repeated values: {self.shots!r}")
@@ -157,6 +160,18 @@ class Cell:
     @property
     def key(self) -> str:
         return f"{self.method}-k{self.shots}-seed{self.seed}-subset{self.subset}" + ("-curves" if self.curves else "")
+
+
+def build_row_method(row: str, options: dict[str, Any] | None):
+    """The method of one row of a grid: the registered method named ``row``, or, when the options say
+    ``method: NAME``, that method under the row's name (two rows of one method with other options)."""
+    from graftkd.distill.base import build_method
+
+    options = dict(options or {})
+    name = options.pop("method", row)
+    if not isinstance(name, str):
+        raise GraftkdError(f"methods.{row}.method must be the name of a registered method, got {name!r}")
+    return build_method(name, options)
 
 
 def grid_cells(config: GridConfig) -> list[Cell]:
@@ -296,8 +311,6 @@ class GridRunner:
 
     def run_cell(self, cell: Cell) -> dict:
         """Run one cell and write its result file (also for failures: status + one-line error)."""
-        from graftkd.distill.base import build_method
-
         started = time.perf_counter()
         facts = run_facts(self.device, cell.seed)
         base = {**facts, "kind": "bench-cell", "grid": self.config.name, "method": cell.method,
@@ -305,7 +318,7 @@ class GridRunner:
                 "subset": cell.subset, "variation": list(cell.variations), "curves": cell.curves,
                 "protocol": PROTOCOL, "teacher": self._teacher_facts}
         try:
-            method = build_method(cell.method, self.config.methods.get(cell.method) or {})
+            method = build_row_method(cell.method, self.config.methods.get(cell.method))
             record = {**base, **self._run(cell, method), "status": "ok"}
         except GraftkdError as exc:
             from graftkd.engine.loop import MethodInterrupted
@@ -401,7 +414,6 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
              device: str = "auto", progress: bool = True, only: list[str] | None = None,
              shots: list[int] | None = None, seeds: list[int] | None = None) -> dict:
     """``graftkd bench``: run (or finish) every cell of the grid in ``config_path`` (or a slice of it)."""
-    from graftkd.distill.base import build_method
 
     raw = _read_yaml(Path(config_path))
     if isinstance(raw, dict) and raw.get("kind") == "fulldata":  # pairs x distillers x modes on full data
@@ -414,7 +426,7 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
     config = load_grid(config_path)
     full_config = load_grid(config_path)
     for name, options in config.methods.items():  # unknown methods or options fail now, not in cell 37
-        build_method(name, options or {})
+        build_row_method(name, options)
     if only:
         unknown = [m for m in only if m not in config.methods]
         if unknown:
