@@ -357,11 +357,12 @@ def _cmd_report(args) -> None:
 def _cmd_methods(args) -> None:
     from graftkd.distill.base import METHODS, list_methods
 
+    width = max(map(len, list_methods()), default=0)
     for name in list_methods():
         cls = METHODS[name]
         options = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "no options"
         summary = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:<8} {summary}  [{options}]")
+        print(f"{name:<{width}} {summary}  [{options}]")
     from graftkd.distill.zoo import DISTILLERS, list_distillers
 
     print("\nfeature distillers for full-data training (graftkd train-kd --distiller NAME [--adaptive sakd]):")
