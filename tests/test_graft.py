@@ -60,6 +60,26 @@ def test_loss_golden_values():
     assert normalized_logit_loss(s[:1], -s[:1]).item() == pytest.approx(4.0)
 
 
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_norm_stats_keeps_the_running_statistics_and_still_trains(freeze):
+    torch.manual_seed(0)
+    teacher, student = CustomNet(16), CustomNet(6)
+    norms = [m for m in student.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in norms:
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    weights = [m.weight.clone() for m in norms]
+    config = _quick_config(freeze_norm_stats=freeze)
+    graft(teacher, student, _images(), normalize=ScaledNorm(), config=config, teacher_blocks=PATHS,
+          student_blocks=PATHS, device="cpu", progress=False)
+    kept = [torch.equal(m.running_var, var) for m, (_, var) in zip(norms, stats)]
+    assert kept == [freeze] * len(norms)  # the adapter fold changes weights, never running statistics
+    assert all(not torch.equal(m.weight, w) for m, w in zip(norms, weights))  # BN affine params still learn
+    assert ("freeze_norm_stats" in config.to_dict()) == freeze  # old runs' fingerprints are unchanged
+
+
 # ----------------------------------------------------------------------- custom pair via paths
 def test_custom_pair_grafts_through_the_api_with_a_block_list():
     torch.manual_seed(0)

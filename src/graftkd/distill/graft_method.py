@@ -8,7 +8,7 @@ from graftkd.distill.base import FewShotMethod, FewShotTask, MethodOutcome, regi
 
 @register_method("graft")
 class Graft(FewShotMethod):
-    defaults = {"inherit_trainable": False}
+    defaults = {"inherit_trainable": False, "freeze_norm_stats": False}
 
     def run(self, task: FewShotTask) -> MethodOutcome:
         return self.graft(task)
@@ -22,6 +22,7 @@ class Graft(FewShotMethod):
             inherit_trainable=self.options["inherit_trainable"], augment=task.augment is not None,
             padding=task.padding, flip=task.flip, mixup=task.mixup, seed=task.seed, precision=task.precision,
             checkpoint_every_s=task.checkpoint_every_s, log_every=task.log_every, eval_every=task.eval_every,
+            freeze_norm_stats=self.options["freeze_norm_stats"],
         )
         result = graft(task.teacher, task.student, task.images, normalize=task.normalize, config=config,
                        device=task.device, run_dir=task.run_dir, progress=task.progress, eval_hook=task.eval_hook,

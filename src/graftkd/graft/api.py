@@ -40,9 +40,14 @@ class GraftConfig:
     checkpoint_every_s: float = 60.0
     log_every: int = 10
     eval_every: int = 0  # epochs between optional evaluation-curve points; 0 = off (the default)
+    # BatchNorm layers of trained blocks keep their running statistics and normalise with them, instead of
+    # batch statistics of a few images (for blocks that start from trained weights, e.g. graft_fskd).
+    freeze_norm_stats: bool = False
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        if not data["freeze_norm_stats"]:
+            del data["freeze_norm_stats"]  # keeps the fingerprints of runs made before the option existed
         if not isinstance(data["inherit"], str):
             data["inherit"] = list(data["inherit"])
         return data
@@ -160,6 +165,7 @@ def graft(
         eval_every=config.eval_every,
         eval_hook=eval_hook,
         progress=progress,
+        freeze_norm_stats=config.freeze_norm_stats,
     )
     records = runner.run(stages)
     probe = normalize.to(device)(images[: min(len(images), 32)].to(device)).float()

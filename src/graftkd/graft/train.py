@@ -73,10 +73,12 @@ class GraftRunner:
         eval_every: int = 0,
         eval_hook: EvalHook | None = None,
         progress: bool = True,
+        freeze_norm_stats: bool = False,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise GraftkdError(f"few-shot images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
         self.plan = plan
+        self.freeze_norm_stats = freeze_norm_stats
         self.device = device
         self.images = images.to(device)
         self.normalize = normalize.to(device)
@@ -178,6 +180,10 @@ class GraftRunner:
         self.plan.scions.eval()
         for index in stage.trainable:  # inherited frozen blocks are never trainable: they stay in eval
             self.plan.scions[index].train()
+            if self.freeze_norm_stats:  # normalise with the running statistics the block started with
+                for module in self.plan.scions[index].modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
 
     def _parameters(self, stage: StageSpec) -> list[nn.Parameter]:
         params = [p for i in stage.trainable for p in self.plan.scions[i].parameters() if p.requires_grad]
