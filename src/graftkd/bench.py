@@ -414,7 +414,6 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
              device: str = "auto", progress: bool = True, only: list[str] | None = None,
              shots: list[int] | None = None, seeds: list[int] | None = None) -> dict:
     """``graftkd bench``: run (or finish) every cell of the grid in ``config_path`` (or a slice of it)."""
-
     raw = _read_yaml(Path(config_path))
     if isinstance(raw, dict) and raw.get("kind") == "fulldata":  # pairs x distillers x modes on full data
         from graftkd.fullbench import FullGridConfig, run_full_grid

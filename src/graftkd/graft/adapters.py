@@ -39,7 +39,7 @@ class ChannelAdapter(nn.Module):
         if len(channels) != narrow or len(set(channels.tolist())) != narrow or not (
                 0 <= int(channels.min()) and int(channels.max()) < wide):
             raise ValueError(f"a {self.in_channels}->{self.out_channels} adapter needs {narrow} distinct channel "
-                             f"indices in [0, {wide}), got {len(channels)}")
+                             f"indices in [0, {wide}), got {channels.tolist()}")
         choice = torch.zeros(narrow, wide)
         choice[torch.arange(narrow), channels] = 1.0
         matrix = choice if self.out_channels == narrow else choice.T
