@@ -220,3 +220,11 @@ def test_graft_fskd_refuses_a_student_that_is_not_a_pruned_teacher():
     with pytest.raises(GraftkdError, match="channel-pruned teacher") as info:
         build_method("graft_fskd").run(task)
     assert getattr(info.value, "unsupported", False)
+
+
+def test_fskd_without_corrections_is_the_plainly_pruned_teacher():
+    teacher, student, kept, _ = exact_pair()
+    outcome = build_method("fskd", {"correct": False}).run(make_task(teacher, student, count=12))
+    assert outcome.extra["layers"] == [] and outcome.stages[0]["solves"] == 0
+    assert torch.equal(outcome.student[2].weight, kept)  # conv2 keeps the teacher's weights on kept inputs
+    assert outcome.extra["logit_rel_error_corrected"] == outcome.extra["logit_rel_error_pruned"] > 0

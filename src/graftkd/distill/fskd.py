@@ -63,7 +63,8 @@ class _Layer:
 
 @register_method("fskd")
 class FSKD(FewShotMethod):
-    defaults = {"ridge": 1e-4, "copies": 0, "fit_linear": True}
+    # correct=False stops after pruning: the L1-pruned teacher alone, as a reference point for ablations.
+    defaults = {"ridge": 1e-4, "copies": 0, "fit_linear": True, "correct": True}
     own_student = True
 
     def run(self, task: FewShotTask) -> MethodOutcome:
@@ -83,7 +84,8 @@ class FSKD(FewShotMethod):
 
         records: list[dict] = []
         for layer in layers:
-            if not layer.affected or (layer.kind == "linear" and not self.options["fit_linear"]):
+            if not self.options["correct"] or not layer.affected or (
+                    layer.kind == "linear" and not self.options["fit_linear"]):
                 continue
             fit_start = time.perf_counter()
             stats = _collect(teacher, student, layer, inputs, chunk)
