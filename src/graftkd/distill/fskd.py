@@ -68,6 +68,11 @@ class FSKD(FewShotMethod):
     own_student = True
 
     def run(self, task: FewShotTask) -> MethodOutcome:
+        return self.fit(task)[0]
+
+    def fit(self, task: FewShotTask) -> tuple[MethodOutcome, list[_Layer]]:
+        """Prune (and correct) ``task.student`` in place; also return the pruning plan, for callers that
+        continue from this student (``graft_fskd``)."""
         start = time.perf_counter()
         ridge = float(self.options["ridge"])
         if ridge < 0:
@@ -98,7 +103,7 @@ class FSKD(FewShotMethod):
                 "rel_error_after": after / stats["target"], "fold_max_abs_diff": fold_error,
                 "seconds": time.perf_counter() - fit_start,
             })
-        logit_after = _relative_logit_error(teacher, student, inputs, chunk)
+        logit_after = _relative_logit_error(teacher, student, inputs, chunk) if records else logit_before
         seconds = time.perf_counter() - start
         student.eval()
         pruned = [{"layer": la.path, "kept": len(la.out_keep), "of": la.teacher_out}
@@ -109,7 +114,7 @@ class FSKD(FewShotMethod):
                  "logit_rel_error_pruned": logit_before, "logit_rel_error_corrected": logit_after,
                  "solver": "normal equations, float64, ridge towards identity, Cholesky",
                  "ridge": ridge, "rows_images": int(len(inputs)), "seconds": seconds}
-        return MethodOutcome(student=student, stages=[stage], extra=extra)
+        return MethodOutcome(student=student, stages=[stage], extra=extra), layers
 
     def _inputs(self, task: FewShotTask) -> torch.Tensor:
         """Normalised few-shot images, plus ``copies`` augmented copies when asked."""

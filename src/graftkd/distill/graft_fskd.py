@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from graftkd.distill.base import FewShotTask, MethodOutcome, register_method
-from graftkd.distill.fskd import FSKD, load_pruned, prune_plan
+from graftkd.distill.fskd import FSKD
 from graftkd.distill.graft_method import Graft
 from graftkd.errors import GraftkdError, UnsupportedPairing
 
@@ -34,16 +34,9 @@ class GraftFromFSKD(Graft):
         init = self.options["init"]
         if init not in INITS:
             raise GraftkdError(f"graft_fskd option init must be one of {', '.join(INITS)}, got {init!r}")
-        task.teacher.eval()
-        layers, norms = prune_plan(task.teacher, task.student, tuple(task.images.shape[1:]),
-                                   teacher_name=task.teacher_arch, student_name=task.student_arch)
-        start: dict = {"init": init}
-        if init == "fskd":
-            fitted = FSKD(ridge=float(self.options["ridge"])).run(task)  # prunes and corrects task.student
-            start.update({key: fitted.extra[key] for key in ("logit_rel_error_pruned", "logit_rel_error_corrected")})
-            start["seconds"] = fitted.extra["seconds"]
-        else:
-            load_pruned(task.teacher, task.student, layers, norms)
+        fitted, layers = FSKD(ridge=float(self.options["ridge"]), correct=init == "fskd").fit(task)
+        start = {"init": init, "seconds": fitted.extra["seconds"],
+                 **{key: fitted.extra[key] for key in ("logit_rel_error_pruned", "logit_rel_error_corrected")}}
         kept = {layer.path: layer.out_keep for layer in layers}
         outcome = self.graft(task, init_adapters=lambda plan: select_pruned_channels(plan, kept))
         outcome.extra["start"] = start
