@@ -83,6 +83,19 @@ def test_a_seed_slice_runs_only_its_cells_and_grid_json_still_describes_the_whol
         run_grid(config, out, runs, device="cpu", progress=False, seeds=[7])
 
 
+def test_threads_pins_the_cpu_thread_count_for_the_grid_and_restores_it(tmp_path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    pinned = 1 if before != 1 else 2
+    config = _config(tmp_path, MINI + f"threads: {pinned}\n")
+    out = tmp_path / "results"
+    run_grid(config, out, tmp_path / "runs", device="cpu", progress=False, only=["kd"], seeds=[1])
+    cell = json.loads((out / "mini" / "cells" / "kd-k1-seed1-subset1.json").read_text())
+    assert cell["device"].endswith(f", {pinned} threads")  # the record says which count produced the number
+    assert torch.get_num_threads() == before
+
+
 @pytest.mark.parametrize("edit, message", [
     (("shots: [1]", "shot: [1]"), "unknown key 'shot' \\(did you mean 'shots'\\?\\)"),
     (("shots: [1]", "shots: [0]"), "shots must be a list of positive integers"),
@@ -98,6 +111,7 @@ def test_a_seed_slice_runs_only_its_cells_and_grid_json_still_describes_the_whol
     (("seeds: [0, 1]", "seeds: [0, 1]\naugment: 'yes'"), "augment must be true/false, got 'yes'"),
     (("\nprecision: fp32", "\nprecision: fp16"), "precision must be one of 'auto', 'fp32', 'bf16'"),
     (("seeds: [0, 1]", "seeds: [0, 1]\nblock_lr: fast"), "block_lr must be a number or a list of numbers or null"),
+    (("seeds: [0, 1]", "seeds: [0, 1]\nthreads: 0"), "threads must be >= 1"),
     (("seeds: [0, 1]", "seeds: [0, 1]\npreset: cifar1000"), "preset must be one of cifar10, cifar100"),
     (("seeds: [0, 1]", "seeds: [0, 1]\ncurves: {methods: [fitnet]}"), "curves.methods fitnet not in methods"),
     (("seeds: [0, 1]", "seeds: [0, 1]\ncurves: {every: 3}"), "unknown key 'curves.every'"),

@@ -33,7 +33,7 @@ VALID = {
     "curves": {"methods": ["graft"], "shots": 5, "seed": 0, "eval_every": 2},
 }
 KEYS = [*VALID, "preset", "variation", "augment", "padding", "flip", "mixup", "inherit", "block_epochs",
-        "net_epochs", "block_lr", "net_lr", "baseline_lr", "precision", "title"]
+        "net_epochs", "block_lr", "net_lr", "baseline_lr", "precision", "title", "threads"]
 
 scalars = st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=True) | st.text(max_size=12)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(

@@ -11,6 +11,7 @@ also seed i on subset 0 — the reference repo's protocol, training noise only);
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field, fields
@@ -75,6 +76,9 @@ class GridConfig:
     baseline_lr: float | None = None  # Adam lr at batch 64 for end-to-end methods; default: preset block lr
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     curves: dict[str, Any] | None = None  # CurveSpec as a mapping
+    # CPU threads for the whole grid (teacher included). CPU results depend on the thread count bit for bit
+    # (reductions split differently), so a grid meant to be re-run and compared pins it; None: torch's default.
+    threads: int | None = None
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> "GridConfig":
@@ -108,6 +112,8 @@ class GridConfig:
         need(len(set(self.seeds)) == len(self.seeds), f"seeds has repeated values: {self.seeds!r}")
         need(self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         need(self.padding is None or self.padding >= 0, f"padding must be >= 0, got {self.padding}")
+        need(self.threads is None or self.threads >= 1,
+             f"threads must be >= 1 (CPU threads for every cell) or left out for torch's default, got {self.threads!r}")
         for key in ("block_epochs", "net_epochs"):
             value = getattr(self, key)
             values = value if isinstance(value, list) else [value] if value is not None else []
@@ -441,4 +447,19 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
         setattr(config, field_name, [v for v in available if v in chosen])
         if config.curves is not None and getattr(CurveSpec(**config.curves), curve_key) not in chosen:
             config.curves = None  # the curve cells belong to a K / seed outside this slice
-    return GridRunner(config, out_root, runs_root, device, progress, str(config_path), full_config).run()
+    with _cpu_threads(config.threads):
+        return GridRunner(config, out_root, runs_root, device, progress, str(config_path), full_config).run()
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None):
+    """Pin torch's intra-op CPU threads for the grid, so its cells are bit-identical on any core count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
