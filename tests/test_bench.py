@@ -96,6 +96,20 @@ def test_threads_pins_the_cpu_thread_count_for_the_grid_and_restores_it(tmp_path
     assert torch.get_num_threads() == before
 
 
+def test_curves_only_runs_the_curve_cells_and_a_method_slice_drops_curves_of_other_methods(tmp_path) -> None:
+    config = _config(tmp_path, MINI + "curves: {methods: [graft], shots: 1, seed: 0, eval_every: 1}\n")
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    summary = run_grid(config, out, runs, device="cpu", progress=False, only=["kd"])
+    assert summary["cells"] == 3  # kd's cells only: graft's curve cell is not part of a kd slice
+    assert not list((out / "mini" / "cells").glob("*curves*"))
+    summary = run_grid(config, out, runs, device="cpu", progress=False, curves_only=True)
+    assert summary["cells"] == 1 and summary["ok"] == 1
+    curve = json.loads((out / "mini" / "cells" / "graft-k1-seed0-subset0-curves.json").read_text())
+    assert curve["curves"] is True and not (out / "mini" / "cells" / "graft-k1-seed0-subset0.json").exists()
+    with pytest.raises(GraftkdError, match="--curves-only: no curve cells"):
+        run_grid(config, out, runs, device="cpu", progress=False, only=["kd"], curves_only=True)
+
+
 @pytest.mark.parametrize("edit, message", [
     (("shots: [1]", "shot: [1]"), "unknown key 'shot' \\(did you mean 'shots'\\?\\)"),
     (("shots: [1]", "shots: [0]"), "shots must be a list of positive integers"),

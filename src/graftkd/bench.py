@@ -204,8 +204,9 @@ def grid_cells(config: GridConfig) -> list[Cell]:
 class GridRunner:
     def __init__(self, config: GridConfig, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",
                  device: str = "auto", progress: bool = True, config_path: str = "",
-                 full_config: GridConfig | None = None) -> None:
+                 full_config: GridConfig | None = None, curves_only: bool = False) -> None:
         self.config = config  # the cells to run now (a --methods/--shots/--seeds slice of full_config)
+        self.curves_only = curves_only  # run only the Figure 3 curve cells of the slice
         self.full_config = full_config or config
         self.out = Path(out_root) / config.name
         self.runs = Path(runs_root) / config.name
@@ -263,7 +264,7 @@ class GridRunner:
 
     # --------------------------------------------------------------------------------- the grid
     def run(self) -> dict:
-        cells = grid_cells(self.config)
+        cells = [c for c in grid_cells(self.config) if c.curves or not self.curves_only]
         todo = [c for c in cells if not self._finished(c)]
         self._write_grid_file(grid_cells(self.full_config), cells)
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not self.progress,
@@ -418,14 +419,14 @@ def _first(value) -> float:
 
 def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",
              device: str = "auto", progress: bool = True, only: list[str] | None = None,
-             shots: list[int] | None = None, seeds: list[int] | None = None) -> dict:
+             shots: list[int] | None = None, seeds: list[int] | None = None, curves_only: bool = False) -> dict:
     """``graftkd bench``: run (or finish) every cell of the grid in ``config_path`` (or a slice of it)."""
     raw = _read_yaml(Path(config_path))
     if isinstance(raw, dict) and raw.get("kind") == "fulldata":  # pairs x distillers x modes on full data
         from graftkd.fullbench import FullGridConfig, run_full_grid
 
-        if only or shots or seeds:
-            raise GraftkdError("--methods/--shots/--seeds slice few-shot grids; a full-data grid runs whole")
+        if only or shots or seeds or curves_only:
+            raise GraftkdError("--methods/--shots/--seeds/--curves-only slice few-shot grids; a full-data grid runs whole")
         return run_full_grid(FullGridConfig.from_dict(raw, str(config_path)), str(config_path), out_root, runs_root,
                              device, progress)
     config = load_grid(config_path)
@@ -437,6 +438,9 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
         if unknown:
             raise GraftkdError(f"--methods {', '.join(unknown)} not in {config_path} (it has {', '.join(config.methods)})")
         config.methods = {m: config.methods[m] for m in config.methods if m in only}
+        if config.curves is not None:  # curve cells of methods outside the slice are not part of it either
+            kept = [m for m in CurveSpec(**config.curves).methods if m in only]
+            config.curves = {**config.curves, "methods": kept} if kept else None
     for flag, field_name, curve_key, chosen in (("--shots", "shots", "shots", shots), ("--seeds", "seeds", "seed", seeds)):
         if not chosen:
             continue
@@ -447,8 +451,12 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
         setattr(config, field_name, [v for v in available if v in chosen])
         if config.curves is not None and getattr(CurveSpec(**config.curves), curve_key) not in chosen:
             config.curves = None  # the curve cells belong to a K / seed outside this slice
+    if curves_only and config.curves is None:
+        raise GraftkdError(f"--curves-only: no curve cells to run; {config_path} has no `curves:` key, or "
+                           "--methods/--shots/--seeds left out its curve methods, K or seed")
     with _cpu_threads(config.threads):
-        return GridRunner(config, out_root, runs_root, device, progress, str(config_path), full_config).run()
+        return GridRunner(config, out_root, runs_root, device, progress, str(config_path), full_config,
+                          curves_only).run()
 
 
 @contextlib.contextmanager

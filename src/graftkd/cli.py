@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated subset of the grid's methods to run now")
     p.add_argument("--shots", help="comma-separated subset of the grid's K values to run now")
     p.add_argument("--seeds", help="comma-separated subset of the grid's seeds to run now")
+    p.add_argument("--curves-only", action="store_true",
+                   help="run only the grid's Figure 3 curve cells (train/test accuracy every curves.eval_every epochs)")
     p.add_argument("--no-report", action="store_true", help="do not regenerate results.md/json and plots")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -322,7 +324,8 @@ def _cmd_bench(args) -> None:
     only = [m.strip() for m in args.methods.split(",")] if args.methods else None
     shots = [int(k) for k in args.shots.split(",")] if args.shots else None
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    summary = run_grid(args.config, args.out, args.runs, args.device, not args.no_progress, only, shots, seeds)
+    summary = run_grid(args.config, args.out, args.runs, args.device, not args.no_progress, only, shots, seeds,
+                       args.curves_only)
     print(f"{summary['cells']} cells: {summary['ok']} ran, {summary['skipped']} already done, "
           f"{summary['unsupported']} unsupported, {summary['failed']} failed; results in {summary['out']}")
     if not args.no_report:
