@@ -66,3 +66,21 @@ def test_cli_names_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         repro_check.main([str(tmp_path / "nope.json"), str(tmp_path / "nope.json"), "--out", str(tmp_path / "o.json")])
     assert "nope.json does not exist" in capsys.readouterr().err
+
+
+def test_chance_outside_std_matches_closed_forms_and_the_compare_expectation() -> None:
+    # df = 2 (3 committed runs): P(|t| > b) = 1 - b / sqrt(2 + b^2), b = 1 / sqrt(1/3 + 1/3)
+    assert repro_check.chance_outside_std(3, 3) == pytest.approx(1 - (3 / 7) ** 0.5, abs=1e-9)  # 34.53 %
+    # df = 1 (2 committed runs): Cauchy, P(|t| > b) = 1 - 2/pi * atan(b), b = 1 / sqrt(1/2 + 1)
+    import math
+
+    assert repro_check.chance_outside_std(2, 1) == pytest.approx(1 - 2 / math.pi * math.atan(1 / 1.5 ** 0.5), abs=1e-9)
+    # more runs on both sides: the std grows relatively wider than the mean's spread, so chance falls
+    assert repro_check.chance_outside_std(10, 10) < repro_check.chance_outside_std(3, 3)
+    with pytest.raises(ValueError, match="n_committed >= 2"):
+        repro_check.chance_outside_std(1, 3)
+    row = _row("kd", 1, {(0, 0): 80.0, (1, 1): 81.0, (2, 2): 82.0}, std=1.0)
+    single = _row("fskd", 1, {(0, 0): 90.0}, std=0.0)
+    result = repro_check.compare(_report(row, single), _report(row, single))
+    assert result["rows_compared"] == 2
+    assert result["expected_outside_by_chance"] == pytest.approx(1 - (3 / 7) ** 0.5)  # the n=1 row has no std
