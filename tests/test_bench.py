@@ -171,3 +171,26 @@ def test_readme_digits_table_matches_the_committed_report() -> None:
         stats = row["variations"]["noise+subset"]
         line = next(x for x in readme if x.startswith(f"| {row['method']} | "))
         assert f"{stats['mean']:.2f} ± {stats['std']:.2f}" in line, (row["method"], row["shots"])
+
+
+def test_readme_vgg_table_matches_the_committed_report() -> None:
+    """The README's VGG16 table (one line per K, one column per method) is copied from results.json."""
+    root = Path(__file__).resolve().parents[1]
+    report = root / "results" / "cifar10-vgg16-graft" / "results.json"
+    if not report.is_file():
+        pytest.skip("no committed VGG16 report")
+    readme = (root / "README.md").read_text().splitlines()
+    header = next(x for x in readme if x.startswith("| method | graft | kd | fitnet | whole | fskd | cross |"))
+    methods = [c.strip() for c in header.strip("|").split("|")][1:]
+    stats = {(r["method"], r["shots"]): r["variations"]["noise+subset"] for r in json.loads(report.read_text())["rows"]}
+    checked = 0
+    for line in readme[readme.index(header) + 2:]:
+        if not line.startswith("| K="):
+            break
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        shots = int(cells[0][2:])
+        for method, cell in zip(methods, cells[1:]):
+            s = stats[(method, shots)]
+            assert cell == f"{s['mean']:.2f} ± {s['std']:.2f}", (method, shots)
+            checked += 1
+    assert checked >= 12  # K=1 and K=2 for six methods
