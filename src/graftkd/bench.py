@@ -204,10 +204,9 @@ def grid_cells(config: GridConfig) -> list[Cell]:
 class GridRunner:
     def __init__(self, config: GridConfig, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",
                  device: str = "auto", progress: bool = True, config_path: str = "",
-                 full_config: GridConfig | None = None, curves_only: bool = False) -> None:
-        self.config = config  # the cells to run now (a --methods/--shots/--seeds slice of full_config)
-        self.curves_only = curves_only  # run only the Figure 3 curve cells of the slice
-        self.full_config = full_config or config
+                 cells: list[Cell] | None = None) -> None:
+        self.config = config  # the whole grid, as in its file
+        self.cells = cells  # the cells to run now (a slice of the grid); None: all of them
         self.out = Path(out_root) / config.name
         self.runs = Path(runs_root) / config.name
         self.device = resolve_device(device)
@@ -264,9 +263,10 @@ class GridRunner:
 
     # --------------------------------------------------------------------------------- the grid
     def run(self) -> dict:
-        cells = [c for c in grid_cells(self.config) if c.curves or not self.curves_only]
+        planned = grid_cells(self.config)
+        cells = planned if self.cells is None else self.cells
         todo = [c for c in cells if not self._finished(c)]
-        self._write_grid_file(grid_cells(self.full_config), cells)
+        self._write_grid_file(planned, cells)
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not self.progress,
                    dynamic_ncols=True, desc=self.config.name)
         counts = {"ok": 0, "unsupported": 0, "failed": 0, "skipped": len(cells) - len(todo)}
@@ -309,9 +309,9 @@ class GridRunner:
                                    "flops": count_flops(teacher.model, shape), "test_acc": acc}
         payload = {**run_facts(self.device), "kind": "bench-grid", "name": self.config.name,
                    "title": self.config.title or self.config.name, "config_file": self.config_path,
-                   "config": {f.name: getattr(self.full_config, f.name) for f in fields(self.full_config)},
+                   "config": {f.name: getattr(self.config, f.name) for f in fields(self.config)},
                    "teacher": self._teacher_facts, "student_arch": self.config.student, "protocol": PROTOCOL,
-                   "methods": list(self.full_config.methods), "shots": sorted(self.full_config.shots),
+                   "methods": list(self.config.methods), "shots": sorted(self.config.shots),
                    "cells": [c.key for c in cells],
                    "last_invocation_cells": [c.key for c in slice_cells]}
         atomic_write_json(self.out / "grid.json", payload)
@@ -430,33 +430,27 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
         return run_full_grid(FullGridConfig.from_dict(raw, str(config_path)), str(config_path), out_root, runs_root,
                              device, progress)
     config = load_grid(config_path)
-    full_config = load_grid(config_path)
     for name, options in config.methods.items():  # unknown methods or options fail now, not in cell 37
         build_row_method(name, options)
-    if only:
-        unknown = [m for m in only if m not in config.methods]
-        if unknown:
-            raise GraftkdError(f"--methods {', '.join(unknown)} not in {config_path} (it has {', '.join(config.methods)})")
-        config.methods = {m: config.methods[m] for m in config.methods if m in only}
-        if config.curves is not None:  # curve cells of methods outside the slice are not part of it either
-            kept = [m for m in CurveSpec(**config.curves).methods if m in only]
-            config.curves = {**config.curves, "methods": kept} if kept else None
-    for flag, field_name, curve_key, chosen in (("--shots", "shots", "shots", shots), ("--seeds", "seeds", "seed", seeds)):
-        if not chosen:
-            continue
-        available = getattr(config, field_name)
-        unknown = [v for v in chosen if v not in available]
+    unknown = [m for m in only or [] if m not in config.methods]
+    if unknown:
+        raise GraftkdError(f"--methods {', '.join(unknown)} not in {config_path} (it has {', '.join(config.methods)})")
+    for flag, chosen, available in (("--shots", shots, config.shots), ("--seeds", seeds, config.seeds)):
+        unknown = [v for v in chosen or [] if v not in available]
         if unknown:
             raise GraftkdError(f"{flag} {unknown} not in {config_path} (it has {available})")
-        setattr(config, field_name, [v for v in available if v in chosen])
-        if config.curves is not None and getattr(CurveSpec(**config.curves), curve_key) not in chosen:
-            config.curves = None  # the curve cells belong to a K / seed outside this slice
-    if curves_only and config.curves is None:
+
+    def in_slice(cell: Cell) -> bool:
+        """A cell (a curve cell too) is in the slice when its method, K and seed are."""
+        return ((not only or cell.method in only) and (not shots or cell.shots in shots)
+                and (not seeds or cell.seed in seeds) and (cell.curves or not curves_only))
+
+    cells = [c for c in grid_cells(config) if in_slice(c)]
+    if curves_only and not cells:
         raise GraftkdError(f"--curves-only: no curve cells to run; {config_path} has no `curves:` key, or "
                            "--methods/--shots/--seeds left out its curve methods, K or seed")
     with _cpu_threads(config.threads):
-        return GridRunner(config, out_root, runs_root, device, progress, str(config_path), full_config,
-                          curves_only).run()
+        return GridRunner(config, out_root, runs_root, device, progress, str(config_path), cells).run()
 
 
 @contextlib.contextmanager
