@@ -156,6 +156,14 @@ def test_committed_configs_are_valid() -> None:
         raw = yaml.safe_load(path.read_text())
         if raw.get("kind") == "fulldata":
             FullGridConfig.from_dict(raw, str(path))
+        elif raw.get("kind") == "distill-grid":  # benchmarks/derived/grid.py: one `graftkd distill` per cell
+            from graftkd.cli import build_parser
+
+            for pair in raw["pairs"].values():
+                for flags in raw["rows"].values():
+                    build_parser().parse_args(["distill", "--teacher", pair["teacher"], "--student-arch",
+                                               pair["student"], "--data", raw["data"], "--k", "1", *flags])
+            assert raw["shots"] and raw["seeds"] and raw["threads"] >= 1
         else:
             load_grid(path)
 

@@ -27,8 +27,8 @@ def digits_teacher(tmp_path_factory) -> Path:
 
 def _distill_args(teacher: Path, out: Path, *extra: str) -> list[str]:
     return ["distill", "--teacher", str(teacher), "--teacher-arch", "digits_cnn", "--student-arch", "digits_cnn_half",
-            "--preset", "digits", "--block-epochs", "2", "--net-epochs", "2", "--device", "cpu", "--no-progress",
-            "--out", str(out), *extra]
+            "--preset", "digits", "--block-epochs", "2", "--net-epochs", "2", "--init", "fresh", "--device", "cpu",
+            "--no-progress", "--out", str(out), *extra]
 
 
 def test_fewshot_then_distill_writes_a_loadable_student_and_a_traceable_result(tmp_path, digits_teacher, capsys):
@@ -50,6 +50,34 @@ def test_fewshot_then_distill_writes_a_loadable_student_and_a_traceable_result(t
     fresh.load_state_dict(saved["state_dict"], strict=True)
     assert not (out / "checkpoint.pt").exists()
     assert not list(out.glob(".*.tmp"))
+
+
+def test_default_distill_derives_the_student_and_records_how(tmp_path, digits_teacher):
+    out = tmp_path / "derived"
+    assert main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
+                 "digits_cnn_half", "--data", "digits", "--k", "2", "--samples", "640", "--device", "cpu",
+                 "--no-progress", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["init"]["used"] == "derived" and result["method"] == "derived+kd"
+    assert all(row["status"] == "channels chosen" for row in result["derivation"]["blocks"])
+    assert result["derive"]["recipe"]["samples"] == 640 and result["refine"]["stages"][0]["steps"] == 10
+    assert result["refine"]["bn_recalibrated"]["norms"] > 0 and result["bn_start"]["used"] in ("teacher", "reestimate")
+    assert 0 <= result["label_free"]["agreement"] <= 100 and result["label_free"]["views"] == 2 * 8 * 20
+    saved = torch.load(out / "student.pt", weights_only=True)
+    build_model(saved["arch"], num_classes=10).load_state_dict(saved["state_dict"], strict=True)
+    again = tmp_path / "again"
+    assert main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
+                 "digits_cnn_half", "--data", "digits", "--k", "2", "--samples", "640", "--device", "cpu",
+                 "--no-progress", "--out", str(again)]) == 0
+    assert json.loads((again / "result.json").read_text())["student"]["test_acc"] == result["student"]["test_acc"]
+
+
+def test_init_derived_on_a_pair_that_does_not_fit_is_one_clear_line(tmp_path, digits_teacher, capsys):
+    code = main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
+                 "resnet8", "--data", "digits", "--k", "1", "--init", "derived",
+                 "--device", "cpu", "--no-progress", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--init derived" in err and "--init fresh" in err
 
 
 def test_distill_from_an_unlabeled_folder(tmp_path, digits_teacher):

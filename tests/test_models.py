@@ -35,7 +35,7 @@ def _input(model: nn.Module, name: str, n: int = 2) -> torch.Tensor:
 
 # the CIFAR-100 benchmark's zoo, tested in tests/test_cifar_zoo.py
 CIFAR_ZOO = ["resnet8", "resnet14", "resnet20_b", "resnet32_b", "resnet56_b", "resnet110_b", "resnet8x4", "resnet32x4",
-             "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2", "mobilenetv2_half", "shufflev1",
+             "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2", "mobilenetv2_half", "shufflev1",
              "shufflev2", "resnet50_cifar"]
 
 

@@ -63,7 +63,8 @@ def _env() -> dict:
 def _distill(teacher: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "graftkd.cli", "distill", "--teacher", str(teacher), "--teacher-arch", "digits_cnn",
             "--student-arch", "digits_cnn_half", "--data", "digits", "--k", "2", "--preset", "digits",
-            "--block-epochs", "25", "--net-epochs", "25", "--inherit", "none", "--device", "cpu", "--no-progress",
+            "--block-epochs", "25", "--net-epochs", "25", "--inherit", "none", "--init", "fresh", "--device", "cpu",
+            "--no-progress",
             "--checkpoint-every-s", "0", "--out", str(out)]
 
 

@@ -93,6 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
     p.add_argument("--checkpoint-every-s", type=float, default=60.0,
                    help="checkpoint at the first epoch end after this many seconds (0 = every epoch)")
+    p.add_argument("--init", default="auto", choices=["auto", "derived", "fresh"],
+                   help="auto (default): build the student from the teacher's own weights (units and channels "
+                        "chosen) wherever it fits inside the teacher, else fresh; fresh: the paper's grafting")
+    p.add_argument("--depth-rule", default="even", choices=["even", "first", "greedy"],
+                   help="which teacher units a shallower student stage takes (greedy: by few-shot logit error)")
+    p.add_argument("--width-rule", default="l1", choices=["l1", "activation"],
+                   help="which teacher channels a narrower student layer takes")
+    p.add_argument("--bn-start", default="auto", choices=["auto", "teacher", "reestimate"],
+                   help="derived students' BatchNorm statistics: the teacher's, re-estimated on the images, or auto "
+                        "(whichever gives the smaller few-shot logit error)")
+    p.add_argument("--refine", default="kd", choices=["kd", "graft", "none"],
+                   help="derived students: patient KD (default), grafting stages (paper recipe), or no training")
+    p.add_argument("--repair", action="store_true",
+                   help="derived students: closed-form least-squares 1x1 corrections before any step (FSKD's)")
+    p.add_argument("--refine-loss", default="kd", choices=["kd", "feature_kd"],
+                   help="derived students, --refine kd: KD on logits, or KD plus the teacher's feature maps")
+    p.add_argument("--unit-features", action="store_true",
+                   help="--refine-loss feature_kd after a depth derivation: also match every kept unit's output")
+    p.add_argument("--samples", type=int, default=128_000,
+                   help="derived students, --refine kd: training budget in images seen (batches of 64)")
+    p.add_argument("--refine-lr", type=float, default=0.01, help="derived students, --refine kd: peak SGD rate")
     p.add_argument("--replace", type=_int_list,
                    help="partial grafting: replace only these teacher blocks (1-based, e.g. 2,3) by the student's")
     _add_common(p)
@@ -205,6 +226,26 @@ def _cmd_distill(args) -> None:
     from graftkd.graft import GraftConfig, ScheduleConfig
     from graftkd.workflows import distill, load_teacher, summary_table
 
+    from graftkd.engine.recipe import Recipe
+    from graftkd.workflows import DeriveOptions
+
+    # grafting's own options mean the user asked for the paper's grafting: honour them instead of ignoring them
+    grafting = [flag for flag, given in (
+        ("--block-epochs", args.block_epochs is not None), ("--net-epochs", args.net_epochs is not None),
+        ("--block-lr", args.block_lr is not None), ("--net-lr", args.net_lr is not None),
+        ("--batch-size", args.batch_size is not None), ("--inherit", args.inherit != "auto"),
+        ("--inherit-trainable", args.inherit_trainable), ("--mixup", args.mixup)) if given]
+    init, reason = args.init, ""
+    if grafting and args.refine != "graft":
+        if args.init == "derived":
+            raise GraftkdError(f"{', '.join(grafting)} set grafting's schedule, but a derived student is refined by "
+                               "patient KD: add --refine graft, or use --init fresh")
+        if args.init == "auto":
+            init, reason = "fresh", f"grafting options given ({', '.join(grafting)}): the paper's grafting"
+    derive = DeriveOptions(init=init, reason=reason, depth_rule=args.depth_rule, width_rule=args.width_rule,
+                           bn_start=args.bn_start, refine=args.refine, repair=args.repair, loss=args.refine_loss,
+                           unit_features=args.unit_features,
+                           recipe=Recipe(samples=args.samples, lr=args.refine_lr))  # bad values fail before any work
     manifest = None
     if args.fewshot:
         manifest = FewShotManifest.load(args.fewshot)
@@ -247,6 +288,7 @@ def _cmd_distill(args) -> None:
         device=args.device, out=args.out, progress=not args.no_progress,
         manifest=manifest.to_dict() if manifest is not None else None,
         replace=([args.replace] if isinstance(args.replace, int) else args.replace) if args.replace else None,
+        derive=derive,
     )
     print(summary_table(payload))
     if args.out:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from graftkd.engine.supervised import TeacherRecipe
 from graftkd.graft import GraftConfig, ScheduleConfig
-from graftkd.workflows import distill, summary_table, train_teacher
+from graftkd.workflows import DeriveOptions, distill, summary_table, train_teacher
 
 DEMO_SHOTS = (1, 5)
 # Digits are never mirrored (a flipped 2 is not a 2): crop with 1-pixel padding only, for teacher and student.
@@ -45,6 +45,7 @@ def run_demo(out: str | Path = "runs/demo", device: str = "cpu", seed: int = 0, 
             teacher=teacher, student_arch="digits_cnn_half", fewshot=manifest.materialize(), test=test,
             config=config, device=device, out=out / f"{shots}shot", progress=progress,
             manifest=manifest.to_dict(), label=f"demo {shots}-shot",
+            derive=DeriveOptions(init="fresh"),  # the demo shows the paper's grafting from fresh blocks
         )
         print(summary_table(payload))
         results.append(payload)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 from graftkd.engine.checkpoint import Checkpointer, fingerprint
 from graftkd.engine.evaluate import evaluate_model
 from graftkd.engine.io import atomic_torch_save, atomic_write_json
+from graftkd.engine.recipe import Recipe
 from graftkd.engine.runtime import resolve_device, run_facts, seed_everything
 from graftkd.engine.supervised import TeacherRecipe, train_supervised
 from graftkd.errors import GraftkdError
@@ -217,12 +218,17 @@ def distill(
     manifest: dict | None = None,
     label: str = "",
     replace: list[int] | None = None,
+    derive: DeriveOptions | None = None,
 ) -> dict:
-    """Graft ``student_arch`` into ``teacher`` on the few-shot images; evaluate both; write results.
+    """Distill ``student_arch`` from ``teacher`` on the few-shot images; evaluate both; write results.
 
+    ``derive.init``: ``derived`` builds the student from the teacher's own weights (units and channels
+    chosen, :mod:`graftkd.derive`) and refines it (``derive.refine``); ``fresh`` grafts freshly initialised
+    blocks (the paper); ``auto`` (the default) derives wherever the student fits inside the teacher.
     With ``replace`` (1-based block numbers) only those teacher blocks are replaced by the student's:
     the result is a hybrid (``build_model("hybrid", ...)``), its other blocks the teacher's own.
     """
+    derive = derive or DeriveOptions()
     device_ = resolve_device(device)
     expected = getattr(teacher.model, "input_shape", None)
     if expected is not None and expected[0] != fewshot.images.shape[1]:
@@ -258,13 +264,27 @@ def distill(
     teacher_acc = None
     if test is not None:
         teacher_acc = evaluate_model(teacher.model.to(device_), test.images, test.labels, norm, device_)
-    result = graft(
-        teacher.model, student, fewshot.images, normalize=norm, config=config, device=device_,
-        run_dir=out_dir, progress=progress,
-    )
+    init = {"requested": derive.init, "used": "fresh", "why": derive.reason or "--init fresh"}
+    record = None
+    if derive.init != "fresh" and not replace:
+        record, init = _try_derive(teacher.model.to(device_), student.to(device_), fewshot.images, norm, device_,
+                                   derive)
+    elif replace:
+        init["why"] = "partial grafting (--replace) keeps the paper's fresh blocks"
+    derived_facts: dict = {}
+    if record is not None:
+        result, derived_facts = _refine_derived(teacher, student, record, fewshot, norm, config, derive, device_,
+                                                out_dir, progress)
+    else:
+        result = graft(
+            teacher.model, student, fewshot.images, normalize=norm, config=config, device=device_,
+            run_dir=out_dir, progress=progress,
+        )
     student_acc = None
     if test is not None:
         student_acc = evaluate_model(result.student, test.images, test.labels, norm, device_)
+    label_free = _label_free(result.student, teacher.model, fewshot.images, norm, config, device_,
+                             mixed=record is not None and derive.recipe.mix != "none")
     student_costs = model_costs(result.student.cpu(), input_shape)
     if replace:
         from graftkd.models.hybrid import block_params
@@ -276,7 +296,8 @@ def distill(
     payload = {
         **facts,
         "kind": "distill",
-        "method": "graft",
+        "method": derived_facts.get("method", "graft"),
+        "init": init,
         "label": label,
         "teacher": {"arch": teacher.arch, "source": teacher.source, "test_acc": teacher_acc, **teacher_costs},
         "student": {"arch": "hybrid" if replace else student_arch, "arch_options": arch_options or None,
@@ -285,7 +306,10 @@ def distill(
         "test": {"name": test.name, "images": len(test)} if test is not None else None,
         "protocol": "last-epoch student after the full schedule; the test set is used only for this report",
         "config": config.to_dict(),
-        "graft": result.summary(),
+        "graft": result.summary() if record is None else None,
+        "derivation": record.to_dict() if record is not None else None,
+        **derived_facts,
+        "label_free": label_free,
         "wall_seconds": time.perf_counter() - started,
     }
     if out_dir is not None:
@@ -296,6 +320,229 @@ def distill(
         atomic_write_json(out_dir / "result.json", payload)
         (out_dir / "checkpoint.pt").unlink(missing_ok=True)
     return payload
+
+
+@dataclass(frozen=True)
+class DeriveOptions:
+    """How ``distill`` builds and refines a student from the teacher's own weights (``graftkd.derive``)."""
+
+    init: str = "auto"  # auto | derived | fresh
+    reason: str = ""  # why ``init`` is what it is, when the caller resolved it (recorded in result.json)
+    depth_rule: str = "even"  # even | first | greedy
+    width_rule: str = "l1"  # l1 | activation
+    bn_start: str = "auto"  # teacher | reestimate (on the images) | auto (the smaller few-shot logit error)
+    refine: str = "kd"  # kd (patient recipe) | graft (block then network stages, paper recipe) | none
+    repair: bool = False  # closed-form least-squares 1x1 corrections before any step (FSKD, generalised)
+    loss: str = "kd"  # kd | feature_kd (KD plus the teacher's feature maps at every block boundary)
+    unit_features: bool = False  # feature_kd: also match every kept unit's output to the teacher's stream
+    recipe: Recipe = field(default_factory=Recipe)
+
+    def __post_init__(self) -> None:
+        from graftkd.derive import DEPTH_RULES, INITS, WIDTH_RULES
+
+        for name, value, allowed in (("init", self.init, INITS), ("depth rule", self.depth_rule, DEPTH_RULES),
+                                     ("width rule", self.width_rule, WIDTH_RULES),
+                                     ("bn start", self.bn_start, ("auto", "teacher", "reestimate")),
+                                     ("refine", self.refine, ("kd", "graft", "none")),
+                                     ("loss", self.loss, ("kd", "feature_kd"))):
+            if value not in allowed:
+                raise GraftkdError(f"unknown {name} '{value}': use one of {', '.join(allowed)}")
+
+    def to_dict(self) -> dict:
+        return {"init": self.init, "reason": self.reason, "depth_rule": self.depth_rule, "width_rule": self.width_rule,
+                "bn_start": self.bn_start, "repair": self.repair, "refine": self.refine, "loss": self.loss,
+                "unit_features": self.unit_features,
+                "recipe": self.recipe.to_dict()}
+
+
+def _try_derive(teacher: nn.Module, student: nn.Module, images: torch.Tensor, norm: nn.Module,
+                device: torch.device, options: DeriveOptions):
+    """Derive ``student`` from the teacher, or say why not; ``--init derived`` makes a failure an error."""
+    from graftkd.derive import Underivable, derive_student
+    from graftkd.graft.blocks import resolve_blocks, trace_boundaries
+
+    # damaged weights (NaN) and a forward that is not its blocks' composition are refused before any work
+    trace_boundaries(teacher, resolve_blocks(teacher, role="teacher"),
+                     torch.zeros((2, *images.shape[1:]), device=device), role="teacher")
+    with torch.no_grad():
+        inputs = norm.to(device)(images.to(device)).float()
+    try:
+        record = derive_student(teacher, student, tuple(images.shape[1:]), inputs=inputs,
+                                depth_rule=options.depth_rule, width_rule=options.width_rule)
+    except Underivable as exc:
+        if options.init == "derived":
+            raise GraftkdError(f"--init derived: {exc}; use --init fresh for this pair") from exc
+        return None, {"requested": options.init, "used": "fresh", "why": f"not derivable: {exc}"}
+    if not record.derived_blocks:
+        if options.init == "derived":
+            raise GraftkdError(f"--init derived: no block of the student fits inside the teacher "
+                               f"({record.fallback_reason}); use --init fresh for this pair")
+        return None, {"requested": options.init, "used": "fresh",
+                      "why": f"no block derivable: {record.fallback_reason}"}
+    fresh = record.fresh_blocks
+    why = ("every block derived from the teacher" if not fresh else
+           f"blocks {', '.join(str(i + 1) for i in fresh)} fresh, the others derived")
+    return record, {"requested": options.init, "used": "derived", "why": why}
+
+
+def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, norm: nn.Module, config: GraftConfig,
+                    options: DeriveOptions, device: torch.device, out_dir: Path | None, progress: bool):
+    """BatchNorm at the start, then the refinement; returns an object with ``.student`` and the facts to record."""
+    from graftkd.distill.base import FewShotTask, build_method
+    from graftkd.engine.bn import reestimate_batchnorm
+    from graftkd.graft.api import _augmenter
+
+    images = fewshot.images.to(device)
+    facts: dict = {"derive": options.to_dict(), "method": f"derived+{options.refine}"}
+    inputs = norm.to(device)(images).float()
+    if options.repair:
+        # the corrections make each layer's pre-norm output the teacher's, so the norms keep the teacher's statistics
+        from graftkd.derive.repair import repair
+
+        facts["repair"] = repair(teacher.model, student, record, inputs)
+        facts["bn_start"] = {"rule": "teacher (repair)", "used": "teacher"}
+    else:
+        facts["bn_start"] = _bn_start(teacher.model, student, record, inputs, options.bn_start)
+    num_classes = _num_outputs(teacher.model, images.shape[1:])
+    shots = config.shots or max(1, len(images) // num_classes)
+    started = time.perf_counter()
+    if options.refine == "graft":
+        from dataclasses import replace as with_changes
+
+        graft_config = with_changes(config, freeze_norm_stats=True, inherit="none")
+        result = graft(teacher.model, student, images, normalize=norm, config=graft_config, device=device,
+                       run_dir=out_dir, progress=progress, init_adapters=lambda plan: _derived_adapters(plan, record))
+        facts["refine"] = result.summary()
+        return result, facts
+    if options.refine == "kd":
+        recipe = options.recipe
+        task = FewShotTask(
+            teacher=teacher.model.eval(), student=student, images=images, normalize=norm.to(device), device=device,
+            generator=seed_everything(config.seed), batch_size=recipe.batch_size, epochs=recipe.chunks, lr=recipe.lr,
+            shots=shots, num_classes=num_classes, augment=_augmenter(config), precision=config.precision,
+            inherit="none", teacher_arch=teacher.arch, run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s,
+            log_every=1, progress=progress, seed=config.seed, padding=config.padding, flip=config.flip, recipe=recipe)
+        method = build_method(options.loss)
+        if options.loss == "feature_kd":
+            method.select = _feature_channels(student, record)
+            if options.unit_features:
+                method.pairs = _unit_pairs(record)
+        outcome = method.run(task)
+        facts["refine"] = {"stages": outcome.stages, **outcome.extra}
+    else:
+        facts["refine"] = None
+    student.eval()
+    return _Refined(student, shots, time.perf_counter() - started), facts
+
+
+def _feature_channels(student: nn.Module, record) -> dict[str, torch.Tensor]:
+    """Feature path -> teacher channels the derived student keeps there (its last conv/linear's choice)."""
+    if not record.whole or record.width is None or not hasattr(student, "feature_paths"):
+        return {}
+    out_keep = {la.path: la.out_keep for la in record.width.layers}
+    select = {}
+    for path in student.feature_paths():
+        module = student.get_submodule(path)
+        layers = [f"{path}.{n}" if n else path for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        if not layers and path:  # a glue module (ReLU closing a stage): the last layer before it in the model
+            names = [n for n, m in student.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            order = [n for n, _ in student.named_modules()]
+            layers = [n for n in names if order.index(n) < order.index(path)]
+        keep = out_keep.get(layers[-1]) if layers else None
+        if keep is not None and len(keep) < _width_at(record, layers[-1]):
+            select[path] = keep
+    return select
+
+
+def _unit_pairs(record) -> list[tuple[str, str]]:
+    """(student unit, teacher unit) feature spots after a depth derivation: student unit j of a container that
+    took teacher units i_0 < i_1 < ... stands for teacher units i_j .. i_{j+1} - 1, so its output should be the
+    teacher's stream after unit i_{j+1} - 1 (after the container's last unit, for the last one)."""
+    if not record.whole or record.depth is None:
+        return []
+    pairs = []
+    for path, chosen in record.depth.selections.items():
+        teacher_path = record.depth.teacher_path(path)
+        ends = [nxt - 1 for nxt in chosen[1:]] + [record.depth.lengths[path] - 1]
+        for j, end in enumerate(ends):
+            pairs.append((f"{path}.{j}" if path else str(j), f"{teacher_path}.{end}" if teacher_path else str(end)))
+    return pairs
+
+
+def _width_at(record, path: str) -> int:
+    return next(la.teacher_out for la in record.width.layers if la.path == path)
+
+
+@torch.no_grad()
+def _bn_start(teacher: nn.Module, student: nn.Module, record, inputs: torch.Tensor, rule: str) -> dict:
+    """BatchNorm statistics of the derived student before any step.
+
+    ``teacher`` keeps the teacher's; ``reestimate`` measures them on the few-shot images; ``auto`` keeps
+    whichever gives the smaller few-shot logit error against the teacher (label-free). Dropped units shift
+    the residual stream that later norms see, so depth derivations usually need re-estimation, while
+    narrowed layers keep the teacher's (results/cifar10-vgg16-graft/NOTES.md).
+    """
+    from graftkd.derive.depth import logit_error_fn
+    from graftkd.engine.bn import reestimate_batchnorm
+
+    error = logit_error_fn(teacher, inputs)
+    kept = {k: v.clone() for k, v in student.state_dict().items()}
+    before = error(student)
+    if rule == "teacher":
+        return {"rule": rule, "used": "teacher", "logit_rel_error_teacher_stats": before}
+    reestimate_batchnorm(student, [inputs])
+    after = error(student)
+    used = "reestimate" if rule == "reestimate" or after < before else "teacher"
+    if used == "teacher":
+        student.load_state_dict(kept)
+    return {"rule": rule, "used": used, "logit_rel_error_teacher_stats": before,
+            "logit_rel_error_reestimated": after}
+
+
+@dataclass
+class _Refined:
+    student: nn.Module
+    shots: int
+    seconds: float
+
+
+def _derived_adapters(plan, record) -> None:
+    """Adapters start as the derivation's channel choice at every cut (He init where a side is fresh).
+
+    Block l's last conv/linear says which teacher channels its output holds (adapter out), block l+1's
+    first one which teacher channels it reads (adapter in); derived whole, the two agree and the pair is
+    the identity, so the grafted chain starts as the derived student.
+    """
+    model_paths = {id(m): n for n, m in plan.student.named_modules()}
+
+    def keep(index: int, first: bool):
+        if index not in record.derived_blocks:
+            return None
+        block = plan.student_blocks[index]
+        layers = [(n, m) for n, m in block.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        if not layers:
+            return None
+        view_path, module = layers[0] if first else layers[-1]
+        path = model_paths[id(module)] if record.whole else view_path  # per-block plans speak in view paths
+        return record.input_channels(index, path) if first else record.output_channels(index, path)
+
+    for cut in plan.adapter_cuts:
+        out_keep, in_keep = keep(cut, first=False), keep(cut + 1, first=True)
+        if out_keep is not None:
+            plan.scions[cut].adapter_out.set_channel_selection(out_keep)
+        if in_keep is not None:
+            plan.scions[cut + 1].adapter_in.set_channel_selection(in_keep)
+
+
+def _label_free(student: nn.Module, teacher: nn.Module, images: torch.Tensor, norm: nn.Module, config: GraftConfig,
+                device: torch.device, mixed: bool) -> dict:
+    """Top-1 agreement and KL on a held-out pool of augmented views (its own seed, never trained on)."""
+    from graftkd.engine.agreement import agreement, agreement_pool
+    from graftkd.graft.api import _augmenter
+
+    with torch.no_grad():
+        pool = agreement_pool(images.to(device), norm.to(device), _augmenter(config), mixed=mixed)
+    return agreement(student.to(device), teacher.to(device), pool)
 
 
 def _num_outputs(model: nn.Module, input_shape) -> int:

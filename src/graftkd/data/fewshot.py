@@ -428,3 +428,32 @@ def make_unlabeled_manifest(
         num_classes=0,
         source_size=len(rels),
     ).validate()
+
+
+#: The few-shot draws the validation images must never overlap: K <= 10, subsets 0..2, seeds 0..9 (every
+#: committed grid cell draws inside these: subset s of K takes positions s*K .. (s+1)*K - 1 of the per-class
+#: permutation, within the first 30 for K <= 10 and s <= 2).
+VALIDATION_EXCLUDES = {"k": 10, "subsets": 3, "seeds": 10}
+VALIDATION_SEED = 20_261_201
+
+
+def validation_indices(labels: torch.Tensor | Sequence[int], per_class: int = 100) -> list[int]:
+    """A fixed labeled validation split of the training images, for development choices (never the test split).
+
+    ``per_class`` images of each class, drawn with their own seed from the training images that no few-shot
+    subset in ``VALIDATION_EXCLUDES`` uses. Returns indices sorted ascending.
+    """
+    labels_t = torch.as_tensor(labels).to(torch.int64)
+    used: set[int] = set()
+    for seed in range(VALIDATION_EXCLUDES["seeds"]):
+        for subset in range(VALIDATION_EXCLUDES["subsets"]):
+            used.update(sample_few_shot(labels_t, VALIDATION_EXCLUDES["k"], seed, subset))
+    g = torch.Generator().manual_seed(VALIDATION_SEED)
+    chosen: list[int] = []
+    for c in range(int(labels_t.max()) + 1):
+        pool = [i for i in torch.nonzero(labels_t == c).flatten().tolist() if i not in used]
+        if len(pool) < per_class:
+            raise GraftkdError(f"class {c} has only {len(pool)} images outside the few-shot draws; lower per_class")
+        perm = torch.randperm(len(pool), generator=g)[:per_class]
+        chosen.extend(pool[i] for i in perm.tolist())
+    return sorted(chosen)

@@ -55,6 +55,7 @@ class FewShotTask:
     seed: int = 0
     padding: int = 4  # the augmentation's settings, for methods that build their own (grafting)
     flip: bool = True
+    recipe: Any = None  # graftkd.engine.recipe.Recipe for the patient recipe; None: the paper's (epochs, Adam)
 
 
 @dataclass

@@ -35,6 +35,15 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from graftkd.derive.repair import (
+    _collect,
+    _fold_and_check,
+    _relative_logit_error,
+    _residual,
+    fold_correction,  # noqa: F401 (re-exported)
+    solve_correction,
+)
+from graftkd.derive.width import Underivable, WidthPlan, load_narrowed
 from graftkd.distill.base import FewShotMethod, FewShotTask, MethodOutcome, register_method
 from graftkd.errors import GraftkdError, UnsupportedPairing
 
@@ -306,146 +315,9 @@ def _full_or_refuse(node, inputs, keep, shape, refuse) -> torch.Tensor | None:
     return torch.arange(shape[1]) if shape is not None and len(shape) > 1 else None
 
 
-@torch.no_grad()
 def load_pruned(teacher: nn.Module, student: nn.Module, layers: list[_Layer], norms: dict[str, torch.Tensor]) -> None:
     """Copy the teacher's weights, restricted to the kept channels, into ``student`` (strict load)."""
-    state = {key: value.detach().clone() for key, value in teacher.state_dict().items()}
-    for layer in layers:
-        weight = state[f"{layer.path}.weight"]
-        out_keep, in_keep = layer.out_keep.to(weight.device), layer.in_keep.to(weight.device)
-        state[f"{layer.path}.weight"] = weight.index_select(0, out_keep).index_select(1, in_keep).clone()
-        if f"{layer.path}.bias" in state:
-            state[f"{layer.path}.bias"] = state[f"{layer.path}.bias"].index_select(0, out_keep).clone()
-    for path, kept in norms.items():
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            key = f"{path}.{name}"
-            if key in state:
-                state[key] = state[key].index_select(0, kept.to(state[key].device)).clone()
     try:
-        student.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise _unsupported(
-            f"fskd: the pruned teacher does not load into the student ({str(exc).splitlines()[0]}); "
-            f"the student must be a channel-pruned teacher, or use {_ALTERNATIVES}"
-        ) from exc
-
-
-# --------------------------------------------------------------------------------- least squares
-class _Stop(Exception):
-    """Raised from a forward hook: the rest of the network is not needed for this layer."""
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N·H·W, C); (N, C) unchanged; float64 for the normal equations."""
-    if x.dim() == 4:
-        x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    return x.double()
-
-
-def _output_of(model: nn.Module, path: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input, output) of the module at ``path`` on ``x``, without running the layers after it."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(module, args, output):
-        seen["in"], seen["out"] = args[0].detach(), output.detach()
-        raise _Stop
-
-    handle = model.get_submodule(path).register_forward_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "out" not in seen:
-        raise GraftkdError(f"fskd: layer '{path}' was not reached by the forward pass")
-    return seen["in"], seen["out"]
-
-
-@torch.no_grad()
-def _collect(teacher: nn.Module, student: nn.Module, layer: _Layer, inputs: torch.Tensor, chunk: int) -> dict:
-    """Normal-equation sums G = ZsᵀZs, B = ZsᵀZt and the error sums for one layer, over all images."""
-    width = len(layer.out_keep)
-    device = inputs.device
-    gram = torch.zeros((width, width), dtype=torch.float64, device=device)
-    cross = torch.zeros_like(gram)
-    target = torch.zeros((), dtype=torch.float64, device=device)
-    before = torch.zeros_like(target)
-    rows, probe = 0, None
-    out_keep = layer.out_keep.to(device)
-    for x in inputs.split(chunk):
-        _, t_out = _output_of(teacher, layer.path, x)
-        s_in, s_out = _output_of(student, layer.path, x)
-        zt, zs = _rows(t_out.index_select(1, out_keep)), _rows(s_out)
-        gram += zs.T @ zs
-        cross += zs.T @ zt
-        target += (zt * zt).sum()
-        before += ((zs - zt) ** 2).sum()
-        rows += zt.shape[0]
-        if probe is None:
-            probe = s_in[:8]
-    return {"gram": gram, "cross": cross, "target": float(target) or 1.0, "before": float(before),
-            "rows": rows, "probe": probe}
-
-
-def solve_correction(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Q minimising ‖Zs·Qᵀ − Zt‖² + λ‖Q − I‖² (λ = ridge·tr(G)/C), from G = ZsᵀZs and B = ZsᵀZt."""
-    width = gram.shape[0]
-    eye = torch.eye(width, dtype=torch.float64, device=gram.device)
-    trace = float(torch.trace(gram))
-    if trace <= 0.0:  # the layer's output is zero on every image: nothing to correct
-        return eye
-    lam = ridge * trace / max(width, 1)
-    matrix, rhs = gram + lam * eye, cross + lam * eye
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) == 0:
-        solution = torch.cholesky_solve(rhs, factor)  # = Qᵀ
-    elif matrix.device.type == "cpu":  # singular (dead channels, ridge 0): minimum-norm solution
-        solution = torch.linalg.lstsq(matrix, rhs, driver="gelsd").solution
-    else:
-        solution = torch.linalg.pinv(matrix, hermitian=True) @ rhs
-    return solution.T.contiguous()
-
-
-def _residual(q: torch.Tensor, stats: dict) -> float:
-    """‖Zs·Qᵀ − Zt‖² from the sums: tr(Q G Qᵀ) − 2 tr(Q B) + ‖Zt‖²."""
-    value = torch.trace(q @ stats["gram"] @ q.T) - 2 * torch.trace(q @ stats["cross"]) + stats["target"]
-    return max(float(value), 0.0)
-
-
-@torch.no_grad()
-def fold_correction(layer: nn.Module, q: torch.Tensor) -> None:
-    """W <- Q·W and b <- Q·b in place: the layer then computes Q·(its old output) exactly."""
-    q = q.to(device=layer.weight.device, dtype=torch.float64)
-    weight = layer.weight.double()
-    folded = torch.einsum("po,o...->p...", q, weight)
-    layer.weight.copy_(folded.to(layer.weight.dtype))
-    if layer.bias is not None:
-        layer.bias.copy_((q @ layer.bias.double()).to(layer.bias.dtype))
-
-
-@torch.no_grad()
-def _fold_and_check(layer: nn.Module, q: torch.Tensor, probe: torch.Tensor) -> float:
-    """Fold Q and compare the folded layer with Q applied after the old layer on a probe batch."""
-    old = layer(probe).double()
-    expected = torch.einsum("po,no...->np...", q, old)
-    fold_correction(layer, q)
-    difference = float((layer(probe).double() - expected).abs().max())
-    scale = float(expected.abs().max())
-    if not difference <= 1e-4 * max(1.0, scale):
-        raise GraftkdError(
-            f"fskd: the folded layer differs from layer+Q by {difference:.2e} (scale {scale:.2e}); this is a "
-            "bug in the fold, please report it with the model names"
-        )
-    return difference
-
-
-@torch.no_grad()
-def _relative_logit_error(teacher: nn.Module, student: nn.Module, inputs: torch.Tensor, chunk: int) -> float:
-    """‖S(x) − T(x)‖² / ‖T(x)‖² over the fitting images."""
-    error = reference = 0.0
-    for x in inputs.split(chunk):
-        t, s = teacher(x).double(), student(x).double()
-        error += float(((s - t) ** 2).sum())
-        reference += float((t * t).sum())
-    return error / (reference or 1.0)
+        load_narrowed(teacher, student, WidthPlan("l1", layers, norms))
+    except Underivable as exc:
+        raise _unsupported(f"fskd: {exc}; the student must be a channel-pruned teacher, or use {_ALTERNATIVES}") from exc

@@ -16,3 +16,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def hint_loss(student_hint: torch.Tensor, teacher_hint: torch.Tensor) -> torch.Tensor:
     """FitNet: mean squared error between the regressed student feature map and the teacher's."""
     return F.mse_loss(student_hint.float(), teacher_hint.float())
+
+
+def relative_feature_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    """‖S − T‖² / ‖T‖² over the batch: a feature map's error relative to its energy, so every depth weighs alike."""
+    s, t = student_feature.float(), teacher_feature.float()
+    return ((s - t) ** 2).sum() / (t * t).sum().clamp_min(1e-12)

@@ -15,7 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graftkd.engine.checkpoint import Checkpointer, fingerprint
+from graftkd.engine.bn import reestimate_batchnorm
 from graftkd.engine.hooks import FeatureTap
+from graftkd.engine.recipe import mix_batch, repeated_batch
 from graftkd.engine.runtime import Timer, autocast
 from graftkd.engine.signals import StopRequest
 from graftkd.errors import GraftkdError
@@ -40,6 +42,9 @@ def few_shot_input(task, indices: torch.Tensor) -> torch.Tensor:
     if task.augment is not None:
         x = task.augment(x, task.generator)
     x = task.normalize(x)
+    recipe = getattr(task, "recipe", None)
+    if recipe is not None:
+        return mix_batch(x, recipe.mix, recipe.alpha, task.generator)
     if task.mixup and len(indices) > 1:
         weight = torch.rand((len(x), 1, 1, 1), generator=task.generator).to(x.device, x.dtype)
         partner = torch.randperm(len(x), generator=task.generator).to(x.device)
@@ -69,13 +74,13 @@ def run_loss_method(method, task):
         raise GraftkdError(f"method '{method.name}' got no epochs to train: raise the budget")
     student, teacher = task.student, task.teacher
     teacher.eval()
-    checkpointer = Checkpointer(
-        task.run_dir,
-        fingerprint({"method": method.describe(), "images": list(task.images.shape), "batch": task.batch_size,
-                     "stages": [(s.name, s.epochs, s.lr) for s in stages],
-                     "checksum": int(task.images[:, :, ::7, ::7].sum())}),
-        f"method:{method.name}",
-    )
+    keyed = {"method": method.describe(), "images": list(task.images.shape), "batch": task.batch_size,
+             "stages": [(s.name, s.epochs, s.lr) for s in stages], "checksum": int(task.images[:, :, ::7, ::7].sum())}
+    recipe = getattr(task, "recipe", None)
+    if recipe is not None:  # absent for the paper recipe, so earlier checkpoints keep their fingerprints
+        keyed["recipe"] = recipe.to_dict()
+        keyed["start"] = float(sum(float(p.detach().double().sum()) for p in student.parameters()))
+    checkpointer = Checkpointer(task.run_dir, fingerprint(keyed), f"method:{method.name}")
     records: list[dict] = []
     start_stage, start_epoch = 0, 0
     state = checkpointer.load()
@@ -99,8 +104,28 @@ def run_loss_method(method, task):
                     raise _interrupted(stop, f"after stage '{stage.name}'", checkpointer)
     finally:
         bar.close()
+    extra_facts = {"seconds": timer.elapsed()}
+    if recipe is not None and recipe.recalibrate_bn:
+        extra_facts["bn_recalibrated"] = recalibrate(task, recipe.recalibrate_views)
     student.eval()
-    return MethodOutcome(student=student, stages=records, extra={"seconds": timer.elapsed()})
+    return MethodOutcome(student=student, stages=records, extra=extra_facts)
+
+
+def recalibrate(task, views: int) -> dict:
+    """Re-estimate the student's BatchNorm statistics on ``views`` un-mixed augmented passes over the images.
+
+    Its own generator (seeded from the task's seed), so a resumed run recalibrates identically."""
+    generator = torch.Generator().manual_seed(int(task.seed) + 7_919)
+    batches = []
+    for _ in range(views):
+        for chunk in torch.arange(len(task.images)).split(max(2, int(task.batch_size))):
+            x = task.images[chunk.to(task.images.device)]
+            if task.augment is not None:
+                x = task.augment(x, generator)
+            batches.append(task.normalize(x).float())
+    with torch.no_grad():
+        norms = reestimate_batchnorm(task.student, batches)
+    return {"norms": norms, "views": views, "images": sum(len(b) for b in batches), "mixed": False}
 
 
 def _interrupted(stop: StopRequest, where: str, checkpointer: Checkpointer) -> MethodInterrupted:
@@ -116,7 +141,14 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
     params = _unique_parameters(stage.modules)
     if not params:
         raise GraftkdError(f"stage '{stage.name}' of method '{method.name}' has nothing to train")
-    optimizer = torch.optim.Adam(params, lr=stage.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    recipe = getattr(task, "recipe", None)
+    if recipe is not None and recipe.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=recipe.momentum,
+                                                           nesterov=recipe.momentum > 0,
+                                                           weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(params, lr=stage.lr, betas=(0.9, 0.999),
+                                     weight_decay=recipe.weight_decay if recipe is not None else 0.0)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         record = records[-1]
@@ -137,7 +169,7 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
     frozen = list(getattr(method, "frozen", []))
 
     def set_modes() -> None:
-        student.train(stage.train_student)
+        student.train(stage.train_student and not (recipe is not None and recipe.freeze_bn))
         for module in frozen:  # inherited teacher blocks keep the teacher's BatchNorm statistics
             module.eval()
         extra.train()
@@ -145,7 +177,10 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
     set_modes()
     with FeatureTap(teacher, method.teacher_paths(stage)) as t_tap, FeatureTap(student, method.student_paths(stage)) as s_tap:
         for epoch in range(first_epoch, stage.epochs):
-            for indices in few_shot_batches(len(task.images), task.batch_size, task.generator, task.device):
+            for indices in _epoch_batches(task, recipe, record["steps"]):
+                if recipe is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = stage.lr * recipe.lr_factor(record["steps"])
                 x = few_shot_input(task, indices)
                 with torch.no_grad(), autocast(task.device, task.precision):
                     teacher_logits = teacher(x).float()
@@ -156,6 +191,8 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 loss = sum(terms.values())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if recipe is not None and recipe.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
                 optimizer.step()
                 for key, value in terms.items():
                     running[key] = running.get(key, torch.zeros((), device=task.device)) + value.detach().float()
@@ -204,6 +241,16 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
         tqdm.write(f"{method.name}:{stage.name}: {stage.epochs} epochs, loss {record['final_loss']:.4f}, "
                    f"{record['images_per_second']:.1f} img/s, {record['seconds']:.1f} s")
     _save(checkpointer, task, extra, index + 1, 0, None, records)
+
+
+def _epoch_batches(task, recipe, done_steps: int):
+    """The paper recipe: one shuffled pass over the images. The patient one: a chunk of fixed-size batches of
+    repeated images (the last chunk stops at the sample budget)."""
+    if recipe is None:
+        yield from few_shot_batches(len(task.images), task.batch_size, task.generator, task.device)
+        return
+    for _ in range(min(recipe.steps_per_chunk, recipe.steps - done_steps)):
+        yield repeated_batch(len(task.images), recipe.batch_size, task.generator, task.device)
 
 
 def _save(checkpointer: Checkpointer, task, extra: nn.ModuleDict, stage: int, epoch: int,

@@ -111,23 +111,26 @@ def git_commit(path: str | os.PathLike | None = None) -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="ignore").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (cuda)"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"cpu: {cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def machine_facts(device: torch.device) -> dict:
     """Hardware a benchmark ran on, so its ratios are read against the right machine."""
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="ignore").splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    facts = {"cpu": cpu_model, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    facts = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
              "cpu_native_bf16": native_bf16(torch.device("cpu")), "platform": platform.platform()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -122,3 +122,9 @@ def wrn_40_1(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
 def wrn_40_2(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
     """WRN-40-2 (2.26M params at 100 classes)."""
     return WideResNet(40, 2, num_classes=num_classes, in_channels=in_channels)
+
+
+@register_model("wrn_16_1")
+def wrn_16_1(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
+    """WRN-16-1 (175,066 params at 10 classes): WRN-40-2's depth and width both reduced."""
+    return WideResNet(16, 1, num_classes=num_classes, in_channels=in_channels)

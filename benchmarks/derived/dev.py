@@ -1,0 +1,129 @@
+"""Development runs for derived students, scored on the fixed labeled *validation* split, never on test.
+
+    python benchmarks/derived/dev.py --out results/cifar10-derived/dev --configs NAME[,NAME...] --k 10 --seed 0
+
+Each configuration is one `graftkd distill` run (the same workflow, the same defaults unless the config
+says otherwise) whose "test" set is 1,000 CIFAR-10 training images (100 per class) that no few-shot
+subset of seeds 0-9, K <= 10, subsets 0-2 uses (`graftkd.data.fewshot.validation_indices`). One JSON file
+per run (atomic; an existing file is skipped, so the command resumes). Threads are pinned (--threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    # name: (teacher, student, DeriveOptions overrides, Recipe overrides)
+    "r20-derived-only": ("resnet56-cifar10", "resnet20", {"refine": "none"}, {}),
+    "r20-derived-teacherbn": ("resnet56-cifar10", "resnet20", {"refine": "none", "bn_start": "teacher"}, {}),
+    "r20-greedy-only": ("resnet56-cifar10", "resnet20", {"refine": "none", "depth_rule": "greedy"}, {}),
+    "r20-first-only": ("resnet56-cifar10", "resnet20", {"refine": "none", "depth_rule": "first"}, {}),
+    "r20-kd-64k": ("resnet56-cifar10", "resnet20", {}, {"freeze_bn": True, "samples": 64_000}),
+    "r20-greedy-kd-64k": ("resnet56-cifar10", "resnet20", {"depth_rule": "greedy"}, {"freeze_bn": True, "samples": 64_000}),
+    "r20-kd-64k-lr03": ("resnet56-cifar10", "resnet20", {}, {"freeze_bn": True, "samples": 64_000, "lr": 0.03}),
+    "r20-kd-64k-trainbn": ("resnet56-cifar10", "resnet20", {}, {"samples": 64_000, "freeze_bn": False}),
+    "r20-kd-128k": ("resnet56-cifar10", "resnet20", {}, {"freeze_bn": True, "samples": 128_000}),
+    "r20-kd-32k": ("resnet56-cifar10", "resnet20", {}, {"freeze_bn": True, "samples": 32_000}),
+    "r20-fkd-32k": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd"}, {"freeze_bn": True, "samples": 32_000}),
+    "r20-fkd-32k-trainbn": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd"}, {"samples": 32_000, "freeze_bn": False}),
+    "r20-fkd-32k-nomix": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd"}, {"freeze_bn": True, "samples": 32_000, "mix": "none"}),
+    "r20-fkd-32k-mixup": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd"}, {"freeze_bn": True, "samples": 32_000, "mix": "mixup"}),
+    "r20-fkd-32k-adam": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd"},
+                         {"freeze_bn": True, "samples": 32_000, "optimizer": "adam", "lr": 0.001}),
+    "r20-fkd-32k-lr05": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd"}, {"freeze_bn": True, "samples": 32_000, "lr": 0.05}),
+    "r20-repair-fkd-32k": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd", "repair": True}, {"freeze_bn": True, "samples": 32_000}),
+    # from here on: BatchNorm in train mode while training (the recipe's default since r20-fkd-32k-trainbn)
+    "r20-fkd-32k-tb-lr05": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd"}, {"samples": 32_000, "lr": 0.05}),
+    "r20-fkd-32k-tb-lr002": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd"}, {"samples": 32_000, "lr": 0.002}),
+    "r20-fkd-32k-tb-adam": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd"},
+                            {"samples": 32_000, "optimizer": "adam", "lr": 0.001}),
+    "r20-fkd-32k-tb-nomix": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd"}, {"samples": 32_000, "mix": "none"}),
+    "r20-kd-32k-tb": ("resnet56-cifar10", "resnet20", {"loss": "kd"}, {"samples": 32_000}),
+    "r20-repair-fkd-32k-tb": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd", "repair": True}, {"samples": 32_000}),
+    "r20-greedy-fkd-32k-tb": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd", "depth_rule": "greedy"},
+                              {"samples": 32_000}),
+    "r20-fkd-128k-tb": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd"}, {"samples": 128_000}),
+    "vh-fkd-32k-tb": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd"}, {"samples": 32_000}),
+    "vh-repair-fkd-32k-tb": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd", "repair": True}, {"samples": 32_000}),
+    "vh-repair-fkd-32k-fb": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd", "repair": True},
+                             {"samples": 32_000, "freeze_bn": True}),
+    "r20-ufkd-32k-tb": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd", "unit_features": True},
+                        {"samples": 32_000}),
+    "r20-ufkd-32k-tb-adam": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd", "unit_features": True},
+                             {"samples": 32_000, "optimizer": "adam", "lr": 0.001}),
+    "vh-fkd-32k": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd"}, {"freeze_bn": True, "samples": 32_000}),
+    "vh-repair-fkd-32k": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd", "repair": True}, {"freeze_bn": True, "samples": 32_000}),
+    "r20-repair-only": ("resnet56-cifar10", "resnet20", {"refine": "none", "repair": True}, {}),
+    "vh-repair-only": ("vgg16bn-cifar10", "vgg16_half_bn", {"refine": "none", "repair": True}, {}),
+    "vg-repair-only": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none", "repair": True}, {}),
+    "vh-derived-only": ("vgg16bn-cifar10", "vgg16_half_bn", {"refine": "none"}, {}),
+    "vh-activation-only": ("vgg16bn-cifar10", "vgg16_half_bn", {"refine": "none", "width_rule": "activation"}, {}),
+    "vh-kd-64k": ("vgg16bn-cifar10", "vgg16_half_bn", {}, {"freeze_bn": True, "samples": 64_000}),
+    "vg-derived-only": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none"}, {}),
+    "vg-kd-64k": ("vgg16bn-cifar10", "vgg16_graft_bn", {}, {"freeze_bn": True, "samples": 64_000}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", required=True, help=f"comma-separated: {', '.join(CONFIGS)}")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="results/cifar10-derived/dev")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from dataclasses import replace
+
+    from graftkd.data import load_dataset
+    from graftkd.data.dataset import ImageSet
+    from graftkd.data.fewshot import make_manifest, validation_indices
+    from graftkd.engine.io import atomic_write_json
+    from graftkd.engine.recipe import Recipe
+    from graftkd.graft import GraftConfig
+    from graftkd.workflows import DeriveOptions, distill, load_teacher
+
+    train = load_dataset("cifar10", "train")
+    keep = torch.tensor(validation_indices(train.labels))
+    val = ImageSet(train.images[keep].contiguous(), train.labels[keep].clone(), train.classes, "cifar10/validation",
+                   dataset="cifar10")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip())
+    out = Path(args.out)
+    for name in args.configs.split(","):
+        teacher_name, student_arch, derive_over, recipe_over = CONFIGS[name]
+        path = out / f"{name}-k{args.k}-s{args.seed}.json"
+        if path.exists():
+            print(f"{path}: done, skipped")
+            continue
+        started = time.perf_counter()
+        manifest = make_manifest("cifar10", "train", args.k, args.seed, 0)
+        fewshot = manifest.materialize()
+        if set(manifest.indices or ()) & set(keep.tolist()):
+            raise SystemExit(f"{name}: the few-shot subset overlaps the validation split")
+        teacher = load_teacher(teacher_name, None, 10, None)
+        options = DeriveOptions(**derive_over, recipe=replace(Recipe(), **recipe_over))
+        payload = distill(teacher=teacher, student_arch=student_arch, fewshot=fewshot, test=val,
+                          config=GraftConfig(shots=args.k, seed=args.seed, precision="fp32"), device="cpu",
+                          out=None, progress=False, manifest=manifest.to_dict(), derive=options)
+        record = {"config": name, "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
+                  "commit": commit + ("+dirty" if dirty else ""), "seed": args.seed, "k": args.k,
+                  "threads": torch.get_num_threads(), "evaluated_on": "validation (1,000 training images, never test)",
+                  "val_acc": payload["student"]["test_acc"], "teacher_val_acc": payload["teacher"]["test_acc"],
+                  "label_free": payload["label_free"], "bn_start": payload.get("bn_start"),
+                  "derivation": payload.get("derivation"), "init": payload["init"],
+                  "derive": payload.get("derive"), "repair": payload.get("repair"), "device": payload["device"],
+                  "wall_seconds": time.perf_counter() - started}
+        atomic_write_json(path, record)
+        print(f"{name} K={args.k} seed {args.seed}: val {record['val_acc']:.2f} (teacher {record['teacher_val_acc']:.2f}), "
+              f"agreement {record['label_free']['agreement']:.1f}, {record['wall_seconds']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

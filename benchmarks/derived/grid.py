@@ -1,0 +1,153 @@
+"""The derived-students grid: pairs x rows x K x seeds, one `graftkd distill` command per cell.
+
+    GRAFTKD_DATA=../shared/data GRAFTKD_TEACHERS=../shared/teachers \\
+      python benchmarks/derived/grid.py --config configs/cifar10-derived.yaml --pairs resnet56-resnet20 \\
+        --rows derived,derived+repair --shots 1,10 --seeds 0,1,2
+
+Each cell's `result.json` (command, commit, seed, device with its thread count, wall time, the derivation
+record, the label-free estimate, test accuracy) is copied to ``results/<name>/cells/<pair>/<row>/k<K>-s<S>.json``
+atomically; a cell whose file exists is skipped, so the command resumes. Weights stay under ``runs/``
+(git-ignored). ``--report`` writes results.md / results.json from the cell files that exist.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _list(value: str | None, cast=str):
+    return None if value is None else [cast(v) for v in value.split(",") if v]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--pairs")
+    parser.add_argument("--rows")
+    parser.add_argument("--shots")
+    parser.add_argument("--seeds")
+    parser.add_argument("--report", action="store_true", help="only write the report from existing cells")
+    args = parser.parse_args()
+    config = yaml.safe_load(Path(args.config).read_text())
+    name = config["name"]
+    out = ROOT / "results" / name
+    pairs = _list(args.pairs) or list(config["pairs"])
+    rows = _list(args.rows) or list(config["rows"])
+    shots = _list(args.shots, int) or config["shots"]
+    seeds = _list(args.seeds, int) or config["seeds"]
+    for what, chosen, known in (("pair", pairs, config["pairs"]), ("row", rows, config["rows"])):
+        unknown = [c for c in chosen if c not in known]
+        if unknown:
+            raise SystemExit(f"unknown {what} {', '.join(unknown)}: the config has {', '.join(known)}")
+    if not args.report:
+        cells = [(p, r, k, s) for p in pairs for k in shots for s in seeds for r in rows]
+        env = {**os.environ, "OMP_NUM_THREADS": str(config["threads"]), "MKL_NUM_THREADS": str(config["threads"])}
+        for index, (pair, row, k, seed) in enumerate(cells, 1):
+            cell = out / "cells" / pair / row / f"k{k}-s{seed}.json"
+            if cell.exists():
+                print(f"[{index}/{len(cells)}] {pair} {row} K={k} seed {seed}: done, skipped", flush=True)
+                continue
+            spec = config["pairs"][pair]
+            run_dir = ROOT / "runs" / name / pair / row / f"k{k}-s{seed}"
+            command = ["graftkd", "distill", "--teacher", spec["teacher"], "--student-arch", spec["student"],
+                       "--data", config["data"], "--k", str(k), "--seed", str(seed), "--test-data", config["data"],
+                       "--precision", "fp32", "--device", "cpu", "--no-progress", "--out", str(run_dir.relative_to(ROOT)),
+                       *config["rows"][row]]
+            started = time.perf_counter()
+            print(f"[{index}/{len(cells)}] {pair} {row} K={k} seed {seed}: {' '.join(command)}", flush=True)
+            code = subprocess.run([str(Path(sys.executable).parent / "graftkd"), *command[1:]], cwd=ROOT, env=env).returncode
+            if code != 0:
+                print(f"  failed with exit code {code}; the cell stays missing", flush=True)
+                continue
+            result = json.loads((run_dir / "result.json").read_text())
+            cell.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cell.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({**result, "grid": name, "pair": pair, "row": row}, indent=1))
+            os.replace(tmp, cell)
+            print(f"  test {result['student']['test_acc']:.2f}, agreement {result['label_free']['agreement']:.1f}, "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+    report(out, config)
+
+
+def _spearman(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for t in range(i, j + 1):
+                r[order[t]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return num / den if den else None
+
+
+def report(out: Path, config: dict) -> None:
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/*.json"))]
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["pair"], c["row"], c["fewshot"]["shots"]), []).append(c)
+    lines = [f"# {config['title']}", "",
+             "**Protocol:** last-epoch student after the fixed budget; nothing selected on the test split (used only "
+             "for this report); few-shot labels never used. Mean ± sample std (n) over seeds 0-2 (seed and subset "
+             "together). Development choices were made on a fixed validation split of CIFAR-10 *training* images "
+             "(`benchmarks/derived/dev.py`, results in `dev/`), never on test.", "",
+             f"**Cells:** {len(cells)} files under `cells/`, each with its `graftkd distill` command, commit, seed, "
+             "device (CPU model, threads) and wall time. Commits: "
+             + ", ".join(sorted({c['commit'][:12] for c in cells})) + ".", "",
+             "| Pair | Row | K | test acc. mean ± std (n) | label-free agreement (%) | KL | time/run |",
+             "|---|---|---|---|---|---|---|"]
+    summary = []
+    pair_order, row_order = list(config["pairs"]), list(config["rows"])
+    for key in sorted(groups, key=lambda k: (pair_order.index(k[0]), k[2], row_order.index(k[1]))):
+        runs = groups[key]
+        accs = [r["student"]["test_acc"] for r in runs]
+        agree = [r["label_free"]["agreement"] for r in runs]
+        kls = [r["label_free"]["kl"] for r in runs]
+        mean = sum(accs) / len(accs)
+        std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
+        wall = sum(r["wall_seconds"] for r in runs) / len(runs)
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {mean:.2f} ± {std:.2f} ({len(accs)}) | "
+                     f"{sum(agree) / len(agree):.1f} | {sum(kls) / len(kls):.3f} | {wall:.0f} s |")
+        summary.append({"pair": key[0], "row": key[1], "k": key[2], "mean": mean, "std": std, "n": len(accs),
+                        "accuracies": accs, "agreement": agree, "kl": kls, "wall_seconds": wall})
+    lines += ["", "## Does the label-free estimate track test accuracy?", "",
+              "Spearman rank correlation between the label-free agreement and test accuracy over the cells of each "
+              "pair and K (all rows and seeds), and over all cells of a pair.", "",
+              "| Pair | K | cells | Spearman ρ |", "|---|---|---|---|"]
+    correlations = []
+    for pair in pair_order:
+        mine = [c for c in cells if c["pair"] == pair]
+        for k in sorted({c["fewshot"]["shots"] for c in mine}) + ["all"]:
+            sub = [c for c in mine if k == "all" or c["fewshot"]["shots"] == k]
+            rho = _spearman([c["label_free"]["agreement"] for c in sub], [c["student"]["test_acc"] for c in sub])
+            correlations.append({"pair": pair, "k": k, "cells": len(sub), "spearman": rho})
+            lines.append(f"| {pair} | {k} | {len(sub)} | {'—' if rho is None else f'{rho:.2f}'} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"rows": summary, "correlations": correlations}, indent=1))
+    print(f"wrote {out / 'results.md'} ({len(cells)} cells)")
+
+
+if __name__ == "__main__":
+    main()

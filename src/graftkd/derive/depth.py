@@ -1,0 +1,243 @@
+"""Depth derivation: a student stage with fewer units than the teacher's takes a subset of the teacher's units.
+
+Generic over module trees, not a table per architecture: the teacher and the student are walked in
+parallel by child name. Where both hold an ``nn.Sequential`` (or ``nn.ModuleList``) and the student's is
+shorter, its units are matched, in order, to a subset of the teacher's. A student unit may only take a
+teacher unit of the same *structure* (module types, kernel sizes, strides, which optional parts exist;
+widths are ignored here, they are the width derivation's business), so the strided, widening first unit
+of a ResNet stage always comes from the teacher's first unit.
+
+Rules (the record names the one used):
+
+- ``even``: evenly spaced units, e.g. units 0, 4, 8 of a 9-unit ResNet-56 stage for ResNet-20;
+- ``first``: the first units that fit;
+- ``greedy``: PRACTISE's idea (Wang et al. 2023), data-driven: starting from the whole teacher, drop one
+  unit at a time (replaced by the identity, so only shape-preserving units can go), each time the one
+  whose removal changes the teacher's logits on the few-shot images least, until every stage has the
+  student's count.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from graftkd.errors import UnsupportedPairing
+
+DEPTH_RULES = ("even", "first", "greedy")
+_CONTAINERS = (nn.Sequential, nn.ModuleList)
+
+
+class Underivable(UnsupportedPairing):
+    """The student (or a part of it) is not a sub-network of the teacher."""
+
+
+def signature(module: nn.Module) -> tuple:
+    """Structure of ``module`` without its widths: what must agree for a teacher unit to fit a student unit."""
+    if isinstance(module, nn.Conv2d):
+        own: tuple = ("Conv2d", module.kernel_size, module.stride, module.padding, module.dilation,
+                      module.groups == 1, module.bias is not None, module.padding_mode)
+    elif isinstance(module, nn.Linear):
+        own = ("Linear", module.bias is not None)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        own = (type(module).__name__, module.eps, module.affine, module.track_running_stats)
+    elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        own = (type(module).__name__, module.kernel_size, module.stride, module.padding)
+    else:
+        own = (type(module).__name__,)
+    children = tuple((name, signature(child)) for name, child in module.named_children())
+    if isinstance(module, _CONTAINERS):
+        children = (len(module),) + children
+    return own + children
+
+
+@dataclass
+class DepthPlan:
+    """Which teacher units every shortened student container takes (teacher indices, in order)."""
+
+    rule: str
+    selections: dict[str, list[int]] = field(default_factory=dict)  # student container path -> teacher unit indices
+    lengths: dict[str, int] = field(default_factory=dict)  # student container path -> teacher unit count
+
+    def teacher_path(self, student_path: str) -> str:
+        """The teacher module a student module path was taken from (``layer2.1.conv1`` -> ``layer2.4.conv1``)."""
+        parts = student_path.split(".") if student_path else []
+        mapped = list(parts)
+        for depth in range(len(parts)):  # selections are keyed by student paths
+            prefix = ".".join(parts[:depth])
+            if prefix in self.selections and parts[depth].isdigit():
+                mapped[depth] = str(self.selections[prefix][int(parts[depth])])
+        return ".".join(mapped)
+
+
+def _match_first(cands: list[list[int]], exclude: set[int] = frozenset()) -> list[int] | None:
+    """Leftmost order-preserving assignment of student units to allowed teacher units, or None."""
+    chosen, last = [], -1
+    for allowed in cands:
+        nxt = next((i for i in allowed if i > last and i not in exclude), None)
+        if nxt is None:
+            return None
+        chosen.append(nxt)
+        last = nxt
+    return chosen
+
+
+def _match_even(cands: list[list[int]], n: int) -> list[int] | None:
+    """Order-preserving assignment closest (sum of |i - target|) to evenly spaced targets."""
+    k = len(cands)
+    targets = [0.0] if k == 1 else [j * (n - 1) / (k - 1) for j in range(k)]
+    inf = float("inf")
+    cost = [[inf] * n for _ in range(k)]
+    back = [[-1] * n for _ in range(k)]
+    for j in range(k):
+        for i in cands[j]:
+            here = abs(i - targets[j])
+            if j == 0:
+                cost[j][i] = here
+                continue
+            best, arg = inf, -1
+            for p in range(i):
+                if cost[j - 1][p] < best:
+                    best, arg = cost[j - 1][p], p
+            if arg >= 0:
+                cost[j][i], back[j][i] = best + here, arg
+    end = min(range(n), key=lambda i: (cost[k - 1][i], i))
+    if cost[k - 1][end] == inf:
+        return None
+    chosen = [end]
+    for j in range(k - 1, 0, -1):
+        chosen.append(back[j][chosen[-1]])
+    return chosen[::-1]
+
+
+def _walk(teacher: nn.Module, student: nn.Module, prefix: str, out: list[tuple[str, nn.Module, nn.Module]]) -> None:
+    """Collect every container pair whose student side is shorter; raise where the trees differ otherwise."""
+    where = prefix or "the model"
+    if isinstance(teacher, _CONTAINERS) and type(teacher) is type(student) and len(teacher) != len(student):
+        if len(student) > len(teacher):
+            raise Underivable(f"'{where}' has {len(student)} units in the student but {len(teacher)} in the teacher: "
+                              "a derived student cannot be deeper than its teacher")
+        out.append((prefix, teacher, student))
+        return  # the units inside are walked once the selection is known
+    if type(teacher) is not type(student):
+        raise Underivable(f"'{where}' is a {type(student).__name__} in the student but a {type(teacher).__name__} "
+                          "in the teacher")
+    t_children, s_children = dict(teacher.named_children()), dict(student.named_children())
+    if t_children.keys() != s_children.keys():
+        only = sorted(set(t_children) ^ set(s_children))
+        raise Underivable(f"'{where}' has different parts in teacher and student ({', '.join(only)})")
+    for name in t_children:
+        _walk(t_children[name], s_children[name], f"{prefix}.{name}" if prefix else name, out)
+
+
+def _candidates(teacher: nn.Module, student: nn.Module, where: str) -> list[list[int]]:
+    t_sigs = [signature(u) for u in teacher]
+    cands = [[i for i, sig in enumerate(t_sigs) if sig == signature(u)] for u in student]
+    if _match_first(cands) is None:
+        raise Underivable(f"'{where}': no order-preserving choice of teacher units has the student units' structure")
+    return cands
+
+
+def plan_depth(teacher: nn.Module, student: nn.Module, rule: str = "even",
+               logit_error: Callable[[nn.Module], float] | None = None) -> DepthPlan:
+    """Choose the teacher units of every shortened student container (``rule``: even, first or greedy).
+
+    ``greedy`` needs ``logit_error(model) -> float``: the few-shot logit error of a teacher copy.
+    Raises :class:`Underivable` where the module trees differ in more than depth and width.
+    """
+    if rule not in DEPTH_RULES:
+        raise Underivable(f"unknown depth rule '{rule}': use one of {', '.join(DEPTH_RULES)}")
+    plan = DepthPlan(rule)
+    pending = [("", teacher, student)]
+    while pending:  # outer containers first, then the units they chose (nested containers)
+        prefix, t, s = pending.pop(0)
+        found: list[tuple[str, nn.Module, nn.Module]] = []
+        _walk(t, s, prefix, found)
+        if rule == "greedy" and found:
+            if logit_error is None:
+                raise Underivable("the greedy depth rule needs the few-shot images")
+            _greedy(teacher, found, plan, logit_error)
+        for path, t_seq, s_seq in found:
+            cands = _candidates(t_seq, s_seq, path)
+            if rule != "greedy":
+                chosen = _match_first(cands) if rule == "first" else _match_even(cands, len(t_seq))
+                plan.selections[path] = chosen
+            plan.lengths[path] = len(t_seq)
+            for j, i in enumerate(plan.selections[path]):
+                pending.append((f"{path}.{j}", t_seq[i], s_seq[j]))
+    return plan
+
+
+def _greedy(teacher: nn.Module, found, plan: DepthPlan, logit_error) -> None:
+    """Drop teacher units one at a time by the smallest few-shot logit error (on a working copy)."""
+    work = copy.deepcopy(teacher).eval()
+    state = {}
+    for path, t_seq, s_seq in found:
+        cands = _candidates(t_seq, s_seq, path)
+        state[path] = {"cands": cands, "dropped": set(), "need": len(t_seq) - len(s_seq),
+                       "seq": work.get_submodule(path), "units": list(work.get_submodule(path))}
+    while any(len(st["dropped"]) < st["need"] for st in state.values()):
+        best = None
+        for path, st in state.items():
+            if len(st["dropped"]) >= st["need"]:
+                continue
+            for i, unit in enumerate(st["units"]):
+                if i in st["dropped"] or _match_first(st["cands"], st["dropped"] | {i}) is None:
+                    continue
+                st["seq"][i] = nn.Identity()
+                try:
+                    error = logit_error(work)
+                except RuntimeError:  # the unit changes the shape: it cannot be dropped
+                    error = None
+                finally:
+                    st["seq"][i] = unit
+                if error is not None and (best is None or error < best[0]):
+                    best = (error, path, i)
+        if best is None:
+            raise Underivable("the greedy depth rule found no unit that can be dropped")
+        _, path, i = best
+        state[path]["dropped"].add(i)
+        state[path]["seq"][i] = nn.Identity()
+    for path, st in state.items():
+        plan.selections[path] = _match_first(st["cands"], st["dropped"])
+        remaining = [i for i in range(len(st["units"])) if i not in st["dropped"]]
+        if plan.selections[path] != remaining:  # every kept unit is used, in order
+            raise Underivable(f"'{path}': the greedy rule kept units {remaining} that the student cannot take in order")
+
+
+def apply_depth(teacher: nn.Module, plan: DepthPlan) -> nn.Module:
+    """A copy of the teacher with only the chosen units (renumbered 0..k-1, as in the student)."""
+    reduced = copy.deepcopy(teacher)
+    # outer first: inner paths are post-selection; "" is the module itself
+    for path in sorted(plan.selections, key=lambda p: p.count(".") + 1 if p else 0):
+        seq = reduced.get_submodule(path)
+        units = [seq[i] for i in plan.selections[path]]
+        kept = nn.Sequential(*units) if isinstance(seq, nn.Sequential) else nn.ModuleList(units)
+        if not path:
+            reduced = kept
+            continue
+        parent_path, _, name = path.rpartition(".")
+        parent = reduced.get_submodule(parent_path) if parent_path else reduced
+        if isinstance(parent, _CONTAINERS):
+            parent[int(name)] = kept
+        else:
+            setattr(parent, name, kept)
+    return reduced
+
+
+@torch.no_grad()
+def logit_error_fn(reference: nn.Module, inputs: torch.Tensor, chunk: int = 128) -> Callable[[nn.Module], float]:
+    """``model -> ‖model(x) − reference(x)‖² / ‖reference(x)‖²`` on normalised ``inputs`` (eval mode)."""
+    reference.eval()
+    targets = [reference(x).double() for x in inputs.split(chunk)]
+    scale = sum(float((t * t).sum()) for t in targets) or 1.0
+
+    @torch.no_grad()
+    def error(model: nn.Module) -> float:
+        model.eval()
+        return sum(float(((model(x).double() - t) ** 2).sum()) for x, t in zip(inputs.split(chunk), targets)) / scale
+
+    return error

@@ -1,0 +1,189 @@
+"""Students derived from the teacher's weights, on random weights: every supported pattern, exactness, records."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from graftkd.derive import Underivable, derive_student
+from graftkd.derive.depth import apply_depth, plan_depth
+from graftkd.derive.width import plan_width
+from graftkd.engine.agreement import agreement, agreement_pool
+from graftkd.engine.bn import reestimate_batchnorm
+from graftkd.engine.recipe import Recipe, mix_batch, repeated_batch
+from graftkd.models import build_model
+
+
+def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so copying the wrong channel would show."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def _strict_copy(student: nn.Module, arch: str, **kwargs) -> nn.Module:
+    plain = build_model(arch, **kwargs)
+    plain.load_state_dict(student.state_dict(), strict=True)
+    return plain.eval()
+
+
+@torch.no_grad()
+def test_depth_resnet56_to_resnet20_takes_evenly_spaced_units_and_is_the_reduced_teacher():
+    torch.manual_seed(0)
+    teacher, student = _randomise_norms(build_model("resnet56")), build_model("resnet20")
+    record = derive_student(teacher, student, (3, 32, 32), depth_rule="even")
+    assert record.whole and [row["status"] for row in record.blocks] == ["units chosen"] * 3
+    assert [u["kept"] for row in record.blocks for u in row["units"]] == [[0, 4, 8]] * 3
+    x = torch.randn(4, 3, 32, 32)
+    reduced = apply_depth(teacher, record.depth).eval()
+    plain = _strict_copy(student, "resnet20")
+    assert torch.equal(plain(x), reduced(x))
+    assert torch.equal(student.layer2[1].conv1.weight, teacher.layer2[4].conv1.weight)
+    assert record.depth.teacher_path("layer3.2.bn2") == "layer3.8.bn2"
+
+
+@torch.no_grad()
+def test_keeping_every_unit_reproduces_the_teacher_exactly():
+    teacher, student = _randomise_norms(build_model("resnet32")), build_model("resnet32")
+    record = derive_student(teacher, student, (3, 32, 32))
+    assert [row["status"] for row in record.blocks] == ["inherited"] * 3
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(student.eval()(x), teacher(x))
+
+
+def test_depth_rules_first_and_greedy():
+    torch.manual_seed(1)
+    teacher, student = _randomise_norms(build_model("resnet32")), build_model("resnet20")
+    first = plan_depth(teacher, student, "first")
+    assert first.selections == {"layer1": [0, 1, 2], "layer2": [0, 1, 2], "layer3": [0, 1, 2]}
+    # a unit whose residual branch is zero changes nothing when dropped: greedy must drop it first
+    with torch.no_grad():
+        for unit in (teacher.layer2[1], teacher.layer2[2]):
+            unit.bn2.weight.zero_()
+            unit.bn2.bias.zero_()
+    x = torch.randn(8, 3, 32, 32)
+    from graftkd.derive.depth import logit_error_fn
+
+    greedy = plan_depth(teacher, student, "greedy", logit_error_fn(teacher, x))
+    assert greedy.selections["layer2"] == [0, 3, 4]
+    with pytest.raises(Underivable, match="needs the few-shot images"):
+        plan_depth(teacher, student, "greedy")
+
+
+@torch.no_grad()
+def test_width_vgg_chain_takes_l1_channels_and_loads_strictly():
+    torch.manual_seed(0)
+    teacher, student = _randomise_norms(build_model("vgg16_bn")), build_model("vgg16_half_bn")
+    record = derive_student(teacher, student, (3, 32, 32), width_rule="l1")
+    assert record.whole and all(row["status"] == "channels chosen" for row in record.blocks)
+    _strict_copy(student, "vgg16_half_bn")
+    layer = record.width.layers[0]
+    scores = teacher.get_submodule(layer.path).weight.abs().flatten(1).sum(1)
+    assert torch.equal(layer.out_keep, torch.topk(scores, len(layer.out_keep)).indices.sort().values)
+    assert torch.equal(student.get_submodule(layer.path).weight, teacher.get_submodule(layer.path).weight[layer.out_keep])
+
+
+@torch.no_grad()
+def test_width_activation_rule_keeps_the_channels_that_fire():
+    torch.manual_seed(0)
+    teacher, student = _randomise_norms(build_model("digits_cnn")), build_model("digits_cnn_half")
+    first_bn = next(m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d))
+    first_bn.bias.copy_(torch.full_like(first_bn.bias, -50.0))
+    live = torch.arange(0, first_bn.num_features, 2)
+    first_bn.bias[live] = 5.0  # only the even channels are ever non-zero after the ReLU
+    x = torch.randn(16, 1, 8, 8)
+    plan = plan_width(teacher, student, (1, 8, 8), "activation", x)
+    assert torch.equal(plan.layers[0].out_keep, live)
+
+
+@torch.no_grad()
+def test_width_through_residual_sums_and_projection_shortcuts():
+    """torchvision layout, ResNet-34 -> ResNet-18 (units chosen per stage) and WRN-40-2 -> WRN-16-1 (both)."""
+    torch.manual_seed(0)
+    teacher, student = _randomise_norms(build_model("resnet34", num_classes=10)), build_model("resnet18", num_classes=10)
+    record = derive_student(teacher, student, (3, 64, 64))
+    assert record.whole
+    assert [u["kept"] for row in record.blocks for u in row.get("units", [])] == [[0, 2], [0, 3], [0, 5], [0, 2]]
+    _strict_copy(student, "resnet18", num_classes=10)
+    teacher, student = _randomise_norms(build_model("wrn_40_2")), build_model("wrn_16_1")
+    x = torch.randn(4, 3, 32, 32)
+    record = derive_student(teacher, student, (3, 32, 32), inputs=x)
+    statuses = [row["status"] for row in record.blocks]
+    assert statuses[0] == "fresh" and "reason" in record.blocks[0]
+    assert statuses[1:] == ["units and channels chosen"] * 2
+    # one channel set per residual stream: the shortcut and every unit's last conv keep the same channels
+    plan = record.block_plans[1]
+    by_path = {la.path: la for la in plan.layers}
+    shortcut, last = by_path["layer.0.convShortcut"], by_path["layer.1.conv2"]
+    assert torch.equal(shortcut.out_keep, last.out_keep)
+    _strict_copy(student, "wrn_16_1")
+
+
+@torch.no_grad()
+def test_a_custom_model_through_the_block_api_and_an_underivable_pair():
+    class Custom(nn.Module):
+        def __init__(self, width: int, units: int):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+            self.body = nn.Sequential(*[nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+                                        for _ in range(units)])
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 5))
+
+        def forward(self, x):
+            return self.head(self.body(self.stem(x)))
+
+    teacher, student = Custom(16, 4).eval(), Custom(8, 2)
+    record = derive_student(teacher, student, (3, 16, 16), teacher_blocks=["stem", "body", "head"],
+                            student_blocks=["stem", "body", "head"])
+    assert [row["status"] for row in record.blocks] == ["channels chosen", "units and channels chosen",
+                                                         "channels chosen"]
+    assert record.blocks[1]["units"][0]["kept"] == [0, 3]
+    with pytest.raises(Underivable, match="blocks"):
+        derive_student(build_model("resnet56"), build_model("resnet18_cifar"), (3, 32, 32))
+
+
+@torch.no_grad()
+def test_reestimate_batchnorm_gives_the_exact_batch_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4))
+    batches = [torch.randn(6, 3, 5, 5) for _ in range(3)]
+    assert reestimate_batchnorm(model, batches) == 1
+    features = torch.cat([model[0](b) for b in batches])
+    mean = features.mean(dim=(0, 2, 3))
+    var = features.var(dim=(0, 2, 3), unbiased=True)
+    bn = model[1]
+    assert not model.training and bn.momentum == 0.1
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-6)
+    # the cumulative average of per-batch unbiased variances (PyTorch's definition with momentum=None)
+    per_batch = torch.stack([model[0](b).var(dim=(0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(bn.running_var, per_batch, rtol=1e-5, atol=1e-6)
+    assert var.shape == per_batch.shape
+
+
+@torch.no_grad()
+def test_label_free_agreement_of_a_model_with_itself_and_a_pool_that_does_not_touch_training_randomness():
+    model = build_model("digits_cnn").eval()
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    state = torch.random.get_rng_state()
+    pool = agreement_pool(images, lambda x: x.float() / 255, None, views=2, mixed=True)
+    assert torch.equal(state, torch.random.get_rng_state()) and len(pool) == 40
+    same = agreement(model, model, pool)
+    assert same["agreement"] == 100.0 and abs(same["kl"]) < 1e-6
+
+
+def test_patient_recipe_schedule_batches_and_mixing():
+    recipe = Recipe(samples=64 * 100, warmup=0.1)
+    assert recipe.steps == 100 and recipe.chunks == 2
+    assert [round(recipe.lr_factor(s), 4) for s in (0, 9, 10, 55, 99)] == [0.1, 1.0, 1.0, 0.5, 0.0003]
+    g = torch.Generator().manual_seed(0)
+    batch = repeated_batch(10, 64, g, torch.device("cpu"))
+    assert len(batch) == 64 and torch.bincount(batch, minlength=10).min() >= 6
+    x = torch.rand(8, 3, 16, 16)
+    mixed = mix_batch(x, "cutmix", 1.0, torch.Generator().manual_seed(3))
+    again = mix_batch(x, "cutmix", 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(mixed, again) and not torch.equal(mixed, x)
+    with pytest.raises(Exception, match="unknown recipe"):
+        Recipe(name="lazy")
