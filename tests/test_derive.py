@@ -187,3 +187,56 @@ def test_patient_recipe_schedule_batches_and_mixing():
     assert torch.equal(mixed, again) and not torch.equal(mixed, x)
     with pytest.raises(Exception, match="unknown recipe"):
         Recipe(name="lazy")
+
+
+def test_imagenet_path_resnet34_to_resnet18_derives_grafts_and_merges_at_224px():
+    """The torchvision layout at ImageNet size: units chosen per stage, grafting's stages from the derived
+    start (norms frozen), and the exact merge into a plain ResNet-18 (random weights, a few steps)."""
+    from graftkd.data.normalize import Normalizer
+    from graftkd.graft import GraftConfig, ScheduleConfig, graft
+    from graftkd.workflows import _derived_adapters
+
+    torch.manual_seed(0)
+    teacher = _randomise_norms(build_model("resnet34", num_classes=10))
+    student = build_model("resnet18", num_classes=10)
+    record = derive_student(teacher, student, (3, 224, 224))
+    assert [u["kept"] for row in record.blocks for u in row.get("units", [])] == [[0, 2], [0, 3], [0, 5], [0, 2]]
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    config = GraftConfig(shots=1, batch_size=2, schedule=ScheduleConfig("imagenet", block_epochs=1, net_epochs=1),
+                         inherit="none", freeze_norm_stats=True, augment=False, precision="fp32")
+    result = graft(teacher, student, images, normalize=Normalizer((0.5,) * 3, (0.25,) * 3), config=config,
+                   device="cpu", progress=False, init_adapters=lambda plan: _derived_adapters(plan, record))
+    assert result.merge_max_abs_diff <= 1e-4 and result.records
+    _strict_copy(result.student, "resnet18", num_classes=10)
+
+
+def test_imagenet_script_runs_on_a_fake_folder(tmp_path):
+    """benchmarks/derived/imagenet_r34_r18.py end to end on 2 classes of odd-sized images at 64 px (CPU)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 3), ("val", 2)):
+        for name in ("n01", "n02"):
+            folder = tmp_path / "imagenet" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = 70 + 9 * i, 90 - 7 * i
+                Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()).save(
+                    folder / f"{i}.JPEG")
+    teacher = tmp_path / "resnet34.pth"
+    torch.save(build_model("resnet34", num_classes=2).state_dict(), teacher)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "derived" / "imagenet_r34_r18.py"
+    spec = importlib.util.spec_from_file_location("imagenet_r34_r18", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "run"
+    payload = module.main(["--imagenet", str(tmp_path / "imagenet"), "--teacher", str(teacher), "--k", "2",
+                           "--size", "64", "--samples", "128", "--device", "cpu", "--precision", "fp32",
+                           "--out", str(out)])
+    assert payload["init"]["used"] == "derived" and payload["test"]["images"] == 4
+    result = json.loads((out / "result.json").read_text())
+    assert [row["status"] for row in result["derivation"]["blocks"]] == ["units chosen"] * 4

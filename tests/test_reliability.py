@@ -68,13 +68,21 @@ def _distill(teacher: Path, out: Path) -> list[str]:
             "--checkpoint-every-s", "0", "--out", str(out)]
 
 
+def _distill_derived(teacher: Path, out: Path) -> list[str]:
+    """The default path: a derived student refined by the patient recipe (chunks of 50 steps)."""
+    return [sys.executable, "-m", "graftkd.cli", "distill", "--teacher", str(teacher), "--teacher-arch", "digits_cnn",
+            "--student-arch", "digits_cnn_half", "--data", "digits", "--k", "2", "--samples", str(64 * 600),
+            "--device", "cpu", "--no-progress", "--checkpoint-every-s", "0", "--out", str(out)]
+
+
 def _student(out: Path) -> dict:
     state = torch.load(out / "student.pt", weights_only=True)
     return state.get("state_dict", state)
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_steps_then_resume_gives_identical_weights(tmp_path) -> None:
+@pytest.mark.parametrize("command", [_distill, _distill_derived], ids=["graft", "derived-patient"])
+def test_sigkill_at_random_steps_then_resume_gives_identical_weights(tmp_path, command) -> None:
     from graftkd.models import build_model
 
     torch.manual_seed(0)
@@ -82,7 +90,7 @@ def test_sigkill_at_random_steps_then_resume_gives_identical_weights(tmp_path) -
     torch.save(build_model("digits_cnn", num_classes=10).state_dict(), teacher)
 
     straight = tmp_path / "straight"
-    subprocess.run(_distill(teacher, straight), env=_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(command(teacher, straight), env=_env(), check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
     checkpoint = killed / "checkpoint.pt"
@@ -91,7 +99,7 @@ def test_sigkill_at_random_steps_then_resume_gives_identical_weights(tmp_path) -
     kills = 0
     for _ in range(6):
         before = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
-        proc = subprocess.Popen(_distill(teacher, killed), env=_env(), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(command(teacher, killed), env=_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:  # wait until this process has saved once
@@ -109,7 +117,7 @@ def test_sigkill_at_random_steps_then_resume_gives_identical_weights(tmp_path) -
         if kills == 3:
             break
     assert kills >= 1, "the run finished before any kill: make it longer"
-    done = subprocess.run(_distill(teacher, killed), env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command(teacher, killed), env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 
     a, b = _student(straight), _student(killed)

@@ -576,6 +576,17 @@ def summary_table(payload: dict) -> str:
     for block in s.get("blocks") or []:  # partial grafting: Table 3's per-block counts
         lines.append(f"  block {block['block']}: {format_count(block['teacher_params'])} -> "
                      f"{format_count(block['params'])}" + ("  (replaced)" if block["replaced"] else ""))
+    free = payload.get("label_free")
+    if free:
+        lines.append(f"label-free estimate: the student agrees with the teacher on {free['agreement']:.1f}% of "
+                     f"{free['views']} held-out views of the few-shot images (KL {free['kl']:.3f})")
+        if free["agreement"] < 70.0:
+            lines.append("warning: that agreement is low, so expect a test accuracy far below the teacher's; "
+                         "more images per class, a student that fits inside the teacher (--init derived), or a "
+                         "longer --samples budget help")
+    init = payload.get("init")
+    if init:
+        lines.append(f"start: {init['used']} ({init['why']})")
     few = payload["fewshot"]
     lines.append(
         f"few-shot: {few['images']} unlabeled images ({few['shots']} per class), wall time "
