@@ -158,3 +158,10 @@ def test_models_lists_params_and_flops(capsys):
     assert main(["models"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert "5.41M" in lines["vgg16_graft"] and "14.98M" in lines["vgg16"] and "0.27M" in lines["resnet20"]
+
+
+def test_distill_without_a_source_says_where_images_come_from(tmp_path, digits_teacher, capsys):
+    code = main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
+                 "digits_cnn_half", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--data SOURCE --k K" in err and "--unlabeled" in err

@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-arch", help="zoo architecture of a teacher weights file, e.g. resnet56")
     p.add_argument("--teachers-dir", help="folder holding registered teacher files (also: GRAFTKD_TEACHERS)")
     p.add_argument("--student-arch", required=True, help="zoo architecture of the student, e.g. resnet20")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--fewshot", help="few-shot manifest written by `graftkd fewshot`")
-    src.add_argument("--data", help="labeled source to sample K per class from (labels are then dropped)")
+    src.add_argument("--data", help="labeled source to sample K per class from (labels are then dropped); "
+                                    "default with --k: the registered teacher's dataset, else --test-data")
     src.add_argument("--unlabeled", help="a folder of unlabeled images: the few-shot set as is")
     p.add_argument("--k", type=int, help="images per class (with --data)")
     p.add_argument("--subset", type=int, default=0)
@@ -246,6 +247,15 @@ def _cmd_distill(args) -> None:
                            bn_start=args.bn_start, refine=args.refine, repair=args.repair, loss=args.refine_loss,
                            unit_features=args.unit_features,
                            recipe=Recipe(samples=args.samples, lr=args.refine_lr))  # bad values fail before any work
+    if not (args.fewshot or args.data or args.unlabeled):
+        from graftkd.models.teacher_registry import load_registry
+
+        registry = load_registry()
+        entry = registry.get(args.teacher) if args.teacher in registry else None
+        args.data = (entry.dataset if entry is not None else None) or args.test_data
+        if not args.data or args.k is None:
+            raise GraftkdError("say where the few-shot images come from: --data SOURCE --k K (K per class), "
+                               "--fewshot MANIFEST, or --unlabeled FOLDER")
     manifest = None
     if args.fewshot:
         manifest = FewShotManifest.load(args.fewshot)

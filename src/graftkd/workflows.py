@@ -580,10 +580,12 @@ def summary_table(payload: dict) -> str:
     if free:
         lines.append(f"label-free estimate: the student agrees with the teacher on {free['agreement']:.1f}% of "
                      f"{free['views']} held-out views of the few-shot images (KL {free['kl']:.3f})")
+        init = payload.get("init") or {}
         if free["agreement"] < 70.0:
-            lines.append("warning: that agreement is low, so expect a test accuracy far below the teacher's; "
-                         "more images per class, a student that fits inside the teacher (--init derived), or a "
-                         "longer --samples budget help")
+            advice = ("more images per class or a longer --samples budget" if init.get("used") == "derived" else
+                      "more images per class, or a student that fits inside the teacher (derived from its weights)")
+            lines.append(f"warning: that agreement is low, so expect a test accuracy far below the teacher's; {advice} "
+                         "may help")
     init = payload.get("init")
     if init:
         lines.append(f"start: {init['used']} ({init['why']})")
