@@ -40,7 +40,6 @@ from graftkd.derive.repair import (
     _fold_and_check,
     _relative_logit_error,
     _residual,
-    fold_correction,  # noqa: F401 (re-exported)
     solve_correction,
 )
 from graftkd.derive.width import Underivable, WidthPlan, load_narrowed
