@@ -102,6 +102,13 @@ def _spearman(xs: list[float], ys: list[float]) -> float | None:
     return num / den if den else None
 
 
+def _count(values) -> dict:
+    counts: dict = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
 def report(out: Path, config: dict) -> None:
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/*.json"))]
     groups: dict[tuple, list[dict]] = {}
@@ -114,7 +121,8 @@ def report(out: Path, config: dict) -> None:
              "(`benchmarks/derived/dev.py`, results in `dev/`), never on test.", "",
              f"**Cells:** {len(cells)} files under `cells/`, each with its `graftkd distill` command, commit, seed, "
              "device (CPU model, threads) and wall time. Commits: "
-             + ", ".join(sorted({c['commit'][:12] for c in cells})) + ".", "",
+             + ", ".join(f"`{commit}` ({n} cells)" for commit, n in sorted(_count(c["commit"] for c in cells).items()))
+             + ".", "",
              "| Pair | Row | K | test acc. mean ± std (n) | label-free agreement (%) | KL | time/run |",
              "|---|---|---|---|---|---|---|"]
     summary = []
