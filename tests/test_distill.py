@@ -8,7 +8,7 @@ import torch
 
 from graftkd.data.normalize import Normalizer
 from graftkd.distill.base import FewShotTask, build_method, list_methods
-from graftkd.distill.losses import hint_loss, kd_loss
+from graftkd.distill.losses import hint_loss, kd_loss, relative_feature_loss
 from graftkd.errors import GraftkdError
 from graftkd.models import build_model
 
@@ -26,6 +26,12 @@ def test_kd_loss_golden_values() -> None:
 
 def test_hint_loss_golden_value() -> None:
     assert hint_loss(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2)).item() == pytest.approx(2.5)
+
+
+def test_relative_feature_loss_golden_value() -> None:
+    # ‖(1, 2) − (3, 0)‖² / ‖(3, 0)‖² = (4 + 4) / 9
+    assert relative_feature_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 0.0]])).item() == pytest.approx(8 / 9)
+    assert relative_feature_loss(torch.ones(2, 3, 4, 4), torch.ones(2, 3, 4, 4)).item() == 0.0
 
 
 def test_method_registry_and_option_errors() -> None:
