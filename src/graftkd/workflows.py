@@ -439,38 +439,18 @@ def _feature_channels(student: nn.Module, record) -> dict[str, torch.Tensor]:
     """Feature path -> teacher channels the derived student keeps there (its last conv/linear's choice)."""
     if not record.whole or record.width is None or not hasattr(student, "feature_paths"):
         return {}
-    out_keep = {la.path: la.out_keep for la in record.width.layers}
+    layers = {la.path: la for la in record.width.layers}
+    order = [n for n, _ in student.named_modules()]
+    writers = [n for n in order if n in layers]
     select = {}
     for path in student.feature_paths():
-        module = student.get_submodule(path)
-        layers = [f"{path}.{n}" if n else path for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        if not layers and path:  # a glue module (ReLU closing a stage): the last layer before it in the model
-            names = [n for n, m in student.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-            order = [n for n, _ in student.named_modules()]
-            layers = [n for n in names if order.index(n) < order.index(path)]
-        keep = out_keep.get(layers[-1]) if layers else None
-        if keep is not None and len(keep) < _width_at(record, layers[-1]):
-            select[path] = keep
+        # the last conv/linear at or before the end of the module at ``path`` writes its output channels
+        end = max(i for i, n in enumerate(order) if n == path or n.startswith(f"{path}.")) if path else len(order) - 1
+        before = [n for n in writers if order.index(n) <= end]
+        layer = layers[before[-1]] if before else None
+        if layer is not None and len(layer.out_keep) < layer.teacher_out:
+            select[path] = layer.out_keep
     return select
-
-
-def _unit_pairs(record) -> list[tuple[str, str]]:
-    """(student unit, teacher unit) feature spots after a depth derivation: student unit j of a container that
-    took teacher units i_0 < i_1 < ... stands for teacher units i_j .. i_{j+1} - 1, so its output should be the
-    teacher's stream after unit i_{j+1} - 1 (after the container's last unit, for the last one)."""
-    if not record.whole or record.depth is None:
-        return []
-    pairs = []
-    for path, chosen in record.depth.selections.items():
-        teacher_path = record.depth.teacher_path(path)
-        ends = [nxt - 1 for nxt in chosen[1:]] + [record.depth.lengths[path] - 1]
-        for j, end in enumerate(ends):
-            pairs.append((f"{path}.{j}" if path else str(j), f"{teacher_path}.{end}" if teacher_path else str(end)))
-    return pairs
-
-
-def _width_at(record, path: str) -> int:
-    return next(la.teacher_out for la in record.width.layers if la.path == path)
 
 
 @torch.no_grad()

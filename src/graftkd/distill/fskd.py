@@ -42,7 +42,7 @@ from graftkd.derive.repair import (
     _residual,
     solve_correction,
 )
-from graftkd.derive.width import Underivable, WidthPlan, load_narrowed
+from graftkd.derive.width import Underivable, WidthPlan, _shape, load_narrowed
 from graftkd.distill.base import FewShotMethod, FewShotTask, MethodOutcome, register_method
 from graftkd.errors import GraftkdError, UnsupportedPairing
 
@@ -172,11 +172,6 @@ def _structure(module: nn.Module) -> tuple:
 def _count_layers(graph: torch.fx.GraphModule) -> int:
     return sum(1 for n in graph.graph.nodes if n.op == "call_module"
                and isinstance(graph.get_submodule(n.target), (nn.Conv2d, nn.Linear)))
-
-
-def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def prune_plan(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...], *,
