@@ -57,6 +57,11 @@ CONFIGS = {
                         {"samples": 32_000}),
     "r20-ufkd-32k-tb-adam": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd", "unit_features": True},
                              {"samples": 32_000, "optimizer": "adam", "lr": 0.001}),
+    # input diversity and the loss's temperature (ResNet, K=10, 32k samples; compare with r20-kd-32k-tb)
+    "r20-kd-32k-tb-rrc": ("resnet56-cifar10", "resnet20", {}, {"samples": 32_000, "crop": "resized"}),
+    "r20-kd-32k-tb-t1": ("resnet56-cifar10", "resnet20", {"loss_options": {"temperature": 1.0}}, {"samples": 32_000}),
+    "r20-kd-32k-tb-adv": ("resnet56-cifar10", "resnet20", {}, {"samples": 32_000, "adversarial": 0.25}),
+    "r20-greedy-kd-32k-tb": ("resnet56-cifar10", "resnet20", {"depth_rule": "greedy"}, {"samples": 32_000}),
     "vh-fkd-32k": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd"}, {"freeze_bn": True, "samples": 32_000}),
     "vh-repair-fkd-32k": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd", "repair": True}, {"freeze_bn": True, "samples": 32_000}),
     "r20-repair-only": ("resnet56-cifar10", "resnet20", {"refine": "none", "repair": True}, {}),

@@ -335,6 +335,7 @@ class DeriveOptions:
     repair: bool = False  # closed-form least-squares 1x1 corrections before any step (FSKD, generalised)
     loss: str = "kd"  # kd | feature_kd (KD plus the teacher's feature maps at every block boundary)
     unit_features: bool = False  # feature_kd: also match every kept unit's output to the teacher's stream
+    loss_options: dict = field(default_factory=dict)  # the loss method's own options, e.g. {"temperature": 1.0}
     recipe: Recipe = field(default_factory=Recipe)
 
     def __post_init__(self) -> None:
@@ -351,7 +352,7 @@ class DeriveOptions:
     def to_dict(self) -> dict:
         return {"init": self.init, "reason": self.reason, "depth_rule": self.depth_rule, "width_rule": self.width_rule,
                 "bn_start": self.bn_start, "repair": self.repair, "refine": self.refine, "loss": self.loss,
-                "unit_features": self.unit_features,
+                "unit_features": self.unit_features, "loss_options": dict(self.loss_options),
                 "recipe": self.recipe.to_dict()}
 
 
@@ -422,7 +423,7 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
             shots=shots, num_classes=num_classes, augment=_augmenter(config), precision=config.precision,
             inherit="none", teacher_arch=teacher.arch, run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s,
             log_every=1, progress=progress, seed=config.seed, padding=config.padding, flip=config.flip, recipe=recipe)
-        method = build_method(options.loss)
+        method = build_method(options.loss, options.loss_options)
         if options.loss == "feature_kd":
             method.select = _feature_channels(student, record)
             if options.unit_features:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from graftkd.errors import GraftkdError
 
-__all__ = ["random_crop_flip", "crop_flip_params", "apply_crop_flip", "Augment", "default_augment"]
+__all__ = ["random_crop_flip", "crop_flip_params", "apply_crop_flip", "random_resized_crop", "Augment", "default_augment"]
 
 
 def _check_batch(x: torch.Tensor) -> None:
@@ -137,3 +137,38 @@ def default_augment(dataset_name: str | None, image_size: int | None = None) -> 
     if image_size is not None:
         return Augment(padding=max(1, round(int(image_size) / 8)), flip=True)
     return Augment(padding=4, flip=True)
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A random box per image (area fraction in ``scale``, aspect ratio in ``ratio``, log-uniform), resized
+    back to ``H x W`` bilinearly, mirrored for a random half. One ``grid_sample`` for the whole batch.
+
+    uint8 input comes back as float in [0, 1] (what ``Normalizer`` expects of floats); float input keeps its
+    dtype. Random draws, in this order: area fractions, log aspect ratios, box centres (y then x), flips."""
+    _check_batch(x)
+    lo, hi = float(scale[0]), float(scale[1])
+    if not 0.0 < lo <= hi <= 1.0:
+        raise GraftkdError(f"random-resized crop scale must satisfy 0 < min <= max <= 1 (got {scale!r})")
+    n = x.shape[0]
+    draw = generator.device if generator is not None else x.device
+    area = lo + (hi - lo) * torch.rand(n, generator=generator, device=draw)
+    log_r = torch.empty(n, device=draw).uniform_(float(torch.tensor(ratio[0]).log()), float(torch.tensor(ratio[1]).log()),
+                                                 generator=generator)
+    r = log_r.exp()
+    half_w = (area * r).sqrt().clamp(max=1.0)  # box half-sizes in [-1, 1] coordinates
+    half_h = (area / r).sqrt().clamp(max=1.0)
+    cy = (2 * torch.rand(n, generator=generator, device=draw) - 1) * (1 - half_h)
+    cx = (2 * torch.rand(n, generator=generator, device=draw) - 1) * (1 - half_w)
+    sign = torch.where(torch.rand(n, generator=generator, device=draw) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=draw)
+    theta = torch.zeros(n, 2, 3, device=draw)
+    theta[:, 0, 0], theta[:, 0, 2] = half_w * sign, cx
+    theta[:, 1, 1], theta[:, 1, 2] = half_h, cy
+    src = x.float() / 255.0 if x.dtype == torch.uint8 else x
+    grid = F.affine_grid(theta.to(src.device, src.dtype), list(src.shape), align_corners=False)
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graftkd.engine.checkpoint import Checkpointer, fingerprint
+from graftkd.data.augment import random_resized_crop
 from graftkd.engine.bn import reestimate_batchnorm
 from graftkd.engine.hooks import FeatureTap
 from graftkd.engine.recipe import mix_batch, repeated_batch
@@ -39,10 +40,12 @@ def few_shot_batches(count: int, batch_size: int, generator: torch.Generator, de
 def few_shot_input(task, indices: torch.Tensor) -> torch.Tensor:
     """Augmented, normalised (and optionally mixed) batch; teacher and student see the same tensor."""
     x = task.images[indices]
-    if task.augment is not None:
+    recipe = getattr(task, "recipe", None)
+    if recipe is not None and recipe.crop == "resized":
+        x = random_resized_crop(x, scale=(recipe.crop_scale, 1.0), flip=task.flip, generator=task.generator)
+    elif task.augment is not None:
         x = task.augment(x, task.generator)
     x = task.normalize(x)
-    recipe = getattr(task, "recipe", None)
     if recipe is not None:
         return mix_batch(x, recipe.mix, recipe.alpha, task.generator)
     if task.mixup and len(indices) > 1:
@@ -50,6 +53,29 @@ def few_shot_input(task, indices: torch.Tensor) -> torch.Tensor:
         partner = torch.randperm(len(x), generator=task.generator).to(x.device)
         x = torch.lerp(x[partner], x, weight)
     return x
+
+
+def disagreement_step(student: nn.Module, x: torch.Tensor, teacher_logits: torch.Tensor, size: float,
+                      precision: str) -> torch.Tensor:
+    """``x`` moved by ``size`` along the sign of the gradient of KL(teacher || student): views where the
+    student still disagrees with the teacher (Heo et al. 2019's boundary samples, one step).
+
+    The student's BatchNorm statistics are left as they were: this pass is a probe, not a training view."""
+    norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in norms]
+    for m in norms:  # batch statistics as in the training pass, without updating the running ones
+        m.running_mean = m.running_var = m.num_batches_tracked = None
+    try:
+        probe = x.detach().requires_grad_(True)
+        with autocast(x.device, precision):
+            logits = student(probe).float()
+        gap = torch.nn.functional.kl_div(torch.log_softmax(logits, 1), torch.log_softmax(teacher_logits, 1),
+                                         reduction="sum", log_target=True)
+        (grad,) = torch.autograd.grad(gap, probe)
+    finally:
+        for m, (mean, var, tracked) in zip(norms, saved):
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, tracked
+    return (x + size * grad.sign()).detach()
 
 
 def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
@@ -184,6 +210,10 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 x = few_shot_input(task, indices)
                 with torch.no_grad(), autocast(task.device, task.precision):
                     teacher_logits = teacher(x).float()
+                if recipe is not None and recipe.adversarial > 0:
+                    x = disagreement_step(student, x, teacher_logits, recipe.adversarial, task.precision)
+                    with torch.no_grad(), autocast(task.device, task.precision):
+                        teacher_logits = teacher(x).float()
                 teacher_features = {k: v.detach().float() for k, v in t_tap.features.items()}
                 with autocast(task.device, task.precision):
                     student_logits = student(x)

@@ -15,6 +15,7 @@ from graftkd.errors import GraftkdError
 
 RECIPES = ("paper", "patient")
 MIXES = ("none", "mixup", "cutmix", "mixup+cutmix")
+CROPS = ("pad", "resized")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class Recipe:
     warmup: float = 0.05  # fraction of the steps with a linear warm-up
     mix: str = "mixup+cutmix"  # per batch: mixup or CutMix with equal chance (Beta(alpha, alpha) weights)
     alpha: float = 1.0
+    crop: str = "pad"  # pad: the run's padded crop and flip; resized: a random box of crop_scale..1 of the area
+    crop_scale: float = 0.35
+    # > 0: each mixed batch takes one signed-gradient step of this size (normalised units) up the
+    # student-teacher KL before the step trains on it, so training explores where the two disagree
+    adversarial: float = 0.0
     # False: BatchNorm normalises with batch statistics while training (75.5 vs 61.2 % on the validation split,
     # ResNet-56 -> derived ResNet-20, K=10, 32k samples: results/cifar10-derived/dev)
     freeze_bn: bool = False
@@ -42,6 +48,12 @@ class Recipe:
             raise GraftkdError(f"unknown recipe '{self.name}': use one of {', '.join(RECIPES)}")
         if self.mix not in MIXES:
             raise GraftkdError(f"unknown mix '{self.mix}': use one of {', '.join(MIXES)}")
+        if self.crop not in CROPS:
+            raise GraftkdError(f"unknown crop '{self.crop}': use one of {', '.join(CROPS)}")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise GraftkdError(f"crop_scale must be in (0, 1] (got {self.crop_scale})")
+        if self.adversarial < 0:
+            raise GraftkdError(f"adversarial step must be >= 0 (got {self.adversarial})")
         if self.optimizer not in ("sgd", "adam"):
             raise GraftkdError(f"unknown optimizer '{self.optimizer}': use sgd or adam")
         if self.samples < self.batch_size:
