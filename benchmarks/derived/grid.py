@@ -153,7 +153,60 @@ def report(out: Path, config: dict) -> None:
             lines.append(f"| {pair} | {k} | {len(sub)} | {'—' if rho is None else f'{rho:.2f}'} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"rows": summary, "correlations": correlations}, indent=1))
+    for pair in pair_order:
+        mine = [c for c in cells if c["pair"] == pair]
+        if mine:
+            folder = out / pair
+            folder.mkdir(exist_ok=True)
+            (folder / "results.json").write_text(json.dumps(_bench_summary(config, pair, mine), indent=1))
     print(f"wrote {out / 'results.md'} ({len(cells)} cells)")
+
+
+def _bench_summary(config: dict, pair: str, cells: list[dict]) -> dict:
+    """One pair's cells in the summary layout ``graftkd bench`` writes (rows of method x K with a
+    ``noise+subset`` variation), so the tools that read bench summaries read these rows too. Every number is
+    taken from a cell file, named in ``runs[].file``."""
+    name = f"{config['name']}/{pair}"
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["row"], c["fewshot"]["shots"]), []).append(c)
+    row_order = list(config["rows"])
+    rows = []
+    for (row, k) in sorted(groups, key=lambda key: (row_order.index(key[0]), key[1])):
+        runs = sorted(groups[(row, k)], key=lambda c: c["seed"])
+        accs = [c["student"]["test_acc"] for c in runs]
+        mean = sum(accs) / len(accs)
+        std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
+        wall = sum(c["wall_seconds"] for c in runs) / len(runs)
+        student = runs[0]["student"]
+        rows.append({
+            "method": row, "shots": k,
+            "student": {"arch": student["arch"], "params": student["params"], "flops": student["flops"]},
+            "method_options": {"command_flags": config["rows"][row]},
+            "budget": runs[0].get("derive", {}).get("recipe") if runs[0].get("refine") else None,
+            "variations": {"noise+subset": {
+                "n": len(accs), "mean": mean, "std": std, "min": min(accs), "max": max(accs), "wall_seconds_mean": wall,
+                "runs": [{"seed": c["seed"], "subset": c["seed"], "test_acc": c["student"]["test_acc"],
+                          "label_free_agreement": c["label_free"]["agreement"], "wall_seconds": c["wall_seconds"],
+                          "file": f"../cells/{pair}/{row}/k{k}-s{c['seed']}.json", "command": c["command"],
+                          "commit": c["commit"]} for c in runs],
+                "failed": 0}},
+            "wall_seconds_mean": wall, "ok": len(runs), "failed": {"n": 0, "errors": []}})
+    teacher = cells[0]["teacher"]
+    return {
+        "grid": name, "title": f"{config['title']}: {pair}",
+        "protocol": cells[0]["protocol"] if isinstance(cells[0].get("protocol"), str) else
+        "last-epoch student after the fixed budget; nothing selected on the test split; few-shot labels never used",
+        "teacher": {"name": teacher["source"], "arch": teacher["arch"], "params": teacher["params"],
+                    "flops": teacher["flops"], "test_acc": teacher["test_acc"]},
+        "student_arch": cells[0]["student"]["arch"],
+        "methods": [r for r in row_order if any(c["row"] == r for c in cells)],
+        "shots": sorted({c["fewshot"]["shots"] for c in cells}),
+        "cells": len(cells),
+        "sources": [{"command": c["command"], "commit": c["commit"], "cells": 1} for c in cells],
+        "devices": sorted({c["device"] for c in cells}),
+        "rows": rows, "unsupported": {}, "failed": [],
+        "coverage": {"present": len(cells)}}
 
 
 if __name__ == "__main__":

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=128_000,
                    help="derived students, --refine kd: training budget in images seen (batches of 64)")
     p.add_argument("--refine-lr", type=float, default=0.01, help="derived students, --refine kd: peak SGD rate")
+    p.add_argument("--measure-teacher", action="store_true",
+                   help="measure a registered teacher's test accuracy again (default: its registry record, when the "
+                        "test data is the one it was measured on)")
     p.add_argument("--replace", type=_int_list,
                    help="partial grafting: replace only these teacher blocks (1-based, e.g. 2,3) by the student's")
     _add_common(p)
@@ -298,7 +301,7 @@ def _cmd_distill(args) -> None:
         device=args.device, out=args.out, progress=not args.no_progress,
         manifest=manifest.to_dict() if manifest is not None else None,
         replace=([args.replace] if isinstance(args.replace, int) else args.replace) if args.replace else None,
-        derive=derive,
+        derive=derive, measure_teacher=args.measure_teacher,
     )
     print(summary_table(payload))
     if args.out:

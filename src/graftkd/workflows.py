@@ -30,6 +30,7 @@ class LoadedModel:
     std: tuple[float, ...]
     source: str
     classes: list[str] | None = None
+    accuracy: dict | None = None  # a registered teacher's recorded accuracy and the data it was measured on
 
 
 def normalizer(mean, std) -> nn.Module:
@@ -60,8 +61,10 @@ def load_teacher(
         if num_classes is not None and num_classes != entry.num_classes:
             raise GraftkdError(f"teacher '{entry.name}' predicts {entry.num_classes} classes but the data has "
                                f"{num_classes}: use a teacher trained on this data")
+        recorded = ({"test_acc": entry.accuracy, "data": entry.accuracy_data, "result": entry.accuracy_result}
+                    if entry.accuracy is not None and entry.accuracy_data else None)
         return LoadedModel(model, entry.arch, tuple(entry.mean), tuple(entry.std), f"{entry.name} ({meta['source']})",
-                           meta.get("classes"))
+                           meta.get("classes"), recorded)
     if not Path(spec).exists():
         names = ", ".join(e.name for e in registry)
         if any(sep in spec for sep in ("/", "\\")) or Path(spec).suffix in (".pt", ".pth", ".th", ".bin"):
@@ -219,6 +222,7 @@ def distill(
     label: str = "",
     replace: list[int] | None = None,
     derive: DeriveOptions | None = None,
+    measure_teacher: bool = False,
 ) -> dict:
     """Distill ``student_arch`` from ``teacher`` on the few-shot images; evaluate both; write results.
 
@@ -227,6 +231,8 @@ def distill(
     blocks (the paper); ``auto`` (the default) derives wherever the student fits inside the teacher.
     With ``replace`` (1-based block numbers) only those teacher blocks are replaced by the student's:
     the result is a hybrid (``build_model("hybrid", ...)``), its other blocks the teacher's own.
+    A registered teacher's test accuracy is the registry's record when ``test`` is the data it was measured
+    on; ``measure_teacher`` measures it again.
     """
     derive = derive or DeriveOptions()
     device_ = resolve_device(device)
@@ -261,9 +267,10 @@ def distill(
     teacher_costs = model_costs(teacher.model, input_shape)
     out_dir = Path(out) if out is not None else None
     started = time.perf_counter()
-    teacher_acc = None
+    teacher_acc, teacher_acc_from = None, None
     if test is not None:
-        teacher_acc = evaluate_model(teacher.model.to(device_), test.images, test.labels, norm, device_)
+        teacher_acc, teacher_acc_from = _teacher_accuracy(teacher, test, norm, device_, measure_teacher,
+                                                         progress)
     init = {"requested": derive.init, "used": "fresh", "why": derive.reason or "--init fresh"}
     record = None
     if derive.init != "fresh" and not replace:
@@ -282,7 +289,8 @@ def distill(
         )
     student_acc = None
     if test is not None:
-        student_acc = evaluate_model(result.student, test.images, test.labels, norm, device_)
+        student_acc = evaluate_model(result.student, test.images, test.labels, norm, device_, progress=progress,
+                                     desc="test: student")
     label_free = _label_free(result.student, teacher.model, fewshot.images, norm, config, device_,
                              mixed=record is not None and derive.recipe.mix != "none")
     student_costs = model_costs(result.student.cpu(), input_shape)
@@ -299,7 +307,8 @@ def distill(
         "method": derived_facts.get("method", "graft"),
         "init": init,
         "label": label,
-        "teacher": {"arch": teacher.arch, "source": teacher.source, "test_acc": teacher_acc, **teacher_costs},
+        "teacher": {"arch": teacher.arch, "source": teacher.source, "test_acc": teacher_acc,
+                    "test_acc_from": teacher_acc_from, **teacher_costs},
         "student": {"arch": "hybrid" if replace else student_arch, "arch_options": arch_options or None,
                     "test_acc": student_acc, **student_costs},
         "fewshot": {"images": len(fewshot), "shots": result.shots, "manifest": manifest},
@@ -354,6 +363,18 @@ class DeriveOptions:
                 "bn_start": self.bn_start, "repair": self.repair, "refine": self.refine, "loss": self.loss,
                 "unit_features": self.unit_features, "loss_options": dict(self.loss_options),
                 "recipe": self.recipe.to_dict()}
+
+
+def _teacher_accuracy(teacher: LoadedModel, test, norm: nn.Module, device: torch.device,
+                      measure: bool, progress: bool = False) -> tuple[float, str]:
+    """The registry's recorded accuracy when ``test`` is exactly the data it was measured on (same sha256);
+    otherwise, or with ``measure``, the accuracy measured now."""
+    recorded = teacher.accuracy
+    if not measure and recorded is not None and test.labels is not None:
+        if test.content_sha256() == recorded["data"].get("sha256"):
+            return float(recorded["test_acc"]), f"registry ({recorded.get('result') or 'teachers.json'})"
+    return (evaluate_model(teacher.model.to(device), test.images, test.labels, norm, device, progress=progress,
+                           desc="test: teacher"), "measured")
 
 
 def _try_derive(teacher: nn.Module, student: nn.Module, images: torch.Tensor, norm: nn.Module,

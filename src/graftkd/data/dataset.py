@@ -149,6 +149,17 @@ class ImageSet:
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
     # ------------------------------------------------------------------ derived sets
+    def content_sha256(self) -> str:
+        """sha256 of the image bytes, then the label bytes (if any): identifies the exact evaluation data."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(str(tuple(self.images.shape)).encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        if self.labels is not None:
+            h.update(self.labels.to(torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def subset(self, indices: Sequence[int] | torch.Tensor | np.ndarray, name: str | None = None) -> "ImageSet":
         """A new set with the images at ``indices`` (in that order); labels, paths and classes follow."""
         idx = as_index_tensor(indices, len(self))

@@ -43,6 +43,9 @@ class TeacherEntry:
     accuracy: float | None = None
     accuracy_result: str | None = None
     reference_accuracy: float | None = None
+    # the data ``accuracy`` was measured on ({data, split, images, sha256 of ImageSet.content_sha256()}): a run
+    # evaluating on exactly these images takes the recorded accuracy instead of measuring it again
+    accuracy_data: dict | None = None
     origin: str = ""  # who made the file, and how
     reproduce: str = ""  # the graftkd command that trains this teacher (or a comparable one) from scratch
     source: str = ""  # where a user gets the file
