@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import json
 import random
 import subprocess
 import sys
@@ -119,6 +120,9 @@ def test_sigkill_at_random_steps_then_resume_gives_identical_weights(tmp_path, c
     assert kills >= 1, "the run finished before any kill: make it longer"
     done = subprocess.run(command(teacher, killed), env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert "resuming " in done.stdout, done.stdout[-2000:]
+    resumed = json.loads((killed / "result.json").read_text())["resumed"]
+    assert resumed is not None and resumed["checkpoint"].endswith("checkpoint.pt"), resumed
 
     a, b = _student(straight), _student(killed)
     assert a.keys() == b.keys()

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from graftkd.engine.io import atomic_write_json
 from graftkd.engine.runtime import resolve_device, run_facts, seed_everything
-from graftkd.errors import GraftkdError
+from graftkd.errors import GraftkdError, Interrupted
 
 PROTOCOL = ("last-epoch student after the full budget; nothing is selected on the test split, which is used "
             "only for reporting; labels of the few-shot images are never used for training")
@@ -327,12 +327,9 @@ class GridRunner:
         try:
             method = build_row_method(cell.method, self.config.methods.get(cell.method))
             record = {**base, **self._run(cell, method), "status": "ok"}
+        except Interrupted:
+            raise  # Ctrl-C / SIGTERM: not a result; the cell resumes from its checkpoint next time
         except GraftkdError as exc:
-            from graftkd.engine.loop import MethodInterrupted
-            from graftkd.graft.train import GraftInterrupted
-
-            if isinstance(exc, (GraftInterrupted, MethodInterrupted)):
-                raise  # Ctrl-C / SIGTERM: not a result; the cell resumes from its checkpoint next time
             status = "unsupported" if getattr(exc, "unsupported", False) else "failed"
             record = {**base, "status": status, "error": str(exc)}
             tqdm.write(f"{cell.key}: {status}: {exc}")

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 import traceback
 
-from graftkd.errors import GraftkdError
+from graftkd.errors import GraftkdError, Interrupted
 
 
 def _int_list(text: str) -> list[int] | int:
@@ -480,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
+    except Interrupted as exc:  # the state is saved: not a failure
+        print(f"graftkd: interrupted — {exc}", file=sys.stderr)
+        return 130
     except GraftkdError as exc:
         if args.debug:
             traceback.print_exc()

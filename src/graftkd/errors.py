@@ -16,3 +16,7 @@ class UnsupportedPairing(GraftkdError):
     """
 
     unsupported = True
+
+
+class Interrupted(GraftkdError):
+    """SIGINT/SIGTERM stopped a run after its state was saved: not a failure (the CLI exits 130)."""

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from graftkd.engine.io import atomic_write_json, atomic_write_text
 from graftkd.engine.runtime import resolve_device, run_facts
-from graftkd.errors import GraftkdError
+from graftkd.errors import GraftkdError, Interrupted
 
 MODES = {"standard": "none", "sakd": "sakd", "anti": "anti"}
 MODE_LABELS = {"standard": "Stan.", "sakd": "Adap.", "anti": "Anti"}
@@ -150,11 +150,9 @@ def run_full_grid(config: FullGridConfig, config_path: str, out_root: str | Path
                               test=(test.images, test.labels), run_dir=runs / "cells" / key, progress=False)
             record = {**result, **base, "recipe": asdict(recipe), "status": "ok"}  # base names the cell's distiller
             counts["ok"] += 1
+        except Interrupted:
+            raise  # not a result: the cell resumes from its checkpoint next time
         except GraftkdError as exc:
-            from graftkd.engine.fulldata import TrainInterrupted
-
-            if isinstance(exc, TrainInterrupted):
-                raise
             record = {**base, "status": "failed", "error": str(exc)}
             counts["failed"] += 1
             tqdm.write(f"{key}: failed: {exc}")

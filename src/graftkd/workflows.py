@@ -304,6 +304,8 @@ def distill(
     payload = {
         **facts,
         "kind": "distill",
+        # where a re-run of the same command picked this run up from its checkpoint (None: one go)
+        "resumed": getattr(result, "resumed", None) or (derived_facts.get("refine") or {}).get("resumed"),
         "method": derived_facts.get("method", "graft"),
         "init": init,
         "label": label,

@@ -34,7 +34,7 @@ from graftkd.engine.checkpoint import Checkpointer, fingerprint
 from graftkd.engine.hooks import FeatureTap
 from graftkd.engine.runtime import autocast, resolve_precision
 from graftkd.engine.signals import StopRequest
-from graftkd.errors import GraftkdError
+from graftkd.errors import GraftkdError, Interrupted
 
 SMALL_LR_STUDENTS = ("mobilenetv2", "shufflev1", "shufflev2")
 
@@ -82,7 +82,7 @@ class KDRecipe:
                 "selected on the test split, for comparison with papers only)")
 
 
-class TrainInterrupted(GraftkdError):
+class TrainInterrupted(Interrupted):
     """SIGINT/SIGTERM: state saved; re-running the same command resumes."""
 
 

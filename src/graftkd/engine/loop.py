@@ -21,10 +21,10 @@ from graftkd.engine.hooks import FeatureTap
 from graftkd.engine.recipe import mix_batch, repeated_batch
 from graftkd.engine.runtime import Timer, autocast
 from graftkd.engine.signals import StopRequest
-from graftkd.errors import GraftkdError
+from graftkd.errors import GraftkdError, Interrupted
 
 
-class MethodInterrupted(GraftkdError):
+class MethodInterrupted(Interrupted):
     """Raised after SIGINT/SIGTERM once the state is saved."""
 
 
@@ -115,6 +115,9 @@ def run_loss_method(method, task):
         extra.load_state_dict(state["extra"])
         task.generator.set_state(state["generator"])
         start_stage, start_epoch, records = int(state["stage"]), int(state["epoch"]), list(state["records"])
+        resumed = resume_note(stages, start_stage, start_epoch, checkpointer.path)
+    else:
+        resumed = None
     total = sum(s.epochs for s in stages)
     bar = tqdm(total=total, initial=sum(s.epochs for s in stages[:start_stage]) + start_epoch, unit="ep",
                disable=not task.progress, dynamic_ncols=True)
@@ -130,11 +133,18 @@ def run_loss_method(method, task):
                     raise _interrupted(stop, f"after stage '{stage.name}'", checkpointer)
     finally:
         bar.close()
-    extra_facts = {"seconds": timer.elapsed()}
+    extra_facts = {"seconds": timer.elapsed(), "resumed": resumed}
     if recipe is not None and recipe.recalibrate_bn:
         extra_facts["bn_recalibrated"] = recalibrate(task, recipe.recalibrate_views)
     student.eval()
     return MethodOutcome(student=student, stages=records, extra=extra_facts)
+
+
+def resume_note(stages, stage: int, epoch: int, path) -> dict:
+    """Say (above any progress bar) where a re-run picks the run up; the dict goes into result.json."""
+    name = stages[stage].name if stage < len(stages) else "the end"
+    tqdm.write(f"resuming {name} at epoch {epoch} from {path}")
+    return {"stage": name, "epoch": epoch, "checkpoint": str(path)}
 
 
 def recalibrate(task, views: int) -> dict:

@@ -18,7 +18,7 @@ from graftkd.engine.checkpoint import Checkpointer
 from graftkd.engine.evaluate import evaluate_model
 from graftkd.engine.runtime import autocast, resolve_precision, seed_everything
 from graftkd.engine.signals import StopRequest
-from graftkd.errors import GraftkdError
+from graftkd.errors import GraftkdError, Interrupted
 
 
 @dataclass
@@ -146,7 +146,7 @@ def train_supervised(
                     last_save = now
                     if stop.requested:
                         bar.close()
-                        raise GraftkdError(
+                        raise Interrupted(
                             f"stopped by {stop.signal_name} at epoch {epoch + 1}, step {done}/{steps_per_epoch}; "
                             + (f"re-run the same command to resume from {checkpointer.path}"
                                if checkpointer.path else "nothing saved (no --out)")
@@ -171,7 +171,7 @@ def train_supervised(
             snapshot(epoch + 1, 0, 0.0)
             if stop.requested and epoch + 1 < recipe.epochs:
                 bar.close()
-                raise GraftkdError(
+                raise Interrupted(
                     f"stopped by {stop.signal_name} after epoch {epoch + 1}; "
                     + (f"re-run the same command to resume from {checkpointer.path}" if checkpointer.path
                        else "nothing saved (no --out)")

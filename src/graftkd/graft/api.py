@@ -64,6 +64,7 @@ class GraftResult:
     shots: int
     merge_max_abs_diff: float
     seconds: float
+    resumed: dict | None = None  # where a re-run picked the run up: {"stage", "epoch", "checkpoint"}
 
     def summary(self) -> dict:
         return {
@@ -78,6 +79,7 @@ class GraftResult:
             ],
             "merge_max_abs_diff": self.merge_max_abs_diff,
             "seconds": self.seconds,
+            "resumed": self.resumed,
         }
 
 
@@ -172,4 +174,5 @@ def graft(
     blocks = plan.describe()
     difference = plan.merge(probe)
     student.to(memory_format=torch.contiguous_format).eval()
-    return GraftResult(student, plan, blocks, stages, records, batch_size, shots, difference, timer.elapsed())
+    return GraftResult(student, plan, blocks, stages, records, batch_size, shots, difference, timer.elapsed(),
+                       runner.resumed)

@@ -17,10 +17,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graftkd.engine.checkpoint import Checkpointer
-from graftkd.engine.loop import few_shot_batches, few_shot_input
+from graftkd.engine.loop import few_shot_batches, resume_note, few_shot_input
 from graftkd.engine.runtime import Timer, autocast
 from graftkd.engine.signals import StopRequest
-from graftkd.errors import GraftkdError
+from graftkd.errors import GraftkdError, Interrupted
 from graftkd.graft.loss import normalized_logit_loss
 from graftkd.graft.plan import GraftPlan
 from graftkd.graft.schedule import StageSpec
@@ -29,7 +29,7 @@ Augmenter = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 EvalHook = Callable[[Callable[[torch.Tensor], torch.Tensor]], float]
 
 
-class GraftInterrupted(GraftkdError):
+class GraftInterrupted(Interrupted):
     """Raised after a SIGINT/SIGTERM once the state is saved, so the CLI can say how to resume."""
 
 
@@ -194,6 +194,8 @@ class GraftRunner:
     def _batches(self, count: int) -> list[torch.Tensor]:
         return few_shot_batches(count, self.batch_size, self.generator, self.device)
 
+    resumed: dict | None = None
+
     def run(self, stages: list[StageSpec]) -> list[StageRecord]:
         state = self.checkpointer.load()
         start_stage, start_epoch = 0, 0
@@ -202,6 +204,7 @@ class GraftRunner:
             self.generator.set_state(state["generator"])
             start_stage, start_epoch = int(state["stage"]), int(state["epoch"])
             self.records = [StageRecord(**r) for r in state["records"]]
+            self.resumed = resume_note(stages, start_stage, start_epoch, self.checkpointer.path)
         total_epochs = sum(s.epochs for s in stages)
         done_epochs = sum(s.epochs for s in stages[:start_stage]) + start_epoch
         bar = tqdm(total=total_epochs, initial=done_epochs, unit="ep", disable=not self.progress, dynamic_ncols=True)
