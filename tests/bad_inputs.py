@@ -144,6 +144,10 @@ CASES: list[Case] = [
          ("sha256", "mine.pt"), _tampered_registry),
     Case("teacher weights that hold NaN", DISTILL + " --k 1", ("teacher", "nan", "weights file"),
          lambda t: _digits_teacher(t, poison=True)),
+    Case("--out below a regular file", DISTILL + " --k 1 --out <tmp>/afile/run", ("--out", "afile", "a file"),
+         lambda t: (_digits_teacher(t), (t / "afile").write_text("x"))[0]),
+    Case("zero epochs in every stage", DISTILL + " --k 1 --block-epochs 0 --net-epochs 0",
+         ("--block-epochs", "0", "nothing would be trained"), lambda t: _digits_teacher(t)),
     Case("loss turns NaN or inf (learning rate far too high)", DISTILL + " --k 2 --block-lr 1e38 --block-epochs 2 "
          "--net-epochs 1 --preset digits --checkpoint-every-s 0 --out <tmp>/run",
          ("loss became", "stage", "epoch", "step", "checkpoint"), lambda t: _digits_teacher(t)),

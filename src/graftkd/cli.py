@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
 import traceback
+from pathlib import Path
 
 from graftkd.errors import GraftkdError, Interrupted
 
@@ -210,6 +211,7 @@ def _cmd_fewshot(args) -> None:
 
 
 def _cmd_train_teacher(args) -> None:
+    _check_out_dir(args.out)
     from graftkd.engine.supervised import TeacherRecipe
     from graftkd.workflows import train_teacher
 
@@ -224,6 +226,22 @@ def _cmd_train_teacher(args) -> None:
           f"weights in {args.out}/model.pt")
 
 
+def _check_out_dir(out: str | None) -> None:
+    """Refuse an ``--out`` that cannot become a directory before any work starts (not at the first save)."""
+    if not out:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise GraftkdError(f"--out {out} is a file, not a directory: choose another --out")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GraftkdError(f"--out {out} is below {parent}, which is a file: choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GraftkdError(f"--out {out}: {parent} is not writable: choose another --out")
+
+
 def _cmd_distill(args) -> None:
     from graftkd.data import default_augment, load_dataset
     from graftkd.data.fewshot import FewShotManifest, make_manifest
@@ -233,6 +251,12 @@ def _cmd_distill(args) -> None:
     from graftkd.engine.recipe import Recipe
     from graftkd.workflows import DeriveOptions
 
+    _check_out_dir(args.out)
+    epochs = [e for given in (args.block_epochs, args.net_epochs) if given is not None
+              for e in (given if isinstance(given, list) else [given])]
+    if args.block_epochs is not None and args.net_epochs is not None and not any(epochs):
+        raise GraftkdError("--block-epochs and --net-epochs are all 0: nothing would be trained; give at least one "
+                           "stage some epochs (or --refine none on a derived student for no training)")
     # grafting's own options mean the user asked for the paper's grafting: honour them instead of ignoring them
     grafting = [flag for flag, given in (
         ("--block-epochs", args.block_epochs is not None), ("--net-epochs", args.net_epochs is not None),
@@ -309,6 +333,7 @@ def _cmd_distill(args) -> None:
 
 
 def _cmd_train_kd(args) -> None:
+    _check_out_dir(args.out)
     from graftkd.engine.fulldata import KDRecipe
     from graftkd.workflows import distill_full
 
@@ -325,7 +350,7 @@ def _cmd_train_kd(args) -> None:
     payload = distill_full(args.student_arch, args.data, args.out, recipe, teacher=args.teacher,
                            teacher_arch=args.teacher_arch, teachers_dir=args.teachers_dir, device=args.device,
                            progress=not args.no_progress, limit_train=args.limit_train)
-    if payload["world_size"] > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
+    if payload["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
         return
     last, best = payload["last_epoch_test_acc"], payload["best_epoch"]
     method = "+".join(["ce"] + (["kd"] if args.kd_weight else []) + ([payload["distiller"]] if payload["distiller"] else []))
