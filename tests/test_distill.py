@@ -111,3 +111,31 @@ def test_evaluation_curves_do_not_change_the_result() -> None:
     curved = build_method("whole").run(_task(epochs=4, eval_hook=lambda f: seen.append(1) or 1.0, eval_every=1))
     assert len(seen) == 4
     assert all(torch.equal(plain[k], v) for k, v in curved.student.state_dict().items())
+
+
+def test_patient_recipe_with_precision_auto_times_the_settings_without_changing_the_run(monkeypatch) -> None:
+    """precision "auto" times each candidate setting on the real stage; the probe leaves the student and the
+    run's generator as they were, so a run whose choice is fp32/contiguous equals a pinned fp32 run."""
+    from graftkd.engine import loop
+    from graftkd.engine.recipe import Recipe
+
+    recipe = Recipe(samples=8 * 20, batch_size=8, steps_per_chunk=10, recalibrate_bn=False)
+    pinned = build_method("kd").run(_task(recipe=recipe, precision="fp32", epochs=recipe.chunks))
+    task = _task(recipe=recipe, precision="auto", epochs=recipe.chunks)
+    before = {k: v.clone() for k, v in task.student.state_dict().items()}
+    generator_state = task.generator.get_state()
+    speed = loop.fastest_setting(build_method("kd"), task, build_method("kd").stages(task)[0])
+    assert all(torch.equal(before[k], v) for k, v in task.student.state_dict().items())
+    assert torch.equal(generator_state, task.generator.get_state())
+    assert {(r["precision"], r["channels_last"]) for r in speed["candidates"]} >= {("fp32", False), ("fp32", True)}
+    assert all(r["images_per_second"] > 0 for r in speed["candidates"])
+    chosen = {"precision": "fp32", "channels_last": False}
+    monkeypatch.setattr(loop, "fastest_setting", lambda *a: {"candidates": [], "chosen": chosen})
+    auto = build_method("kd").run(_task(recipe=recipe, precision="auto", epochs=recipe.chunks))
+    assert auto.extra["speed"]["chosen"] == chosen
+    a, b = pinned.student.state_dict(), auto.student.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    chosen = {"precision": "fp32", "channels_last": True}  # another memory format: trains, hands back contiguous
+    cl = build_method("kd").run(_task(recipe=recipe, precision="auto", epochs=recipe.chunks))
+    assert all(v.is_contiguous() for v in cl.student.state_dict().values())
+    assert all(torch.allclose(a[k].float(), v.float(), atol=1e-3) for k, v in cl.student.state_dict().items())

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 CONFIGS = {
-    # name: (teacher, student, DeriveOptions overrides, Recipe overrides)
+    # name: (teacher, student, DeriveOptions overrides, Recipe overrides[, GraftConfig overrides])
     "r20-derived-only": ("resnet56-cifar10", "resnet20", {"refine": "none"}, {}),
     "r20-derived-teacherbn": ("resnet56-cifar10", "resnet20", {"refine": "none", "bn_start": "teacher"}, {}),
     "r20-greedy-only": ("resnet56-cifar10", "resnet20", {"refine": "none", "depth_rule": "greedy"}, {}),
@@ -62,6 +62,12 @@ CONFIGS = {
     "r20-kd-32k-tb-t1": ("resnet56-cifar10", "resnet20", {"loss_options": {"temperature": 1.0}}, {"samples": 32_000}),
     "r20-kd-32k-tb-adv": ("resnet56-cifar10", "resnet20", {}, {"samples": 32_000, "adversarial": 0.25}),
     "r20-greedy-kd-32k-tb": ("resnet56-cifar10", "resnet20", {"depth_rule": "greedy"}, {"samples": 32_000}),
+    # precision "auto": the loop times fp32/bf16 x contiguous/channels_last and takes the fastest
+    "r20-kd-32k-tb-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 32_000}, {"precision": "auto"}),
+    "r20-kd-128k-tb-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 128_000}, {"precision": "auto"}),
+    "r20-kd-256k-tb-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 256_000}, {"precision": "auto"}),
+    "r20-kd-128k-tb": ("resnet56-cifar10", "resnet20", {}, {"samples": 128_000}),
+    "r20-fitnet-32k-tb": ("resnet56-cifar10", "resnet20", {"loss": "fitnet"}, {"samples": 32_000}),
     "vh-fkd-32k": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd"}, {"freeze_bn": True, "samples": 32_000}),
     "vh-repair-fkd-32k": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd", "repair": True}, {"freeze_bn": True, "samples": 32_000}),
     "r20-repair-only": ("resnet56-cifar10", "resnet20", {"refine": "none", "repair": True}, {}),
@@ -106,7 +112,8 @@ def main() -> None:
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip())
     out = Path(args.out)
     for name in args.configs.split(","):
-        teacher_name, student_arch, derive_over, recipe_over = CONFIGS[name]
+        teacher_name, student_arch, derive_over, recipe_over, *rest = CONFIGS[name]
+        config_over = {"precision": "fp32", **(rest[0] if rest else {})}
         path = out / f"{name}-k{args.k}-s{args.seed}.json"
         if path.exists():
             print(f"{path}: done, skipped")
@@ -119,7 +126,7 @@ def main() -> None:
         teacher = load_teacher(teacher_name, None, 10, None)
         options = DeriveOptions(**derive_over, recipe=replace(Recipe(), **recipe_over))
         payload = distill(teacher=teacher, student_arch=student_arch, fewshot=fewshot, test=val,
-                          config=GraftConfig(shots=args.k, seed=args.seed, precision="fp32"), device="cpu",
+                          config=GraftConfig(shots=args.k, seed=args.seed, **config_over), device="cpu",
                           out=None, progress=False, manifest=manifest.to_dict(), derive=options)
         record = {"config": name, "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
                   "commit": commit + ("+dirty" if dirty else ""), "seed": args.seed, "k": args.k,
@@ -128,6 +135,7 @@ def main() -> None:
                   "label_free": payload["label_free"], "bn_start": payload.get("bn_start"),
                   "derivation": payload.get("derivation"), "init": payload["init"],
                   "derive": payload.get("derive"), "repair": payload.get("repair"), "device": payload["device"],
+                  "speed": (payload.get("refine") or {}).get("speed"),
                   "wall_seconds": time.perf_counter() - started}
         atomic_write_json(path, record)
         print(f"{name} K={args.k} seed {args.seed}: val {record['val_acc']:.2f} (teacher {record['teacher_val_acc']:.2f}), "
@@ -148,8 +156,8 @@ def report(out: Path) -> None:
              "|---|---|---|---|---|---|"]
     for r in runs:
         name = r["config"]
-        derive_over, recipe_over = CONFIGS[name][2], CONFIGS[name][3]
-        what = ", ".join([f"{k}={v}" for k, v in {**derive_over, **recipe_over}.items()]) or "-"
+        derive_over, recipe_over, *rest = CONFIGS[name][2:]
+        what = ", ".join([f"{k}={v}" for k, v in {**derive_over, **recipe_over, **(rest[0] if rest else {})}.items()]) or "-"
         lines.append(f"| {name} | {r['k']} | {what} | {r['val_acc']:.2f} | {r['label_free']['agreement']:.1f} | "
                      f"{r['wall_seconds']:.0f} |")
     (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="derived students: patient KD (default), grafting stages (paper recipe), or no training")
     p.add_argument("--repair", action="store_true",
                    help="derived students: closed-form least-squares 1x1 corrections before any step (FSKD's)")
-    p.add_argument("--refine-loss", default="kd", choices=["kd", "feature_kd"],
-                   help="derived students, --refine kd: KD on logits, or KD plus the teacher's feature maps")
+    p.add_argument("--refine-loss", default="kd", choices=["kd", "feature_kd", "fitnet"],
+                   help="derived students, --refine kd: KD on logits (kd), KD plus the teacher's feature maps "
+                        "(feature_kd), or FitNet's hint stage then KD (fitnet)")
     p.add_argument("--unit-features", action="store_true",
                    help="--refine-loss feature_kd after a depth derivation: also match every kept unit's output")
     p.add_argument("--samples", type=int, default=128_000,

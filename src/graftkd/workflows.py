@@ -344,7 +344,7 @@ class DeriveOptions:
     bn_start: str = "auto"  # teacher | reestimate (on the images) | auto (the smaller few-shot logit error)
     refine: str = "kd"  # kd (patient recipe) | graft (block then network stages, paper recipe) | none
     repair: bool = False  # closed-form least-squares 1x1 corrections before any step (FSKD, generalised)
-    loss: str = "kd"  # kd | feature_kd (KD plus the teacher's feature maps at every block boundary)
+    loss: str = "kd"  # kd | feature_kd (KD plus the teacher's feature maps at every block boundary) | fitnet
     unit_features: bool = False  # feature_kd: also match every kept unit's output to the teacher's stream
     loss_options: dict = field(default_factory=dict)  # the loss method's own options, e.g. {"temperature": 1.0}
     recipe: Recipe = field(default_factory=Recipe)
@@ -356,7 +356,7 @@ class DeriveOptions:
                                      ("width rule", self.width_rule, WIDTH_RULES),
                                      ("bn start", self.bn_start, ("auto", "teacher", "reestimate")),
                                      ("refine", self.refine, ("kd", "graft", "none")),
-                                     ("loss", self.loss, ("kd", "feature_kd"))):
+                                     ("loss", self.loss, ("kd", "feature_kd", "fitnet"))):
             if value not in allowed:
                 raise GraftkdError(f"unknown {name} '{value}': use one of {', '.join(allowed)}")
 

@@ -56,6 +56,8 @@ class FewShotTask:
     padding: int = 4  # the augmentation's settings, for methods that build their own (grafting)
     flip: bool = True
     recipe: Any = None  # graftkd.engine.recipe.Recipe for the patient recipe; None: the paper's (epochs, Adam)
+    channels_last: bool = False  # the loop's memory format (the patient recipe with precision "auto" times it)
+    speed: dict | None = None  # what the timing of the candidate settings found, when it ran
 
 
 @dataclass

@@ -47,7 +47,8 @@ def few_shot_input(task, indices: torch.Tensor) -> torch.Tensor:
         x = task.augment(x, task.generator)
     x = task.normalize(x)
     if recipe is not None:
-        return mix_batch(x, recipe.mix, recipe.alpha, task.generator)
+        x = mix_batch(x, recipe.mix, recipe.alpha, task.generator)
+        return x.contiguous(memory_format=torch.channels_last) if task.channels_last else x
     if task.mixup and len(indices) > 1:
         weight = torch.rand((len(x), 1, 1, 1), generator=task.generator).to(x.device, x.dtype)
         partner = torch.randperm(len(x), generator=task.generator).to(x.device)
@@ -105,11 +106,20 @@ def run_loss_method(method, task):
     recipe = getattr(task, "recipe", None)
     if recipe is not None:  # absent for the paper recipe, so earlier checkpoints keep their fingerprints
         keyed["recipe"] = recipe.to_dict()
+        keyed["precision"] = task.precision  # as requested ("auto" resumes with the setting it chose)
         keyed["start"] = float(sum(float(p.detach().double().sum()) for p in student.parameters()))
     checkpointer = Checkpointer(task.run_dir, fingerprint(keyed), f"method:{method.name}")
     records: list[dict] = []
     start_stage, start_epoch = 0, 0
     state = checkpointer.load()
+    if recipe is not None and task.precision == "auto":
+        # a resumed run keeps the setting it started with; a new one times the candidates on this machine
+        task.speed = state["speed"] if state is not None and state.get("speed") else fastest_setting(method, task, stages[0])
+        task.precision = task.speed["chosen"]["precision"]
+        task.channels_last = task.speed["chosen"]["channels_last"]
+    if task.channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
     if state is not None:
         student.load_state_dict(state["student"])
         extra.load_state_dict(state["extra"])
@@ -133,11 +143,70 @@ def run_loss_method(method, task):
                     raise _interrupted(stop, f"after stage '{stage.name}'", checkpointer)
     finally:
         bar.close()
-    extra_facts = {"seconds": timer.elapsed(), "resumed": resumed}
+    if task.channels_last:  # hand back plain tensors (merge, export, evaluation)
+        student.to(memory_format=torch.contiguous_format)
+        teacher.to(memory_format=torch.contiguous_format)
+    extra_facts = {"seconds": timer.elapsed(), "resumed": resumed, "speed": task.speed}
     if recipe is not None and recipe.recalibrate_bn:
         extra_facts["bn_recalibrated"] = recalibrate(task, recipe.recalibrate_views)
     student.eval()
     return MethodOutcome(student=student, stages=records, extra=extra_facts)
+
+
+def fastest_setting(method, task, stage, steps: int = 3) -> dict:
+    """Time ``steps`` forward/backward passes of ``stage`` (teacher pass, student pass, the method's loss) in
+    each candidate setting and return the timings and the fastest: fp32 and, where the hardware runs it
+    natively, bf16 autocast; contiguous and channels_last tensors.
+
+    A probe, not training: no optimiser step, the student's state (BatchNorm statistics included) is put
+    back, gradients are cleared and the run's generator is not touched, so the run itself is unchanged."""
+    from graftkd.engine.runtime import native_bf16
+
+    student, teacher = task.student, task.teacher
+    precisions = ["fp32", "bf16"] if native_bf16(task.device) else ["fp32"]
+    candidates = [(p, cl) for p in precisions for cl in (False, True)]
+    saved = {k: v.clone() for k, v in student.state_dict().items()}
+    index = torch.arange(task.recipe.batch_size, device=task.images.device) % len(task.images)
+    base = task.normalize(task.images[index]).float()
+    rows = []
+    was_training = student.training
+    student.train(stage.train_student)
+    try:
+        with FeatureTap(teacher, method.teacher_paths(stage)) as t_tap, FeatureTap(student, method.student_paths(stage)) as s_tap:
+            for precision, channels_last in candidates:
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                student.to(memory_format=fmt)
+                teacher.to(memory_format=fmt)
+                x = base.contiguous(memory_format=fmt)
+                seconds = []
+                for _ in range(steps + 1):  # the first call picks kernels: not timed
+                    started = time.perf_counter()
+                    with torch.no_grad(), autocast(task.device, precision):
+                        t_logits = teacher(x).float()
+                    t_feats = {k: v.detach().float() for k, v in t_tap.features.items()}
+                    with autocast(task.device, precision):
+                        s_logits = student(x)
+                    loss = sum(method.loss(stage, s_logits.float(), t_logits, s_tap.features, t_feats).values())
+                    loss.backward()
+                    if task.device.type == "cuda":
+                        torch.cuda.synchronize(task.device)
+                    seconds.append(time.perf_counter() - started)
+                student.zero_grad(set_to_none=True)
+                rows.append({"precision": precision, "channels_last": channels_last,
+                             "images_per_second": len(x) * steps / sum(seconds[1:])})
+    finally:
+        student.to(memory_format=torch.contiguous_format)
+        teacher.to(memory_format=torch.contiguous_format)
+        student.load_state_dict(saved)
+        student.zero_grad(set_to_none=True)
+        student.train(was_training)
+    chosen = max(rows, key=lambda r: r["images_per_second"])
+    tqdm.write(f"fastest setting here: {chosen['precision']}, "
+               f"{'channels_last' if chosen['channels_last'] else 'contiguous'} ({chosen['images_per_second']:.0f} img/s; "
+               + ", ".join(f"{r['precision']}/{'cl' if r['channels_last'] else 'contig'} {r['images_per_second']:.0f}"
+                           for r in rows) + ")")
+    return {"rule": f"fastest of {len(rows)} settings over {steps} timed steps of the first stage",
+            "candidates": rows, "chosen": {"precision": chosen["precision"], "channels_last": chosen["channels_last"]}}
 
 
 def resume_note(stages, stage: int, epoch: int, path) -> dict:
@@ -211,12 +280,14 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
         extra.train()
 
     set_modes()
+    # the patient recipe gives each stage its share of the sample budget, with its own warm-up and cosine
+    budget = recipe.stage_steps(stage.epochs, sum(s.epochs for s in stages)) if recipe is not None else None
     with FeatureTap(teacher, method.teacher_paths(stage)) as t_tap, FeatureTap(student, method.student_paths(stage)) as s_tap:
         for epoch in range(first_epoch, stage.epochs):
-            for indices in _epoch_batches(task, recipe, record["steps"]):
+            for indices in _epoch_batches(task, recipe, record["steps"], budget):
                 if recipe is not None:
                     for group in optimizer.param_groups:
-                        group["lr"] = stage.lr * recipe.lr_factor(record["steps"])
+                        group["lr"] = stage.lr * recipe.lr_factor(record["steps"], budget)
                 x = few_shot_input(task, indices)
                 with torch.no_grad(), autocast(task.device, task.precision):
                     teacher_logits = teacher(x).float()
@@ -283,18 +354,19 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
     _save(checkpointer, task, extra, index + 1, 0, None, records)
 
 
-def _epoch_batches(task, recipe, done_steps: int):
+def _epoch_batches(task, recipe, done_steps: int, budget: int | None):
     """The paper recipe: one shuffled pass over the images. The patient one: a chunk of fixed-size batches of
-    repeated images (the last chunk stops at the sample budget)."""
+    repeated images (the last chunk stops at the stage's share of the sample budget)."""
     if recipe is None:
         yield from few_shot_batches(len(task.images), task.batch_size, task.generator, task.device)
         return
-    for _ in range(min(recipe.steps_per_chunk, recipe.steps - done_steps)):
+    for _ in range(min(recipe.steps_per_chunk, budget - done_steps)):
         yield repeated_batch(len(task.images), recipe.batch_size, task.generator, task.device)
 
 
 def _save(checkpointer: Checkpointer, task, extra: nn.ModuleDict, stage: int, epoch: int,
           optimizer: torch.optim.Optimizer | None, records: list[dict]) -> None:
-    checkpointer.save({"stage": stage, "epoch": epoch, "student": task.student.state_dict(),
+    checkpointer.save({"stage": stage, "epoch": epoch, "speed": task.speed,
+                       "student": task.student.state_dict(),
                        "extra": extra.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
                        "generator": task.generator.get_state(), "records": records})

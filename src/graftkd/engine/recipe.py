@@ -68,9 +68,14 @@ class Recipe:
     def chunks(self) -> int:
         return max(1, math.ceil(self.steps / self.steps_per_chunk))
 
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up over ``warmup`` of the steps, then cosine to zero at the last step."""
-        total = self.steps
+    def stage_steps(self, epochs: int, total_epochs: int) -> int:
+        """A stage's share of the budget: its chunks over all stages' (the whole budget for one stage)."""
+        return max(1, round(self.steps * epochs / max(1, total_epochs)))
+
+    def lr_factor(self, step: int, total: int | None = None) -> float:
+        """Linear warm-up over ``warmup`` of the ``total`` steps (default: the whole budget), then cosine to
+        zero at the last step."""
+        total = self.steps if total is None else total
         warm = max(1, int(round(self.warmup * total))) if self.warmup > 0 else 0
         if step < warm:
             return (step + 1) / warm
