@@ -165,3 +165,28 @@ def test_distill_without_a_source_says_where_images_come_from(tmp_path, digits_t
                  "digits_cnn_half", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "--data SOURCE --k K" in err and "--unlabeled" in err
+
+
+@pytest.mark.parametrize("method", ["kd", "fskd"])
+def test_distill_runs_any_registered_method_and_export_ships_it(tmp_path, digits_teacher, method):
+    """`distill --method NAME` writes student.pt and result.json for a registered method (FSKD builds its own
+    student from the teacher); `export` ships the student; a misspelt name names the close ones."""
+    out = tmp_path / method
+    args = [a for a in _distill_args(digits_teacher, out, "--data", "digits", "--k", "1", "--method", method)
+            if a not in ("--init", "fresh")]
+    assert main(args) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == method and result["init"]["why"].startswith(f"--method {method}")
+    assert result["budget"]["epochs"] > 0 and result["student"]["test_acc"] is not None
+    assert main(["export", "--weights", str(out / "student.pt"), "--out", str(tmp_path / "export"),
+                 "--formats", "state_dict"]) == 0
+    assert any((tmp_path / "export").iterdir())
+
+
+def test_distill_method_errors_before_any_work(tmp_path, digits_teacher, capsys):
+    args = [a for a in _distill_args(digits_teacher, tmp_path / "x", "--data", "digits", "--k", "1") if a != "fresh"]
+    assert main([*[a for a in args if a != "--init"], "--method", "kdd"]) == 2
+    assert "kdd" in capsys.readouterr().err
+    assert main([*[a for a in args if a != "--init"], "--method", "kd", "--init", "derived"]) == 2
+    assert "--refine-loss" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

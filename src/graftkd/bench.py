@@ -12,7 +12,6 @@ also seed i on subset 0 — the reference repo's protocol, training noise only);
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -342,8 +341,7 @@ class GridRunner:
         from graftkd.distill.base import FewShotTask
         from graftkd.engine.evaluate import accuracy, predict_logits
         from graftkd.graft import ScheduleConfig
-        from graftkd.graft.plan import build_plan
-        from graftkd.graft.schedule import batch_size_for, build_schedule
+        from graftkd.graft.schedule import batch_size_for, paper_budget
         from graftkd.models import build_model
         from graftkd.models.profile import count_flops, count_params
         from graftkd.workflows import normalizer
@@ -365,12 +363,8 @@ class GridRunner:
         schedule = ScheduleConfig(config.preset, config.block_lr, config.net_lr, config.block_epochs, config.net_epochs,
                                   config.block_adapter_lr_scale, config.net_lr_batch_scaled)
         batch_size = batch_size_for(cell.shots, len(images))
-        probe_plan = build_plan(copy.deepcopy(teacher.model), copy.deepcopy(student), tuple(images.shape[1:]),
-                                inherit=config.inherit)
-        stages = build_schedule(probe_plan, schedule, batch_size)
-        epochs = sum(s.epochs for s in stages)
-        base_lr = config.baseline_lr if config.baseline_lr is not None else _first(schedule.resolved()["block_lr"])
-        lr = float(base_lr) * batch_size / 64
+        epochs, lr = paper_budget(teacher.model, student, tuple(images.shape[1:]), schedule, batch_size,
+                                  config.inherit, config.baseline_lr)
         eval_every = CurveSpec(**config.curves).eval_every if (cell.curves and config.curves) else 0
 
         def eval_hook(forward) -> dict:
@@ -408,10 +402,6 @@ def _crop_flip(padding: int, flip: bool):
     from graftkd.data.augment import random_crop_flip
 
     return lambda x, generator: random_crop_flip(x, padding=padding, flip=flip, generator=generator)
-
-
-def _first(value) -> float:
-    return float(value[0] if isinstance(value, (list, tuple)) else value)
 
 
 def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
     p.add_argument("--checkpoint-every-s", type=float, default=60.0,
                    help="checkpoint at the first epoch end after this many seconds (0 = every epoch)")
+    p.add_argument("--method", default="auto",
+                   help="auto (default): a derived student refined by patient KD where the student fits inside the "
+                        "teacher, else the paper's grafting; or any method `graftkd methods` lists (kd, fitnet, "
+                        "fskd, ...), run on a fresh student with a grid cell's budget")
     p.add_argument("--init", default="auto", choices=["auto", "derived", "fresh"],
                    help="auto (default): build the student from the teacher's own weights (units and channels "
                         "chosen) wherever it fits inside the teacher, else fresh; fresh: the paper's grafting")
@@ -258,6 +262,14 @@ def _cmd_distill(args) -> None:
     if args.block_epochs is not None and args.net_epochs is not None and not any(epochs):
         raise GraftkdError("--block-epochs and --net-epochs are all 0: nothing would be trained; give at least one "
                            "stage some epochs (or --refine none on a derived student for no training)")
+    method = None if args.method == "auto" else args.method.strip().lower()
+    if method is not None:
+        from graftkd.distill.base import build_method
+
+        build_method(method)  # an unknown name fails here, naming the closest ones
+        if args.init == "derived":
+            raise GraftkdError(f"--method {method} runs on a fresh student; for KD or FitNet from a derived "
+                               "student use --init derived --refine-loss kd|fitnet (no --method)")
     # grafting's own options mean the user asked for the paper's grafting: honour them instead of ignoring them
     grafting = [flag for flag, given in (
         ("--block-epochs", args.block_epochs is not None), ("--net-epochs", args.net_epochs is not None),
@@ -265,7 +277,9 @@ def _cmd_distill(args) -> None:
         ("--batch-size", args.batch_size is not None), ("--inherit", args.inherit != "auto"),
         ("--inherit-trainable", args.inherit_trainable), ("--mixup", args.mixup)) if given]
     init, reason = args.init, ""
-    if grafting and args.refine != "graft":
+    if method is not None:  # grafting's options are then the method's budget
+        init, reason = "fresh", f"--method {method}"
+    elif grafting and args.refine != "graft":
         if args.init == "derived":
             raise GraftkdError(f"{', '.join(grafting)} set grafting's schedule, but a derived student is refined by "
                                "patient KD: add --refine graft, or use --init fresh")
@@ -326,7 +340,7 @@ def _cmd_distill(args) -> None:
         device=args.device, out=args.out, progress=not args.no_progress,
         manifest=manifest.to_dict() if manifest is not None else None,
         replace=([args.replace] if isinstance(args.replace, int) else args.replace) if args.replace else None,
-        derive=derive, measure_teacher=args.measure_teacher,
+        derive=derive, measure_teacher=args.measure_teacher, method=method,
     )
     print(summary_table(payload))
     if args.out:

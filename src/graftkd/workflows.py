@@ -15,7 +15,7 @@ from graftkd.engine.recipe import Recipe
 from graftkd.engine.runtime import resolve_device, run_facts, seed_everything
 from graftkd.engine.supervised import TeacherRecipe, train_supervised
 from graftkd.errors import GraftkdError
-from graftkd.graft import GraftConfig, graft
+from graftkd.graft import GraftConfig, GraftResult, graft
 from graftkd.models import build_model
 from graftkd.models.profile import count_flops, count_params, format_count
 
@@ -223,6 +223,7 @@ def distill(
     replace: list[int] | None = None,
     derive: DeriveOptions | None = None,
     measure_teacher: bool = False,
+    method: str | None = None,
 ) -> dict:
     """Distill ``student_arch`` from ``teacher`` on the few-shot images; evaluate both; write results.
 
@@ -232,7 +233,9 @@ def distill(
     With ``replace`` (1-based block numbers) only those teacher blocks are replaced by the student's:
     the result is a hybrid (``build_model("hybrid", ...)``), its other blocks the teacher's own.
     A registered teacher's test accuracy is the registry's record when ``test`` is the data it was measured
-    on; ``measure_teacher`` measures it again.
+    on; ``measure_teacher`` measures it again. ``method`` (a registered few-shot method other than
+    ``graft``, e.g. ``kd``, ``fitnet``, ``fskd``) runs that method on a fresh student with the budget a grid
+    cell gives it (the grafting schedule's epochs), instead of derivation or grafting.
     """
     derive = derive or DeriveOptions()
     device_ = resolve_device(device)
@@ -273,13 +276,22 @@ def distill(
                                                          progress)
     init = {"requested": derive.init, "used": "fresh", "why": derive.reason or "--init fresh"}
     record = None
-    if derive.init != "fresh" and not replace:
+    if method is not None:
+        from graftkd.distill.base import build_method
+
+        own = build_method(method).own_student
+        init = {"requested": derive.init, "used": "method's own" if own else "fresh",
+                "why": f"--method {method} builds its student from the teacher" if own else f"--method {method}"}
+    elif derive.init != "fresh" and not replace:
         record, init = _try_derive(teacher.model.to(device_), student.to(device_), fewshot.images, norm, device_,
                                    derive)
     elif replace:
         init["why"] = "partial grafting (--replace) keeps the paper's fresh blocks"
     derived_facts: dict = {}
-    if record is not None:
+    if method is not None and method != "graft":
+        result, derived_facts = _run_method(method, teacher, student, student_arch, fewshot, norm, config, device_,
+                                            out_dir, progress)
+    elif record is not None:
         result, derived_facts = _refine_derived(teacher, student, record, fewshot, norm, config, derive, device_,
                                                 out_dir, progress)
     else:
@@ -317,7 +329,7 @@ def distill(
         "test": {"name": test.name, "images": len(test)} if test is not None else None,
         "protocol": "last-epoch student after the full schedule; the test set is used only for this report",
         "config": config.to_dict(),
-        "graft": result.summary() if record is None else None,
+        "graft": result.summary() if isinstance(result, GraftResult) else None,
         "derivation": record.to_dict() if record is not None else None,
         **derived_facts,
         "label_free": label_free,
@@ -508,6 +520,35 @@ class _Refined:
     student: nn.Module
     shots: int
     seconds: float
+
+
+def _run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arch: str, fewshot, norm: nn.Module,
+                config: GraftConfig, device: torch.device, out_dir: Path | None, progress: bool):
+    """A registered few-shot method on ``student`` with a grid cell's budget; returns the result and its facts."""
+    from graftkd.distill.base import FewShotTask, build_method
+    from graftkd.graft.api import _augmenter
+    from graftkd.graft.schedule import batch_size_for, paper_budget
+
+    runner = build_method(name)
+    images = fewshot.images.to(device)
+    num_classes = _num_outputs(teacher.model, images.shape[1:])
+    shots = config.shots or max(1, len(images) // num_classes)
+    batch_size = config.batch_size or batch_size_for(shots, len(images))
+    epochs, lr = paper_budget(teacher.model, student, tuple(images.shape[1:]), config.schedule, batch_size,
+                              config.inherit)
+    task = FewShotTask(
+        teacher=teacher.model.to(device).eval(), student=student.to(device), images=images, normalize=norm.to(device),
+        device=device, generator=seed_everything(config.seed), batch_size=batch_size, epochs=epochs, lr=lr,
+        shots=shots, num_classes=num_classes, augment=_augmenter(config), mixup=config.mixup,
+        precision=config.precision, inherit=config.inherit, teacher_arch=teacher.arch, student_arch=student_arch,
+        run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s, log_every=config.log_every, progress=progress,
+        schedule=config.schedule, seed=config.seed, padding=config.padding, flip=config.flip)
+    started = time.perf_counter()
+    outcome = runner.run(task)
+    facts = {"method": name, "method_options": runner.options,
+             "budget": {"epochs": epochs, "batch_size": batch_size, "lr": lr},
+             "refine": {"stages": outcome.stages, **outcome.extra}}
+    return _Refined(outcome.student.eval(), shots, time.perf_counter() - started), facts
 
 
 def _derived_adapters(plan, record) -> None:

@@ -123,3 +123,20 @@ def build_schedule(plan: GraftPlan, config: ScheduleConfig, batch_size: int) -> 
         if not stage.lr > 0:
             raise GraftkdError(f"stage '{stage.name}' has learning rate {stage.lr}: it must be > 0")
     return stages
+
+
+def paper_budget(teacher, student, input_shape: tuple[int, ...], config: ScheduleConfig, batch_size: int,
+                 inherit="auto", baseline_lr: float | None = None) -> tuple[int, float]:
+    """The budget every method of a few-shot cell gets: the grafting schedule's total epochs for this pair and
+    a learning rate (``baseline_lr``, else the first block rate) scaled to ``batch_size``.
+
+    The plan is built on copies: planning wraps the blocks, and the caller's models must stay as they are."""
+    import copy
+
+    from graftkd.graft.plan import build_plan
+
+    plan = build_plan(copy.deepcopy(teacher), copy.deepcopy(student), tuple(input_shape), inherit=inherit)
+    epochs = sum(s.epochs for s in build_schedule(plan, config, batch_size))
+    rate = baseline_lr if baseline_lr is not None else config.resolved()["block_lr"]
+    rate = rate[0] if isinstance(rate, (list, tuple)) else rate
+    return epochs, float(rate) * batch_size / 64
