@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out")
     args = parser.parse_args()
+    began = time.perf_counter()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     torch.manual_seed(0)
@@ -77,7 +78,8 @@ def main() -> None:
     if args.out:
         atomic_write_json(args.out, {"command": " ".join(["python"] + sys.argv), **run_facts(device, 0),
                                      "teacher": args.teacher, "student": args.student, "batch_size": args.batch_size,
-                                     "steps_per_setting": args.rounds * args.steps, "rows": rows})
+                                     "steps_per_setting": args.rounds * args.steps, "rows": rows,
+                                     "wall_seconds": time.perf_counter() - began})
 
 
 if __name__ == "__main__":

@@ -190,3 +190,18 @@ def test_distill_method_errors_before_any_work(tmp_path, digits_teacher, capsys)
     assert main([*[a for a in args if a != "--init"], "--method", "kd", "--init", "derived"]) == 2
     assert "--refine-loss" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_students_lists_what_fits_and_auto_picks_a_derivable_one(tmp_path, digits_teacher, capsys):
+    assert main(["students", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn"]) == 0
+    listing = capsys.readouterr().out
+    row = next(line for line in listing.splitlines() if line.startswith("digits_cnn_half"))
+    assert row.rstrip().endswith("whole"), listing
+    out = tmp_path / "auto"
+    args = [a if a != "digits_cnn_half" else "auto:2x"
+            for a in _distill_args(digits_teacher, out, "--data", "digits", "--k", "1")]
+    assert main(args) == 0
+    student = json.loads((out / "result.json").read_text())["student"]
+    assert student["arch"] == "digits_cnn_half" and "auto:2x" in student["chosen_because"]
+    assert main([*args[:-2], "--out", str(tmp_path / "bad"), "--student-arch", "auto:0.5x"]) == 2
+    assert "above 1x" in capsys.readouterr().err

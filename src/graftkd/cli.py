@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a registered teacher name (`graftkd teachers list`) or a weights file")
     p.add_argument("--teacher-arch", help="zoo architecture of a teacher weights file, e.g. resnet56")
     p.add_argument("--teachers-dir", help="folder holding registered teacher files (also: GRAFTKD_TEACHERS)")
-    p.add_argument("--student-arch", required=True, help="zoo architecture of the student, e.g. resnet20")
+    p.add_argument("--student-arch", required=True,
+                   help="zoo architecture of the student (e.g. resnet20), or auto[:Nx]: the zoo student closest to N "
+                        "times fewer parameters (3 by default) that can be derived from the teacher "
+                        "(`graftkd students --teacher NAME` lists them)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--fewshot", help="few-shot manifest written by `graftkd fewshot`")
     src.add_argument("--data", help="labeled source to sample K per class from (labels are then dropped); "
@@ -158,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the exported files and MODEL_CARD.md")
     p.add_argument("--formats", default="state_dict,torch_export,onnx", help="comma-separated subset")
     p.add_argument("--result", help="the run's result.json (default: beside --weights) for the model card")
+
+    p = sub.add_parser("students", help="list the zoo students that fit a teacher, and whether they can be derived")
+    p.add_argument("--teacher", required=True, help="a registered teacher name or a weights file")
+    p.add_argument("--teacher-arch", help="architecture of a teacher weights file")
+    p.add_argument("--teachers-dir", help="folder with the registered teachers' files")
+    p.add_argument("--num-classes", type=int, help="classes of a teacher weights file")
 
     p = sub.add_parser("models", help="list the zoo with parameters, FLOPs and blocks")
     p.add_argument("--num-classes", type=int, default=10)
@@ -315,6 +324,15 @@ def _cmd_distill(args) -> None:
     num_classes = args.num_classes or (test.num_classes if test is not None else None)
     num_classes = num_classes or (manifest.num_classes if labeled_manifest else None)
     teacher = load_teacher(args.teacher, args.teacher_arch, num_classes, args.teachers_dir)
+    from graftkd.students import resolve_student
+
+    shape = tuple(getattr(teacher.model, "input_shape", None) or (fewshot.images.shape[1:] if fewshot else (3, 32, 32)))
+    from graftkd.workflows import _num_outputs
+
+    args.student_arch, student_reason = resolve_student(args.student_arch, teacher.model, teacher.arch, shape,
+                                                        _num_outputs(teacher.model, shape))
+    if student_reason:
+        print(student_reason)
     if fewshot is None:
         from graftkd.data.readers import load_unlabeled_folder
 
@@ -341,6 +359,7 @@ def _cmd_distill(args) -> None:
         manifest=manifest.to_dict() if manifest is not None else None,
         replace=([args.replace] if isinstance(args.replace, int) else args.replace) if args.replace else None,
         derive=derive, measure_teacher=args.measure_teacher, method=method,
+        student_reason=student_reason,
     )
     print(summary_table(payload))
     if args.out:
@@ -500,7 +519,28 @@ def _cmd_models(args) -> None:
               f"{', '.join(model.block_names())}")
 
 
+def _cmd_students(args) -> None:
+    from graftkd.models.profile import format_count
+    from graftkd.students import fitting_students
+    from graftkd.workflows import load_teacher
+
+    teacher = load_teacher(args.teacher, args.teacher_arch, args.num_classes, args.teachers_dir)
+    shape = tuple(getattr(teacher.model, "input_shape", (3, 32, 32)))
+    from graftkd.workflows import _num_outputs
+
+    fits = fitting_students(teacher.model, teacher.arch, shape, _num_outputs(teacher.model, shape))
+    print(f"students that fit {teacher.source} ({teacher.arch}), smallest first:")
+    print(f"{'model':<16} {'params':>8} {'FLOPs':>8} {'smaller':>8}  derivable from the teacher")
+    for f in fits:
+        why = f" ({f.why})" if f.derivable == "no" and f.why else ""
+        print(f"{f.arch:<16} {format_count(f.params):>8} {format_count(f.flops):>8} {f.compression:>7.1f}x  "
+              f"{f.derivable}{why}")
+    if not fits:
+        print("none: name a student with --student-arch (`graftkd models` lists the zoo)")
+
+
 COMMANDS = {
+    "students": _cmd_students,
     "models": _cmd_models,
     "demo": _cmd_demo,
     "fewshot": _cmd_fewshot,

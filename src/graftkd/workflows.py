@@ -224,6 +224,7 @@ def distill(
     derive: DeriveOptions | None = None,
     measure_teacher: bool = False,
     method: str | None = None,
+    student_reason: str | None = None,
 ) -> dict:
     """Distill ``student_arch`` from ``teacher`` on the few-shot images; evaluate both; write results.
 
@@ -324,6 +325,7 @@ def distill(
         "teacher": {"arch": teacher.arch, "source": teacher.source, "test_acc": teacher_acc,
                     "test_acc_from": teacher_acc_from, **teacher_costs},
         "student": {"arch": "hybrid" if replace else student_arch, "arch_options": arch_options or None,
+                    "chosen_because": student_reason,
                     "test_acc": student_acc, **student_costs},
         "fewshot": {"images": len(fewshot), "shots": result.shots, "manifest": manifest},
         "test": {"name": test.name, "images": len(test)} if test is not None else None,
