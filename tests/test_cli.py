@@ -203,5 +203,19 @@ def test_students_lists_what_fits_and_auto_picks_a_derivable_one(tmp_path, digit
     assert main(args) == 0
     student = json.loads((out / "result.json").read_text())["student"]
     assert student["arch"] == "digits_cnn_half" and "auto:2x" in student["chosen_because"]
-    assert main([*args[:-2], "--out", str(tmp_path / "bad"), "--student-arch", "auto:0.5x"]) == 2
-    assert "above 1x" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "bad"), "--student-arch", "auto:0.5x"]) == 2
+    assert "above 1x" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_student_file_names_its_architecture_and_classes(tmp_path, digits_teacher, capsys):
+    out = tmp_path / "run"
+    assert main(_distill_args(digits_teacher, out, "--data", "digits", "--k", "1")) == 0
+    saved = torch.load(out / "student.pt", weights_only=True)
+    assert saved["classes"] and len(saved["classes"]) == 10
+    capsys.readouterr()
+    assert main(["evaluate", "--weights", str(out / "student.pt"), "--data", "digits", "--no-progress"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    plain = tmp_path / "plain.pt"
+    torch.save(saved["state_dict"], plain)
+    assert main(["evaluate", "--weights", str(plain), "--data", "digits"]) == 2
+    assert "--arch" in capsys.readouterr().err

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "default with --k: the registered teacher's dataset, else --test-data")
     src.add_argument("--unlabeled", help="a folder of unlabeled images: the few-shot set as is")
     p.add_argument("--k", type=int, help="images per class (with --data)")
-    p.add_argument("--subset", type=int, default=0)
+    p.add_argument("--subset", type=int, default=0,
+                   help="with --data: which of several disjoint K-per-class subsets to draw (0, 1, ...)")
     p.add_argument("--test-data", help="labeled data whose 'test' split is used for reporting only")
     p.add_argument("--num-classes", type=int, help="classes the teacher predicts (default: from the data)")
     p.add_argument("--preset", default="cifar10",
@@ -159,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a trained model as state_dict + config, torch.export and ONNX, with a model card")
     p.add_argument("--weights", required=True, help="a graftkd student.pt / model.pt")
     p.add_argument("--out", required=True, help="folder for the exported files and MODEL_CARD.md")
-    p.add_argument("--formats", default="state_dict,torch_export,onnx", help="comma-separated subset")
+    p.add_argument("--formats", default="state_dict,torch_export,onnx",
+                   help="comma-separated subset of: state_dict, torch_export, onnx")
     p.add_argument("--result", help="the run's result.json (default: beside --weights) for the model card")
 
     p = sub.add_parser("students", help="list the zoo students that fit a teacher, and whether they can be derived")
@@ -174,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="test accuracy of a registered teacher or of a weights file")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--teacher", help="registered teacher name; compared with the registry's accuracy")
-    which.add_argument("--weights", help="weights file (needs --arch)")
+    which.add_argument("--weights", help="weights file (a graftkd student.pt names its architecture; others need --arch)")
     p.add_argument("--arch", help="zoo architecture of --weights")
     p.add_argument("--data", help="labeled data (default for --teacher: its registered dataset)")
     p.add_argument("--split", default="test")
@@ -266,6 +268,9 @@ def _cmd_distill(args) -> None:
     from graftkd.workflows import DeriveOptions
 
     _check_out_dir(args.out)
+    from graftkd.students import compression_target
+
+    compression_target(args.student_arch)  # a malformed auto:Nx fails before any work
     epochs = [e for given in (args.block_epochs, args.net_epochs) if given is not None
               for e in (given if isinstance(given, list) else [given])]
     if args.block_epochs is not None and args.net_epochs is not None and not any(epochs):
@@ -409,10 +414,13 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    from graftkd.workflows import evaluate_weights
+    from graftkd.workflows import evaluate_weights, saved_arch
 
     if args.weights and not args.arch:
-        raise GraftkdError("--weights needs --arch (the zoo architecture of the file, e.g. resnet56)")
+        args.arch = saved_arch(args.weights) if Path(args.weights).is_file() else None
+        if not args.arch:
+            raise GraftkdError(f"--weights {args.weights} does not name its architecture (not a graftkd student.pt): "
+                               "add --arch (the zoo architecture of the file, e.g. resnet56)")
     payload = evaluate_weights(
         teacher=args.teacher, weights=args.weights, arch=args.arch, data=args.data, split=args.split,
         teachers_dir=args.teachers_dir, device=args.device, batch_size=args.batch_size, out=args.out,
@@ -471,6 +479,11 @@ def _cmd_report(args) -> None:
     print(f"wrote {written['markdown']}, {written['json']}" + "".join(f", {p}" for p in written["plots"] if p))
 
 
+def _first_sentence(doc: str | None) -> str:
+    """A docstring's whole first paragraph on one line (a line break is not the end of a sentence)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 def _cmd_methods(args) -> None:
     from graftkd.distill.base import METHODS, list_methods
 
@@ -478,14 +491,13 @@ def _cmd_methods(args) -> None:
     for name in list_methods():
         cls = METHODS[name]
         options = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "no options"
-        summary = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:<{width}} {summary}  [{options}]")
+        print(f"{name:<{width}} {_first_sentence(cls.__doc__ or sys.modules[cls.__module__].__doc__)}  [{options}]")
     from graftkd.distill.zoo import DISTILLERS, list_distillers
 
     print("\nfeature distillers for full-data training (graftkd train-kd --distiller NAME [--adaptive sakd]):")
     for name in list_distillers():
         cls = DISTILLERS[name]
-        summary = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        summary = _first_sentence(sys.modules[cls.__module__].__doc__)
         print(f"{name:<8} spots={cls.spot_kind:<9} beta={cls.weight:<8g} {summary}")
 
 

@@ -73,17 +73,28 @@ def fitting_students(teacher: nn.Module, teacher_arch: str, input_shape: tuple[i
     return sorted(fits, key=lambda f: f.params)
 
 
+def compression_target(spec: str) -> float | None:
+    """N of ``auto[:Nx]`` (3 for plain ``auto``), None for a model name; a bad target is an error."""
+    text = spec.strip().lower()
+    if not text.startswith("auto"):
+        return None
+    match = AUTO.match(text)
+    if match is None:
+        raise GraftkdError(f"--student-arch {spec}: write auto or auto:Nx with N a number, e.g. auto:3x")
+    target = float(match.group(1)) if match.group(1) else DEFAULT_COMPRESSION
+    if target <= 1:
+        raise GraftkdError(f"--student-arch {spec}: the compression target must be above 1x (e.g. auto:3x)")
+    return target
+
+
 def resolve_student(spec: str, teacher: nn.Module, teacher_arch: str, input_shape: tuple[int, ...],
                     num_classes: int) -> tuple[str, str | None]:
     """``--student-arch``: a model name is kept as it is; ``auto`` or ``auto:Nx`` picks the fitting student
     whose compression is closest to N (3 when not given), derivable whole first, then derivable in part.
     Returns the architecture and why it was chosen (None when the user named it)."""
-    match = AUTO.match(spec.strip().lower())
-    if match is None:
+    target = compression_target(spec)
+    if target is None:
         return spec, None
-    target = float(match.group(1)) if match.group(1) else DEFAULT_COMPRESSION
-    if target <= 1:
-        raise GraftkdError(f"--student-arch {spec}: the compression target must be above 1x (e.g. auto:3x)")
     fits = fitting_students(teacher, teacher_arch, input_shape, num_classes)
     if not fits:
         raise GraftkdError(f"no zoo student fits the teacher {teacher_arch}: name one with --student-arch "

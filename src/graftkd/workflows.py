@@ -47,6 +47,17 @@ def load_model_file(arch: str, path: str | Path, num_classes: int | None) -> Loa
     return LoadedModel(model, arch, tuple(meta["mean"]), tuple(meta["std"]), str(path), meta.get("classes"))
 
 
+def saved_arch(path: str | Path) -> str | None:
+    """The architecture a graftkd ``student.pt`` / ``model.pt`` names, or None for any other weights file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not ours (or unreadable): the caller asks for the architecture
+        return None
+    if isinstance(payload, dict) and payload.get("format") == STUDENT_FORMAT and payload.get("arch") != "hybrid":
+        return str(payload["arch"])
+    return None
+
+
 def load_teacher(
     spec: str, arch: str | None, num_classes: int | None, teachers_dir: str | Path | None = None
 ) -> LoadedModel:
@@ -70,6 +81,7 @@ def load_teacher(
         if any(sep in spec for sep in ("/", "\\")) or Path(spec).suffix in (".pt", ".pth", ".th", ".bin"):
             raise GraftkdError(f"weights file {spec} not found (check the path; registered teachers: {names})")
         raise GraftkdError(f"teacher '{spec}' is neither a file nor a registered teacher ({names})")
+    arch = arch or saved_arch(spec)
     if not arch:
         raise GraftkdError(f"{spec} is a weights file: say its architecture with --teacher-arch (e.g. resnet56)")
     return load_model_file(arch, spec, num_classes=num_classes)  # None: the class count the file was saved with
@@ -330,7 +342,7 @@ def distill(
         "fewshot": {"images": len(fewshot), "shots": result.shots, "manifest": manifest},
         "test": {"name": test.name, "images": len(test)} if test is not None else None,
         "protocol": "last-epoch student after the full schedule; the test set is used only for this report",
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), "shots": config.shots if config.shots is not None else result.shots},
         "graft": result.summary() if isinstance(result, GraftResult) else None,
         "derivation": record.to_dict() if record is not None else None,
         **derived_facts,
@@ -338,8 +350,9 @@ def distill(
         "wall_seconds": time.perf_counter() - started,
     }
     if out_dir is not None:
+        classes = teacher.classes or (list(test.classes) if test is not None and test.classes else None)
         loaded = LoadedModel(result.student, "hybrid" if replace else student_arch, teacher.mean, teacher.std,
-                             "graftkd distill", teacher.classes)
+                             "graftkd distill", classes)
         save_model(out_dir / "student.pt", loaded, {"test_acc": student_acc, "teacher": teacher.source,
                                                     **({"arch_options": arch_options} if replace else {})})
         atomic_write_json(out_dir / "result.json", payload)
@@ -638,7 +651,9 @@ def summary_table(payload: dict) -> str:
         lines.append(f"start: {init['used']} ({init['why']})")
     few = payload["fewshot"]
     lines.append(
-        f"few-shot: {few['images']} unlabeled images ({few['shots']} per class), wall time "
+        f"few-shot: {few['images']} unlabeled images"
+        + (f" ({few['shots']} per class)" if few.get("manifest") else " (from a folder: classes unknown)")
+        + ", wall time "
         f"{payload['wall_seconds']:.1f} s on {payload['device']}"
     )
     return "\n".join(lines)

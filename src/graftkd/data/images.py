@@ -6,6 +6,7 @@ processes (``workers > 0``); the result is identical either way.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Iterable
@@ -106,6 +107,8 @@ class ImageCollector:
         self._ref: tuple[str, int, int] | None = None  # (rel, w, h) of the first image
 
     def bad(self, rel: str, reason: str) -> None:
+        # Pillow names the in-memory buffer ("cannot identify image file <_io.BytesIO object at 0x...>")
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", reason)
         if self.on_bad_image == "error":
             raise GraftkdError(
                 f"cannot read image {rel} in {self.where} ({reason}); fix or delete the file, "

@@ -94,9 +94,12 @@ def trace_boundaries(
                 try:
                     x = block(x)
                 except Exception as exc:
+                    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    glue = ("; the previous block's output does not fit it: if the model's forward does something "
+                            "between blocks (flatten, pooling), put that glue inside a block, e.g. "
+                            "nn.Sequential(nn.Flatten(), head)") if index > 0 and isinstance(exc, RuntimeError) else ""
                     raise GraftkdError(
-                        f"{role} block {index + 1} failed on an input of shape {tuple(x.shape)}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                        f"{role} block {index + 1} failed on an input of shape {tuple(x.shape)}: {detail}{glue}"
                     ) from exc
                 if not isinstance(x, torch.Tensor):
                     raise GraftkdError(f"{role} block {index + 1} must return one tensor, got {type(x).__name__}")
