@@ -219,3 +219,15 @@ def test_student_file_names_its_architecture_and_classes(tmp_path, digits_teache
     torch.save(saved["state_dict"], plain)
     assert main(["evaluate", "--weights", str(plain), "--data", "digits"]) == 2
     assert "--arch" in capsys.readouterr().err
+
+
+def test_report_on_a_folder_of_distill_runs_writes_a_table_and_a_png(tmp_path, digits_teacher, capsys):
+    for name, extra in (("a", ()), ("b", ("--seed", "1"))):
+        assert main(_distill_args(digits_teacher, tmp_path / "runs" / name, "--data", "digits", "--k", "1", *extra)) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "runs")]) == 0
+    table = (tmp_path / "runs" / "runs.md").read_text()
+    assert "| a |" in table and "| b |" in table and "digits_cnn_half" in table
+    png = tmp_path / "runs" / "loss_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", str(tmp_path / "empty")]) == 2

@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("report", help="tables (Markdown, JSON) and plots from a grid's result files")
-    p.add_argument("results_dir", help="results/<grid name>")
+    p = sub.add_parser("report", help="tables (Markdown, JSON) and plots from a grid's result files or a folder of distill runs")
+    p.add_argument("results_dir", help="results/<grid name>, or any folder of `graftkd distill` runs")
 
     p = sub.add_parser("methods", help="list the few-shot methods and their options")
 
@@ -468,12 +468,15 @@ def _cmd_report(args) -> None:
     import json
 
     from graftkd.report import write_report
+    from graftkd.report.runs import distill_runs, write_runs_report
 
     grid = Path(args.results_dir) / "grid.json"
     if grid.is_file() and json.loads(grid.read_text()).get("kind") == "fulldata-grid":
         from graftkd.fullbench import write_full_report
 
         written = write_full_report(Path(args.results_dir))
+    elif not any((Path(args.results_dir) / "cells").glob("*.json")) and distill_runs(args.results_dir):
+        written = write_runs_report(args.results_dir)  # a folder of standalone distill runs
     else:
         written = write_report(Path(args.results_dir))
     print(f"wrote {written['markdown']}, {written['json']}" + "".join(f", {p}" for p in written["plots"] if p))
