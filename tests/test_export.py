@@ -123,3 +123,20 @@ def test_exported_resnet20_predicts_the_cifar10_test_split_like_the_model(tmp_pa
     exported = _fresh(FRESH_EXPORT, [str(tmp_path / "export" / "model.pt2"), str(tmp_path / "x.pt")], tmp_path, False)
     assert torch.equal(exported["logits"].argmax(1), expected)
     assert abs(float((expected == test.labels).float().mean()) * 100 - 91.73) < 0.01
+
+
+def test_quality_warnings_name_what_to_try_and_reach_the_model_card():
+    from graftkd.export import _card
+    from graftkd.workflows import quality_warnings
+
+    good = {"label_free": {"agreement": 91.0}, "init": {"used": "derived"},
+            "refine": {"stages": [{"name": "kd", "loss_curve": [(1, 2.0), (2, 1.0)]}]}}
+    assert quality_warnings(good) == []
+    bad = {"label_free": {"agreement": 12.0}, "init": {"used": "fresh"},
+           "graft": {"stages": [{"name": "net 1-3", "loss_curve": [(1, 1.63), (2, 1.85)]}]}}
+    warnings = quality_warnings(bad)
+    assert len(warnings) == 2 and "derived" in warnings[0] and "lower the learning rate" in warnings[1]
+    config = {"arch": "digits_cnn_half", "module": "graftkd.models", "function": "digits_cnn_half", "kwargs": {},
+              "input_shape": [1, 8, 8], "mean": [0.0], "std": [1.0]}
+    card = _card(config, {"warnings": warnings}, {"formats": {}}, 10, 20, "student.pt", "graftkd export")
+    assert "## Warnings from training" in card and warnings[1] in card and "raises on `.eval()`" in card

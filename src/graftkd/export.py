@@ -165,6 +165,10 @@ def _card(config: dict, facts: dict, report: dict, params: int, flops: int, weig
         f"| trained by | `{facts.get('command', '?')}` at commit {facts.get('commit', '?')} on {facts.get('device', '?')} |",
         f"| weights | {weights} |",
         f"| exported by | `{command}` |", "",
+    ]
+    if facts.get("warnings"):
+        lines += ["## Warnings from training", ""] + [f"- {w}" for w in facts["warnings"]] + [""]
+    lines += [
         "## Files and checks", "",
         "| form | files | check (max abs logit difference vs the trained model) |", "|---|---|---|",
     ]
@@ -182,5 +186,7 @@ def _card(config: dict, facts: dict, report: dict, params: int, flops: int, weig
         f"model = {config['function']}({kwargs})",
         "model.load_state_dict(torch.load('model_state_dict.pt', weights_only=True)); model.eval()",
         "```", "",
+        "A `torch.export` program is already in inference form: its `.module()` raises on `.eval()` / `.train()`, "
+        "so call it directly.", "",
     ]
     return "\n".join(lines)

@@ -349,6 +349,7 @@ def distill(
         "label_free": label_free,
         "wall_seconds": time.perf_counter() - started,
     }
+    payload["warnings"] = quality_warnings(payload)
     if out_dir is not None:
         classes = teacher.classes or (list(test.classes) if test is not None and test.classes else None)
         loaded = LoadedModel(result.student, "hybrid" if replace else student_arch, teacher.mean, teacher.std,
@@ -615,6 +616,31 @@ def _num_outputs(model: nn.Module, input_shape) -> int:
 
 
 # ----------------------------------------------------------------------------------------- reports
+AGREEMENT_WARNING = 70.0  # label-free agreement (%) below which a run ends with a warning
+
+
+def quality_warnings(payload: dict) -> list[str]:
+    """What a user without labels should know about a finished run, each with what to try."""
+    warnings = []
+    free = payload.get("label_free") or {}
+    derived = (payload.get("init") or {}).get("used") == "derived"
+    if free.get("agreement") is not None and free["agreement"] < AGREEMENT_WARNING:
+        advice = ("more images per class or a longer --samples budget" if derived else
+                  "more images per class, or a student that fits inside the teacher (derived from its weights: "
+                  "`graftkd students --teacher ...`)")
+        warnings.append(f"the label-free agreement is low ({free['agreement']:.1f}% < {AGREEMENT_WARNING:g}%), so "
+                        f"expect a test accuracy far below the teacher's; {advice} may help")
+    for part in ("graft", "refine"):
+        stages = (payload.get(part) or {}).get("stages") if isinstance(payload.get(part), dict) else None
+        for stage in stages or []:
+            curve = stage.get("loss_curve") or []
+            if len(curve) >= 2 and curve[-1][1] > curve[0][1]:
+                warnings.append(f"the loss of stage '{stage.get('name')}' ended above where it started "
+                                f"({curve[0][1]:.4g} -> {curve[-1][1]:.4g}): the student got worse at matching the "
+                                "teacher; lower the learning rate or raise the budget")
+    return warnings
+
+
 def summary_table(payload: dict) -> str:
     """The end-of-run table: teacher vs student accuracy, size, compute, compression, time."""
     t, s = payload["teacher"], payload["student"]
@@ -640,12 +666,7 @@ def summary_table(payload: dict) -> str:
     if free:
         lines.append(f"label-free estimate: the student agrees with the teacher on {free['agreement']:.1f}% of "
                      f"{free['views']} held-out views of the few-shot images (KL {free['kl']:.3f})")
-        init = payload.get("init") or {}
-        if free["agreement"] < 70.0:
-            advice = ("more images per class or a longer --samples budget" if init.get("used") == "derived" else
-                      "more images per class, or a student that fits inside the teacher (derived from its weights)")
-            lines.append(f"warning: that agreement is low, so expect a test accuracy far below the teacher's; {advice} "
-                         "may help")
+    lines += [f"warning: {w}" for w in payload.get("warnings") or []]
     init = payload.get("init")
     if init:
         lines.append(f"start: {init['used']} ({init['why']})")
