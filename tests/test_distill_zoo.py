@@ -441,7 +441,6 @@ def test_registry_names_kinds_weights_and_errors() -> None:
     for name, (kind, weight) in SPEC.items():
         cls = DISTILLERS[name]
         assert (cls.name, cls.spot_kind, cls.weight) == (name, kind, weight)
-        assert cls.needs_preactivation is (name == "ab")
     with pytest.raises(GraftkdError, match="did you mean at"):
         build_distiller("atx", [(3, 4, 4)], [(3, 4, 4)])
     with pytest.raises(GraftkdError, match="distiller 'at'.*unexpected keyword"):

@@ -25,7 +25,6 @@ from graftkd.errors import GraftkdError, Interrupted
 
 PROTOCOL = ("last-epoch student after the full budget; nothing is selected on the test split, which is used "
             "only for reporting; labels of the few-shot images are never used for training")
-VARIATIONS = ("both", "noise+subset", "noise")
 
 
 @dataclass
@@ -337,7 +336,7 @@ class GridRunner:
         return record
 
     def _run(self, cell: Cell, method) -> dict:
-        from graftkd.data import default_augment
+        from graftkd.data import Augment, default_augment
         from graftkd.distill.base import FewShotTask
         from graftkd.engine.evaluate import accuracy, predict_logits
         from graftkd.graft import ScheduleConfig
@@ -356,7 +355,7 @@ class GridRunner:
         defaults = default_augment(config.data)
         padding = config.padding if config.padding is not None else defaults.padding
         flip = config.flip if config.flip is not None else defaults.flip
-        augment = _crop_flip(padding, flip) if config.augment and (padding or flip) else None
+        augment = Augment(padding, flip) if config.augment and (padding or flip) else None
 
         generator = seed_everything(cell.seed)
         student = build_model(config.student, num_classes=test.num_classes).to(self.device)
@@ -396,12 +395,6 @@ class GridRunner:
             "stages": outcome.stages,
             "method_extra": outcome.extra,
         }
-
-
-def _crop_flip(padding: int, flip: bool):
-    from graftkd.data.augment import random_crop_flip
-
-    return lambda x, generator: random_crop_flip(x, padding=padding, flip=flip, generator=generator)
 
 
 def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",

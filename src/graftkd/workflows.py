@@ -442,7 +442,7 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
     """BatchNorm at the start, then the refinement; returns an object with ``.student`` and the facts to record."""
     from graftkd.distill.base import FewShotTask, build_method
     from graftkd.engine.bn import reestimate_batchnorm
-    from graftkd.graft.api import _augmenter
+    from graftkd.graft.api import augmenter
 
     images = fewshot.images.to(device)
     facts: dict = {"derive": options.to_dict(), "method": f"derived+{options.refine}"}
@@ -471,7 +471,7 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
         task = FewShotTask(
             teacher=teacher.model.eval(), student=student, images=images, normalize=norm.to(device), device=device,
             generator=seed_everything(config.seed), batch_size=recipe.batch_size, epochs=recipe.chunks, lr=recipe.lr,
-            shots=shots, num_classes=num_classes, augment=_augmenter(config), precision=config.precision,
+            shots=shots, num_classes=num_classes, augment=augmenter(config), precision=config.precision,
             inherit="none", teacher_arch=teacher.arch, run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s,
             log_every=1, progress=progress, seed=config.seed, padding=config.padding, flip=config.flip, recipe=recipe)
         method = build_method(options.loss, options.loss_options)
@@ -542,7 +542,7 @@ def _run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arc
                 config: GraftConfig, device: torch.device, out_dir: Path | None, progress: bool):
     """A registered few-shot method on ``student`` with a grid cell's budget; returns the result and its facts."""
     from graftkd.distill.base import FewShotTask, build_method
-    from graftkd.graft.api import _augmenter
+    from graftkd.graft.api import augmenter
     from graftkd.graft.schedule import batch_size_for, paper_budget
 
     runner = build_method(name)
@@ -555,7 +555,7 @@ def _run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arc
     task = FewShotTask(
         teacher=teacher.model.to(device).eval(), student=student.to(device), images=images, normalize=norm.to(device),
         device=device, generator=seed_everything(config.seed), batch_size=batch_size, epochs=epochs, lr=lr,
-        shots=shots, num_classes=num_classes, augment=_augmenter(config), mixup=config.mixup,
+        shots=shots, num_classes=num_classes, augment=augmenter(config), mixup=config.mixup,
         precision=config.precision, inherit=config.inherit, teacher_arch=teacher.arch, student_arch=student_arch,
         run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s, log_every=config.log_every, progress=progress,
         schedule=config.schedule, seed=config.seed, padding=config.padding, flip=config.flip)
@@ -599,10 +599,10 @@ def _label_free(student: nn.Module, teacher: nn.Module, images: torch.Tensor, no
                 device: torch.device, mixed: bool) -> dict:
     """Top-1 agreement and KL on a held-out pool of augmented views (its own seed, never trained on)."""
     from graftkd.engine.agreement import agreement, agreement_pool
-    from graftkd.graft.api import _augmenter
+    from graftkd.graft.api import augmenter
 
     with torch.no_grad():
-        pool = agreement_pool(images.to(device), norm.to(device), _augmenter(config), mixed=mixed)
+        pool = agreement_pool(images.to(device), norm.to(device), augmenter(config), mixed=mixed)
     return agreement(student.to(device), teacher.to(device), pool)
 
 

@@ -83,12 +83,13 @@ class GraftResult:
         }
 
 
-def _augmenter(config: GraftConfig):
+def augmenter(config: GraftConfig):
+    """The run's crop-and-flip as an ``(x, generator) -> x`` callable, or None when it would change nothing."""
     if not config.augment or (config.padding == 0 and not config.flip):
         return None
-    from graftkd.data.augment import random_crop_flip
+    from graftkd.data.augment import Augment
 
-    return lambda x, generator: random_crop_flip(x, padding=config.padding, flip=config.flip, generator=generator)
+    return Augment(config.padding, config.flip)
 
 
 def graft(
@@ -154,7 +155,7 @@ def graft(
         plan,
         images,
         normalize=normalize,
-        augment=_augmenter(config),
+        augment=augmenter(config),
         mixup=config.mixup,
         batch_size=batch_size,
         generator=generator,

@@ -38,14 +38,13 @@ class AB(Distiller):
     initialise the student (beta = 0 afterwards); weight 1.0 also keeps it during training (set the
     loop's beta to 0 to reproduce the reference).
 
-    ``needs_preactivation``: the method is defined on the teacher's pre-ReLU responses. The loss reads
+    The method is defined on the teacher's pre-ReLU responses. The loss reads
     whatever features the loop taps; on post-ReLU features, t <= 0 simply means t == 0. Where the
     spatial sizes differ, the larger map is average-pooled to the smaller one's size (student or teacher).
     """
 
     spot_kind = "stages"
     weight = 1.0
-    needs_preactivation = True
 
     def __init__(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape],
                  margin: float = 1.0, init_epochs: int = 30) -> None:

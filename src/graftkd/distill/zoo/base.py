@@ -82,7 +82,6 @@ class Distiller(nn.Module):
     name: ClassVar[str] = ""
     spot_kind: ClassVar[str] = "embedding"
     weight: ClassVar[float] = 1.0  # beta: the weight of this distiller's loss in the benchmark's configs
-    needs_preactivation: ClassVar[bool] = False  # AB reads features before the last ReLU (see its file)
 
     def __init__(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
         """``*_shapes``: the shapes at this distiller's spots, in spot order (see :func:`resolve_spots`)."""
