@@ -3,7 +3,8 @@
     python benchmarks/derived/repro_cells.py results/cifar10-derived/cells/<pair>/<row>/k1-s0.json [...] \\
         --write results/cifar10-derived/repro-check.md
 
-Each command runs again as recorded, into a temporary run directory, at the thread count the cell records;
+Each command runs again as recorded (with ``--samples`` made explicit where the cell's budget was then the
+default), into a temporary run directory, at the thread count the cell records;
 test accuracy and the label-free agreement must come out identical (same CPU and thread count).
 """
 from __future__ import annotations
@@ -34,6 +35,10 @@ def main() -> None:
         cell = json.loads(Path(path).read_text())
         threads = re.search(r"(\d+) threads", cell["device"]).group(1)
         words = shlex.split(cell["command"])
+        recipe = (cell.get("derive") or {}).get("recipe") or {}
+        if cell.get("refine") and recipe.get("samples") and "--samples" not in words:
+            # the budget the cell records, made explicit: the default has changed since some cells were made
+            words += ["--samples", str(recipe["samples"])]
         out_at = words.index("--out")
         with tempfile.TemporaryDirectory() as tmp:
             words[out_at + 1] = tmp

@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(feature_kd), or FitNet's hint stage then KD (fitnet)")
     p.add_argument("--unit-features", action="store_true",
                    help="--refine-loss feature_kd after a depth derivation: also match every kept unit's output")
-    p.add_argument("--samples", type=int, default=128_000,
-                   help="derived students, --refine kd: training budget in images seen (batches of 64)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="derived students, --refine kd: training budget in images seen (batches of 64; default "
+                        "256000, the patient recipe's)")
     p.add_argument("--refine-lr", type=float, default=0.01, help="derived students, --refine kd: peak SGD rate")
     p.add_argument("--measure-teacher", action="store_true",
                    help="measure a registered teacher's test accuracy again (default: its registry record, when the "
@@ -302,7 +303,7 @@ def _cmd_distill(args) -> None:
     derive = DeriveOptions(init=init, reason=reason, depth_rule=args.depth_rule, width_rule=args.width_rule,
                            bn_start=args.bn_start, refine=args.refine, repair=args.repair, loss=args.refine_loss,
                            unit_features=args.unit_features,
-                           recipe=Recipe(samples=args.samples, lr=args.refine_lr))  # bad values fail before any work
+                           recipe=Recipe(lr=args.refine_lr, **({"samples": args.samples} if args.samples is not None else {})))  # bad values fail before any work
     if not (args.fewshot or args.data or args.unlabeled):
         from graftkd.models.teacher_registry import load_registry
 

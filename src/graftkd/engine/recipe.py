@@ -21,7 +21,9 @@ CROPS = ("pad", "resized")
 @dataclass(frozen=True)
 class Recipe:
     name: str = "patient"
-    samples: int = 128_000  # images seen in training (the schedule's unit)
+    # images seen in training (the schedule's unit); 256k: 83.8 vs 74.4 % at 32k on the validation split
+    # (ResNet-56 -> derived ResNet-20, K=10), about 6 min on 2 CPU cores in bf16 (results/cifar10-derived/dev)
+    samples: int = 256_000
     batch_size: int = 64  # fixed whatever K: batches repeat images, each copy with its own augmentation
     steps_per_chunk: int = 50  # checkpoint / log granularity (a chunk plays the role of an epoch)
     optimizer: str = "sgd"
