@@ -140,3 +140,19 @@ def test_quality_warnings_name_what_to_try_and_reach_the_model_card():
               "input_shape": [1, 8, 8], "mean": [0.0], "std": [1.0]}
     card = _card(config, {"warnings": warnings}, {"formats": {}}, 10, 20, "student.pt", "graftkd export")
     assert "## Warnings from training" in card and warnings[1] in card and "raises on `.eval()`" in card
+
+
+def test_safetensors_export_reloads_and_serves_as_a_teacher(tmp_path) -> None:
+    pytest.importorskip("safetensors")
+    from graftkd.workflows import load_teacher, saved_arch
+
+    weights, model = _student(tmp_path)
+    report = export_model(weights, tmp_path / "export", formats=("safetensors",))
+    assert report["formats"]["safetensors"]["status"] == "ok"
+    path = tmp_path / "export" / "model.safetensors"
+    assert saved_arch(path) == "digits_cnn_half"
+    teacher = load_teacher(str(path), None, None)  # the architecture comes from the file's metadata
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(teacher.model.eval()(x), model(x), atol=1e-5)
+    assert teacher.mean == (0.5,) and teacher.std == (0.25,)

@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a trained model as state_dict + config, torch.export and ONNX, with a model card")
     p.add_argument("--weights", required=True, help="a graftkd student.pt / model.pt")
     p.add_argument("--out", required=True, help="folder for the exported files and MODEL_CARD.md")
-    p.add_argument("--formats", default="state_dict,torch_export,onnx",
-                   help="comma-separated subset of: state_dict, torch_export, onnx")
+    p.add_argument("--formats", default="state_dict,safetensors,torch_export,onnx",
+                   help="comma-separated subset of: state_dict, safetensors, torch_export, onnx")
     p.add_argument("--result", help="the run's result.json (default: beside --weights) for the model card")
 
     p = sub.add_parser("students", help="list the zoo students that fit a teacher, and whether they can be derived")

@@ -28,7 +28,7 @@ from torch import nn
 from graftkd.engine.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
 from graftkd.errors import GraftkdError
 
-FORMATS = ("state_dict", "torch_export", "onnx")
+FORMATS = ("state_dict", "safetensors", "torch_export", "onnx")
 TOLERANCE = 1e-4
 
 
@@ -91,6 +91,9 @@ def export_model(weights: str | Path, out: str | Path, formats: tuple[str, ...] 
             diff = _max_diff(again.eval()(probe), reference)
         report["formats"]["state_dict"] = _checked("state_dict", diff, ["model_state_dict.pt", "model_config.json"])
 
+    if "safetensors" in formats:
+        report["formats"]["safetensors"] = _export_safetensors(model, config, probe, reference, out)
+
     if "torch_export" in formats:
         batch = torch.export.Dim("batch", min=1)
         program = torch.export.export(model, (probe,), dynamic_shapes=({0: batch},))
@@ -146,6 +149,25 @@ def _pct(value: Any) -> str:
     return f"{value:.2f}%" if isinstance(value, (int, float)) else "not measured"
 
 
+def _export_safetensors(model: nn.Module, config: dict, probe: torch.Tensor, reference: torch.Tensor,
+                        out: Path) -> dict:
+    """``model.safetensors`` (the state_dict, no pickle) with ``model_config.json`` beside it, reloaded and checked."""
+    if importlib.util.find_spec("safetensors") is None:
+        return {"status": "skipped", "reason": "the safetensors package is not installed (pip install safetensors)"}
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # no shared storage
+    path = out / "model.safetensors"
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": config["format"], "arch": config["arch"]})
+    atomic_write_json(out / "model_config.json", config)
+    again = rebuild(config)
+    again.load_state_dict(load_file(str(path)))
+    with torch.no_grad():
+        diff = _max_diff(again.eval()(probe), reference)
+    return _checked("safetensors", diff, ["model.safetensors", "model_config.json"])
+
+
 def _card(config: dict, facts: dict, report: dict, params: int, flops: int, weights: Path, command: str) -> str:
     teacher = facts.get("teacher") or {}
     student = facts.get("student") or {}
@@ -181,10 +203,11 @@ def _card(config: dict, facts: dict, report: dict, params: int, flops: int, weig
         "import torch",
         "# torch.export form: no graftkd import needed",
         "model = torch.export.load('model.pt2').module()",
-        "# state_dict form: import only the constructor named above",
+        "# state_dict / safetensors form: import only the constructor named above",
         f"from {config['module']} import {config['function']}",
         f"model = {config['function']}({kwargs})",
         "model.load_state_dict(torch.load('model_state_dict.pt', weights_only=True)); model.eval()",
+        "# or: from safetensors.torch import load_file; model.load_state_dict(load_file('model.safetensors'))",
         "```", "",
         "A `torch.export` program is already in inference form: its `.module()` raises on `.eval()` / `.train()`, "
         "so call it directly.", "",

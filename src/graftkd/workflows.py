@@ -48,7 +48,13 @@ def load_model_file(arch: str, path: str | Path, num_classes: int | None) -> Loa
 
 
 def saved_arch(path: str | Path) -> str | None:
-    """The architecture a graftkd ``student.pt`` / ``model.pt`` names, or None for any other weights file."""
+    """The architecture a graftkd ``student.pt`` / ``model.pt`` (or an exported ``model.safetensors``) names,
+    or None for any other weights file."""
+    if str(path).endswith(".safetensors"):
+        from graftkd.models.convert import read_checkpoint
+
+        arch = read_checkpoint(path)[1].get("arch")
+        return str(arch) if arch else None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - not ours (or unreadable): the caller asks for the architecture

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,8 +40,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     """Load a weights file: ``(float32 state_dict, other top-level entries such as mean/std/classes)``.
 
     Accepts a raw state_dict or a dict holding one under ``state_dict`` / ``model`` (also
-    ``model_state_dict`` / ``net``).
+    ``model_state_dict`` / ``net``). A ``.safetensors`` file is read without pickle; its metadata (and a
+    ``model_config.json`` beside it, as ``graftkd export`` writes) give the extras.
     """
+    if str(path).endswith(".safetensors"):
+        return _read_safetensors(Path(path))
     obj = safe_torch_load(path)
     extras: dict[str, Any] = {}
     if _is_state_dict(obj):
@@ -59,6 +63,27 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 f"{path}: no state_dict found (top-level entries: {', '.join(found)}); "
                 "save the model's state_dict(), alone or under a 'state_dict' key"
             )
+    return to_float32(sd), extras
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("safetensors") is None:
+        raise GraftkdError(f"{path} is a safetensors file but the safetensors package is not installed: "
+                           "pip install safetensors")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+            extras: dict[str, Any] = dict(f.metadata() or {})
+    except Exception as exc:  # noqa: BLE001 - a damaged file is the user's to fix
+        raise GraftkdError(f"cannot read {path} as safetensors ({exc}); check the file") from exc
+    config = path.with_name("model_config.json")
+    if config.is_file():
+        extras.update({k: v for k, v in json.loads(config.read_text()).items() if k in ("arch", "mean", "std", "classes")})
     return to_float32(sd), extras
 
 
