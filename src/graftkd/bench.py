@@ -268,11 +268,17 @@ class GridRunner:
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not self.progress,
                    dynamic_ncols=True, desc=self.config.name)
         counts = {"ok": 0, "unsupported": 0, "failed": 0, "skipped": len(cells) - len(todo)}
-        for cell in todo:
+        for index, cell in enumerate(todo, 1):
             bar.set_postfix_str(cell.key)
+            if not self.progress:  # logs get a line per cell instead of a bar (no silent minutes)
+                print(f"[{index}/{len(todo)}] {cell.key}: running", flush=True)
             record = self.run_cell(cell)
             counts[record["status"]] += 1
             bar.update(1)
+            if not self.progress:
+                acc = (record.get("student") or {}).get("test_acc")
+                print(f"[{index}/{len(todo)}] {cell.key}: {record['status']}"
+                      + (f", test {acc:.2f}" if acc is not None else "") + f", {record['wall_seconds']:.0f} s", flush=True)
         bar.close()
         return {"cells": len(cells), **counts, "out": str(self.out)}
 

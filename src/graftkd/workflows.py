@@ -457,7 +457,7 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
         # the corrections make each layer's pre-norm output the teacher's, so the norms keep the teacher's statistics
         from graftkd.derive.repair import repair
 
-        facts["repair"] = repair(teacher.model, student, record, inputs)
+        facts["repair"] = repair(teacher.model, student, record, inputs, progress=progress)
         facts["bn_start"] = {"rule": "teacher (repair)", "used": "teacher"}
     else:
         facts["bn_start"] = _bn_start(teacher.model, student, record, inputs, options.bn_start)

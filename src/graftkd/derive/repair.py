@@ -19,7 +19,7 @@ from graftkd.errors import GraftkdError
 
 @torch.no_grad()
 def repair(teacher: nn.Module, student: nn.Module, derivation, inputs: torch.Tensor, *, ridge: float = 1e-4,
-           chunk: int = 128) -> dict:
+           chunk: int = 128, progress: bool = False) -> dict:
     """Fit and fold the corrections for a whole-model derivation; returns the record for ``result.json``."""
     if not derivation.whole or derivation.width is None:
         return {"applied": False, "why": "the student was derived block by block: repair needs one whole derivation"}
@@ -29,7 +29,10 @@ def repair(teacher: nn.Module, student: nn.Module, derivation, inputs: torch.Ten
     before = _relative_logit_error(teacher, student, inputs, chunk)
     changed = False
     layers = []
-    for layer in derivation.width.layers:
+    from tqdm.auto import tqdm
+
+    for layer in tqdm(derivation.width.layers, desc="repair: least squares per layer", unit="layer",
+                      disable=not progress, leave=False):
         t_path = derivation.depth.teacher_path(layer.path) if derivation.depth is not None else layer.path
         changed = changed or layer.affected or t_path != layer.path
         if not changed:

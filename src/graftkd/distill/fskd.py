@@ -96,7 +96,10 @@ class FSKD(FewShotMethod):
         logit_before = _relative_logit_error(teacher, student, inputs, chunk)
 
         records: list[dict] = []
-        for layer in layers:
+        from tqdm.auto import tqdm
+
+        for layer in tqdm(layers, desc="fskd: least squares per layer", unit="layer", disable=not task.progress,
+                          leave=False):
             if not self.options["correct"] or not layer.affected or (
                     layer.kind == "linear" and not self.options["fit_linear"]):
                 continue
