@@ -202,3 +202,22 @@ def test_readme_vgg_table_matches_the_committed_report() -> None:
             assert cell == f"{s['mean']:.2f} ± {s['std']:.2f}", (method, shots)
             checked += 1
     assert checked >= 12  # K=1 and K=2 for six methods
+
+
+def test_parallel_jobs_give_the_numbers_of_a_sequential_run(tmp_path) -> None:
+    """--jobs 2 runs cells in two processes at the grid's thread count: every cell's accuracy and losses equal
+    the sequential run's, and the grid-trained teacher is trained once and reused."""
+    config = _config(tmp_path, MINI + "threads: 1\n")
+    seq = run_grid(config, tmp_path / "seq", tmp_path / "runs_seq", device="cpu", progress=False)
+    par = run_grid(config, tmp_path / "par", tmp_path / "runs_par", device="cpu", progress=False, jobs=2)
+    assert seq["ok"] == par["ok"] == 6 and par["jobs"] == 2 and par["threads_per_job"] == 1
+    for cell in sorted((tmp_path / "seq" / "mini" / "cells").glob("*.json")):
+        a = json.loads(cell.read_text())
+        b = json.loads((tmp_path / "par" / "mini" / "cells" / cell.name).read_text())
+        assert a["student"]["test_acc"] == b["student"]["test_acc"], cell.name
+        assert [s.get("final_loss") for s in a["stages"]] == [s.get("final_loss") for s in b["stages"]], cell.name
+        assert "1 threads" in b["device"]
+    again = run_grid(config, tmp_path / "seq", tmp_path / "runs_seq", device="cpu", progress=False)
+    assert again["skipped"] == 6
+    with pytest.raises(GraftkdError, match="--jobs"):
+        run_grid(config, tmp_path / "x", tmp_path / "y", device="cpu", progress=False, jobs=0)

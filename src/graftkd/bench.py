@@ -212,6 +212,7 @@ class GridRunner:
         self.config_path = config_path
         self._teacher = None
         self._test = None
+        self._teacher_facts: dict | None = None
 
     # ------------------------------------------------------------------ shared inputs (loaded once)
     def teacher(self):
@@ -235,10 +236,26 @@ class GridRunner:
                     recipe = TeacherRecipe(**options)
                 except TypeError as exc:
                     raise GraftkdError(f"teacher.train: {exc}") from None
-                train_teacher(arch, self.config.data, self.runs / "teacher", recipe, str(self.device), self.progress)
-                self._teacher = load_model_file(arch, self.runs / "teacher" / "model.pt", test.num_classes)
+                trained = self.runs / "teacher" / "model.pt"
+                if not _trained_with(trained, arch, recipe):  # trained once; later runs and workers reuse it
+                    train_teacher(arch, self.config.data, self.runs / "teacher", recipe, str(self.device), self.progress)
+                self._teacher = load_model_file(arch, trained, test.num_classes)
             self._teacher.model.to(self.device).eval()
         return self._teacher
+
+    def teacher_facts(self) -> dict:
+        """The teacher's name, size and test accuracy (the registry's record when the test data is the one it was
+        measured on), computed once per runner."""
+        if self._teacher_facts is None:
+            from graftkd.models.profile import count_flops, count_params
+            from graftkd.workflows import _teacher_accuracy, normalizer
+
+            teacher, test = self.teacher(), self.test()
+            acc, source = _teacher_accuracy(teacher, test, normalizer(teacher.mean, teacher.std), self.device, False)
+            self._teacher_facts = {"name": teacher.source, "arch": teacher.arch, "params": count_params(teacher.model),
+                                   "flops": count_flops(teacher.model, tuple(test.images.shape[1:])), "test_acc": acc,
+                                   "test_acc_from": source}
+        return self._teacher_facts
 
     def test(self):
         if self._test is None:
@@ -298,23 +315,10 @@ class GridRunner:
 
     def _write_grid_file(self, cells: list[Cell], slice_cells: list[Cell]) -> None:
         """grid.json describes the whole grid of the config file, and which slice this invocation ran."""
-        from graftkd.models.profile import count_flops, count_params
-
-        teacher = self.teacher()
-        shape = tuple(self.test().images.shape[1:])
-        if not hasattr(self, "_teacher_facts"):
-            from graftkd.engine.evaluate import evaluate_model
-            from graftkd.workflows import normalizer
-
-            test = self.test()
-            acc = evaluate_model(teacher.model, test.images, test.labels, normalizer(teacher.mean, teacher.std),
-                                 self.device)
-            self._teacher_facts = {"name": teacher.source, "arch": teacher.arch, "params": count_params(teacher.model),
-                                   "flops": count_flops(teacher.model, shape), "test_acc": acc}
         payload = {**run_facts(self.device), "kind": "bench-grid", "name": self.config.name,
                    "title": self.config.title or self.config.name, "config_file": self.config_path,
                    "config": {f.name: getattr(self.config, f.name) for f in fields(self.config)},
-                   "teacher": self._teacher_facts, "student_arch": self.config.student, "protocol": PROTOCOL,
+                   "teacher": self.teacher_facts(), "student_arch": self.config.student, "protocol": PROTOCOL,
                    "methods": list(self.config.methods), "shots": sorted(self.config.shots),
                    "cells": [c.key for c in cells],
                    "last_invocation_cells": [c.key for c in slice_cells]}
@@ -327,7 +331,7 @@ class GridRunner:
         base = {**facts, "kind": "bench-cell", "grid": self.config.name, "method": cell.method,
                 "method_options": dict(self.config.methods.get(cell.method) or {}), "shots": cell.shots,
                 "subset": cell.subset, "variation": list(cell.variations), "curves": cell.curves,
-                "protocol": PROTOCOL, "teacher": self._teacher_facts}
+                "protocol": PROTOCOL, "teacher": self.teacher_facts()}
         try:
             method = build_row_method(cell.method, self.config.methods.get(cell.method))
             record = {**base, **self._run(cell, method), "status": "ok"}
@@ -405,14 +409,22 @@ class GridRunner:
 
 def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",
              device: str = "auto", progress: bool = True, only: list[str] | None = None,
-             shots: list[int] | None = None, seeds: list[int] | None = None, curves_only: bool = False) -> dict:
-    """``graftkd bench``: run (or finish) every cell of the grid in ``config_path`` (or a slice of it)."""
+             shots: list[int] | None = None, seeds: list[int] | None = None, curves_only: bool = False,
+             jobs: int = 1) -> dict:
+    """``graftkd bench``: run (or finish) every cell of the grid in ``config_path`` (or a slice of it).
+
+    ``jobs`` > 1 runs that many cells at once, each in its own process with the grid's thread count (or the
+    machine's cores split between the jobs when the grid pins none): each cell's numbers are those of a
+    sequential run at that thread count."""
+    if jobs < 1:
+        raise GraftkdError(f"--jobs {jobs}: run at least 1 cell at a time")
     raw = _read_yaml(Path(config_path))
     if isinstance(raw, dict) and raw.get("kind") == "fulldata":  # pairs x distillers x modes on full data
         from graftkd.fullbench import FullGridConfig, run_full_grid
 
-        if only or shots or seeds or curves_only:
-            raise GraftkdError("--methods/--shots/--seeds/--curves-only slice few-shot grids; a full-data grid runs whole")
+        if only or shots or seeds or curves_only or jobs > 1:
+            raise GraftkdError("--methods/--shots/--seeds/--curves-only/--jobs are for few-shot grids; a full-data "
+                               "grid runs whole, one cell at a time")
         return run_full_grid(FullGridConfig.from_dict(raw, str(config_path)), str(config_path), out_root, runs_root,
                              device, progress)
     config = load_grid(config_path)
@@ -435,8 +447,61 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
     if curves_only and not cells:
         raise GraftkdError(f"--curves-only: no curve cells to run; {config_path} has no `curves:` key, or "
                            "--methods/--shots/--seeds left out its curve methods, K or seed")
+    if jobs > 1:
+        return _run_parallel(config, str(config_path), out_root, runs_root, device, cells, jobs)
     with _cpu_threads(config.threads):
         return GridRunner(config, out_root, runs_root, device, progress, str(config_path), cells).run()
+
+
+def _trained_with(path: Path, arch: str, recipe) -> bool:
+    """True when ``path`` is a finished ``train-teacher`` model of ``arch`` made with exactly ``recipe``."""
+    if not path.is_file():
+        return False
+    from graftkd.models.convert import read_checkpoint
+
+    try:
+        extras = read_checkpoint(path)[1]
+    except GraftkdError:
+        return False
+    return extras.get("arch") == arch and extras.get("recipe") == recipe.to_dict()
+
+
+def _run_parallel(config: GridConfig, config_path: str, out_root, runs_root, device: str, cells: list[Cell],
+                  jobs: int) -> dict:
+    """Cells in ``jobs`` worker processes (spawned: no inherited thread pools); one line per finished cell."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = config.threads or max(1, (os.cpu_count() or 1) // jobs)
+    runner = GridRunner(config, out_root, runs_root, device, False, config_path, cells)
+    todo = [c for c in cells if not runner._finished(c)]
+    runner._write_grid_file(grid_cells(config), cells)
+    runner.teacher()  # a teacher trained by the grid is trained once, here, not by every worker
+    counts = {"ok": 0, "unsupported": 0, "failed": 0, "skipped": len(cells) - len(todo)}
+    print(f"{len(todo)} cells in {jobs} processes, {threads} thread(s) each", flush=True)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        facts = runner.teacher_facts()
+        futures = {pool.submit(_cell_worker, config_path, str(out_root), str(runs_root), device, cell, threads, facts):
+                   cell for cell in todo}
+        for done, future in enumerate(as_completed(futures), 1):
+            status, acc, seconds = future.result()
+            counts[status] += 1
+            print(f"[{done}/{len(todo)}] {futures[future].key}: {status}"
+                  + (f", test {acc:.2f}" if acc is not None else "") + f", {seconds:.0f} s", flush=True)
+    return {"cells": len(cells), **counts, "out": str(runner.out), "jobs": jobs, "threads_per_job": threads}
+
+
+def _cell_worker(config_path: str, out_root: str, runs_root: str, device: str, cell: Cell, threads: int,
+                 teacher_facts: dict) -> tuple[str, float | None, float]:
+    import torch
+
+    torch.set_num_threads(threads)
+    runner = GridRunner(load_grid(config_path), out_root, runs_root, device, False, config_path, [cell])
+    runner._teacher_facts = teacher_facts  # measured once by the parent
+    record = runner.run_cell(cell)
+    return record["status"], (record.get("student") or {}).get("test_acc"), float(record["wall_seconds"])
 
 
 @contextlib.contextmanager

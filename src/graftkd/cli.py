@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curves-only", action="store_true",
                    help="run only the grid's Figure 3 curve cells (train/test accuracy every curves.eval_every epochs)")
     p.add_argument("--no-report", action="store_true", help="do not regenerate results.md/json and plots")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells to run at once, each in its own process with the grid's thread count (default 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
 
@@ -448,7 +450,7 @@ def _cmd_bench(args) -> None:
     shots = [int(k) for k in args.shots.split(",")] if args.shots else None
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     summary = run_grid(args.config, args.out, args.runs, args.device, not args.no_progress, only, shots, seeds,
-                       args.curves_only)
+                       args.curves_only, args.jobs)
     print(f"{summary['cells']} cells: {summary['ok']} ran, {summary['skipped']} already done, "
           f"{summary['unsupported']} unsupported, {summary['failed']} failed; results in {summary['out']}")
     if not args.no_report:
