@@ -92,6 +92,13 @@ def test_distill_from_an_unlabeled_folder(tmp_path, digits_teacher):
     assert code == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["fewshot"]["images"] == 12 and result["student"]["test_acc"] is None
+    assert result["fewshot"]["shots"] is None  # no classes are known for a folder: no "per class" claim
+    unlabeled = result["fewshot"]["unlabeled"]
+    listing = json.loads((tmp_path / "run" / "unlabeled.json").read_text())
+    assert unlabeled["files"] == 12 == len(listing["files"]) and listing["files"][0]["path"] == "00.png"
+    import hashlib
+
+    assert listing["files"][3]["sha256"] == hashlib.sha256((folder / "03.png").read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize(

@@ -182,7 +182,9 @@ def _card(config: dict, facts: dict, report: dict, params: int, flops: int, weig
         f"| input | {config['input_shape']} normalised with mean {config['mean']}, std {config['std']} |",
         f"| test accuracy | {_pct(student.get('test_acc'))} (last-epoch model; the test split is used only to report) |",
         f"| teacher | {teacher.get('arch', '?')} from {teacher.get('source', '?')}, test accuracy {_pct(teacher.get('test_acc'))} |",
-        f"| method | {facts.get('method', '?')}, {few.get('shots', '?')} unlabeled images per class ({few.get('images', '?')} in all) |",
+        f"| method | {facts.get('method', '?')}, "
+        + (f"{few['shots']} unlabeled images per class ({few.get('images', '?')} in all) |" if few.get("shots")
+           else f"{few.get('images', '?')} unlabeled images from a folder |"),
         f"| few-shot data | {manifest.get('source', '?')} split {manifest.get('split', '?')}, seed {manifest.get('seed', '?')}, subset {manifest.get('subset', '?')} |",
         f"| trained by | `{facts.get('command', '?')}` at commit {facts.get('commit', '?')} on {facts.get('device', '?')} |",
         f"| weights | {weights} |",

@@ -1,6 +1,7 @@
 """One function per CLI command: load inputs, validate them up front, run, write results atomically."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,7 +346,8 @@ def distill(
         "student": {"arch": "hybrid" if replace else student_arch, "arch_options": arch_options or None,
                     "chosen_because": student_reason,
                     "test_acc": student_acc, **student_costs},
-        "fewshot": {"images": len(fewshot), "shots": result.shots, "manifest": manifest},
+        "fewshot": {"images": len(fewshot), "shots": result.shots if manifest else None, "manifest": manifest,
+                    "unlabeled": _folder_listing(fewshot, out_dir) if manifest is None and fewshot.paths else None},
         "test": {"name": test.name, "images": len(test)} if test is not None else None,
         "protocol": "last-epoch student after the full schedule; the test set is used only for this report",
         "config": {**config.to_dict(), "shots": config.shots if config.shots is not None else result.shots},
@@ -399,6 +401,25 @@ class DeriveOptions:
                 "bn_start": self.bn_start, "repair": self.repair, "refine": self.refine, "loss": self.loss,
                 "unit_features": self.unit_features, "loss_options": dict(self.loss_options),
                 "recipe": self.recipe.to_dict()}
+
+
+def _folder_listing(images, out_dir: Path | None) -> dict:
+    """An unlabeled folder's few-shot set as data: every file's relative path and sha256, written as
+    ``unlabeled.json`` beside ``result.json`` (the record keeps the listing's own sha256)."""
+    import hashlib
+
+    root = Path(images.name)
+    files = [{"path": rel, "sha256": hashlib.sha256((root / rel).read_bytes()).hexdigest()}
+             for rel in images.paths if (root / rel).is_file()]
+    listing = {"root": str(root), "files": files, "skipped": list(images.skipped or [])}
+    text = json.dumps(listing, indent=1, sort_keys=True)
+    if out_dir is not None:
+        from graftkd.engine.io import atomic_write_text
+
+        atomic_write_text(out_dir / "unlabeled.json", text + "\n")
+    return {"root": str(root), "files": len(files), "skipped": len(listing["skipped"]),
+            "listing": "unlabeled.json" if out_dir is not None else None,
+            "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def _teacher_accuracy(teacher: LoadedModel, test, norm: nn.Module, device: torch.device,
