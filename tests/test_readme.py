@@ -24,3 +24,20 @@ def test_the_readme_python_api_snippets_run(capsys) -> None:
     blocks = scope["record"].to_dict()["blocks"]
     assert [b["status"] for b in blocks] == ["channels chosen"] * 3  # a half-width copy of the toy teacher
     assert "channels chosen" in capsys.readouterr().out  # what the snippet prints
+
+
+def test_the_readme_demo_numbers_are_the_committed_demo_files() -> None:
+    """The demo rows of the results table are copied from the committed `graftkd demo --out results/demo`
+    files, which record their command, commit and device."""
+    import json
+
+    root = README.parent
+    rows = [line for line in README.read_text().splitlines() if line.startswith("| digits demo (`graftkd demo`)")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        result = json.loads((root / cells[-1].strip("`")).read_text())
+        assert result["command"].startswith("graftkd demo")
+        assert cells[3] == str(result["fewshot"]["shots"])
+        assert cells[4].strip("*").split("%")[0] == f"{result['student']['test_acc']:.2f}"
+        assert cells[5] == f"{result['teacher']['test_acc']:.2f}%"
