@@ -238,3 +238,17 @@ def test_report_on_a_folder_of_distill_runs_writes_a_table_and_a_png(tmp_path, d
     png = tmp_path / "runs" / "loss_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+def test_a_method_can_train_with_the_patient_recipe(tmp_path, digits_teacher, capsys):
+    out = tmp_path / "kd"
+    args = [a for a in _distill_args(digits_teacher, out, "--data", "digits", "--k", "1", "--method", "kd",
+                                     "--recipe", "patient", "--samples", "640") if a not in ("--init", "fresh")]
+    args = [a for i, a in enumerate(args) if a not in ("--block-epochs", "--net-epochs") and
+            args[i - 1] not in ("--block-epochs", "--net-epochs")]
+    assert main(args) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["recipe"]["name"] == "patient" and result["recipe"]["samples"] == 640
+    assert result["refine"]["stages"][0]["images"] == 640
+    assert main([*args, "--method", "fskd"]) == 2
+    assert "--recipe paper" in capsys.readouterr().err

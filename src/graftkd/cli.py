@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): a derived student refined by patient KD where the student fits inside the "
                         "teacher, else the paper's grafting; or any method `graftkd methods` lists (kd, fitnet, "
                         "fskd, ...), run on a fresh student with a grid cell's budget")
+    p.add_argument("--recipe", default="paper", choices=["paper", "patient"],
+                   help="with --method: paper (default) gives the method a grid cell's epochs; patient trains it "
+                        "in the shared loop with the patient recipe (mixed views, --samples budget, warm-up + "
+                        "cosine), for kd, fitnet, whole and feature_kd")
     p.add_argument("--init", default="auto", choices=["auto", "derived", "fresh"],
                    help="auto (default): build the student from the teacher's own weights (units and channels "
                         "chosen) wherever it fits inside the teacher, else fresh; fresh: the paper's grafting")
@@ -280,10 +284,16 @@ def _cmd_distill(args) -> None:
         raise GraftkdError("--block-epochs and --net-epochs are all 0: nothing would be trained; give at least one "
                            "stage some epochs (or --refine none on a derived student for no training)")
     method = None if args.method == "auto" else args.method.strip().lower()
+    if args.recipe == "patient" and method is None:
+        raise GraftkdError("--recipe patient goes with --method NAME (a derived student always gets the patient "
+                           "recipe; set its budget with --samples)")
     if method is not None:
         from graftkd.distill.base import build_method
 
         build_method(method)  # an unknown name fails here, naming the closest ones
+        if args.recipe == "patient" and method in ("graft", "fskd", "cross", "graft_fskd"):
+            raise GraftkdError(f"--recipe patient needs a method that trains in the shared loop (kd, fitnet, "
+                               f"whole, feature_kd); '{method}' has its own schedule: use --recipe paper")
         if args.init == "derived":
             raise GraftkdError(f"--method {method} runs on a fresh student; for KD or FitNet from a derived "
                                "student use --init derived --refine-loss kd|fitnet (no --method)")
@@ -367,6 +377,7 @@ def _cmd_distill(args) -> None:
         manifest=manifest.to_dict() if manifest is not None else None,
         replace=([args.replace] if isinstance(args.replace, int) else args.replace) if args.replace else None,
         derive=derive, measure_teacher=args.measure_teacher, method=method,
+        method_recipe=derive.recipe if method is not None and args.recipe == "patient" else None,
         student_reason=student_reason,
     )
     print(summary_table(payload))

@@ -244,6 +244,7 @@ def distill(
     measure_teacher: bool = False,
     method: str | None = None,
     student_reason: str | None = None,
+    method_recipe: Recipe | None = None,
 ) -> dict:
     """Distill ``student_arch`` from ``teacher`` on the few-shot images; evaluate both; write results.
 
@@ -310,7 +311,7 @@ def distill(
     derived_facts: dict = {}
     if method is not None and method != "graft":
         result, derived_facts = _run_method(method, teacher, student, student_arch, fewshot, norm, config, device_,
-                                            out_dir, progress)
+                                            out_dir, progress, method_recipe)
     elif record is not None:
         result, derived_facts = _refine_derived(teacher, student, record, fewshot, norm, config, derive, device_,
                                                 out_dir, progress)
@@ -324,7 +325,8 @@ def distill(
         student_acc = evaluate_model(result.student, test.images, test.labels, norm, device_, progress=progress,
                                      desc="test: student")
     label_free = _label_free(result.student, teacher.model, fewshot.images, norm, config, device_,
-                             mixed=record is not None and derive.recipe.mix != "none")
+                             mixed=(record is not None and derive.recipe.mix != "none")
+                             or (method_recipe is not None and method_recipe.mix != "none"))
     student_costs = model_costs(result.student.cpu(), input_shape)
     if replace:
         from graftkd.models.hybrid import block_params
@@ -566,9 +568,11 @@ class _Refined:
 
 
 def _run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arch: str, fewshot, norm: nn.Module,
-                config: GraftConfig, device: torch.device, out_dir: Path | None, progress: bool):
-    """A registered few-shot method on ``student`` with a grid cell's budget; returns the result and its facts."""
-    from graftkd.distill.base import FewShotTask, build_method
+                config: GraftConfig, device: torch.device, out_dir: Path | None, progress: bool,
+                recipe: Recipe | None = None):
+    """A registered few-shot method on ``student`` with a grid cell's budget (``recipe``: the patient recipe's
+    sample budget instead, for methods that train in the shared loop); returns the result and its facts."""
+    from graftkd.distill.base import FewShotTask, LossMethod, build_method
     from graftkd.graft.api import augmenter
     from graftkd.graft.schedule import batch_size_for, paper_budget
 
@@ -577,19 +581,26 @@ def _run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arc
     num_classes = _num_outputs(teacher.model, images.shape[1:])
     shots = config.shots or max(1, len(images) // num_classes)
     batch_size = config.batch_size or batch_size_for(shots, len(images))
-    epochs, lr = paper_budget(teacher.model, student, tuple(images.shape[1:]), config.schedule, batch_size,
-                              config.inherit)
+    if recipe is not None:
+        if not isinstance(runner, LossMethod):
+            raise GraftkdError(f"--recipe patient needs a method that trains in the shared loop (kd, fitnet, whole, "
+                               f"feature_kd); '{name}' has its own schedule: use --recipe paper")
+        epochs, lr, batch_size = recipe.chunks, recipe.lr, recipe.batch_size
+    else:
+        epochs, lr = paper_budget(teacher.model, student, tuple(images.shape[1:]), config.schedule, batch_size,
+                                  config.inherit)
     task = FewShotTask(
         teacher=teacher.model.to(device).eval(), student=student.to(device), images=images, normalize=norm.to(device),
         device=device, generator=seed_everything(config.seed), batch_size=batch_size, epochs=epochs, lr=lr,
         shots=shots, num_classes=num_classes, augment=augmenter(config), mixup=config.mixup,
         precision=config.precision, inherit=config.inherit, teacher_arch=teacher.arch, student_arch=student_arch,
-        run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s, log_every=config.log_every, progress=progress,
-        schedule=config.schedule, seed=config.seed, padding=config.padding, flip=config.flip)
+        run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s, log_every=1 if recipe is not None else config.log_every, progress=progress,
+        schedule=config.schedule, seed=config.seed, padding=config.padding, flip=config.flip, recipe=recipe)
     started = time.perf_counter()
     outcome = runner.run(task)
     facts = {"method": name, "method_options": runner.options,
              "budget": {"epochs": epochs, "batch_size": batch_size, "lr": lr},
+             "recipe": recipe.to_dict() if recipe is not None else {"name": "paper"},
              "refine": {"stages": outcome.stages, **outcome.extra}}
     return _Refined(outcome.student.eval(), shots, time.perf_counter() - started), facts
 
