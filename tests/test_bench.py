@@ -221,3 +221,15 @@ def test_parallel_jobs_give_the_numbers_of_a_sequential_run(tmp_path) -> None:
     assert again["skipped"] == 6
     with pytest.raises(GraftkdError, match="--jobs"):
         run_grid(config, tmp_path / "x", tmp_path / "y", device="cpu", progress=False, jobs=0)
+
+
+def test_keep_students_saves_a_student_file_that_export_and_evaluate_take(tmp_path) -> None:
+    from graftkd.cli import main
+
+    config = _config(tmp_path, MINI.replace("seeds: [0, 1]", "seeds: [0]") + "keep_students: true\n")
+    run_grid(config, tmp_path / "r", tmp_path / "runs", device="cpu", progress=False, only=["kd"])
+    cell = json.loads((tmp_path / "r" / "mini" / "cells" / "kd-k1-seed0-subset0.json").read_text())
+    weights = Path(cell["student"]["file"])
+    assert weights.is_file() and weights.name == "student.pt"
+    assert main(["evaluate", "--weights", str(weights), "--data", "digits", "--no-progress"]) == 0
+    assert main(["export", "--weights", str(weights), "--out", str(tmp_path / "x"), "--formats", "state_dict"]) == 0

@@ -77,6 +77,9 @@ class GridConfig:
     # CPU threads for the whole grid (teacher included). CPU results depend on the thread count bit for bit
     # (reductions split differently), so a grid meant to be re-run and compared pins it; None: torch's default.
     threads: int | None = None
+    # save each finished cell's student as <runs>/<grid>/cells/<cell>/student.pt (the format `distill`
+    # writes, so `export` and `evaluate --weights` take it); off by default: a grid has hundreds of cells
+    keep_students: bool = False
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> "GridConfig":
@@ -394,10 +397,18 @@ class GridRunner:
         test_acc = accuracy(predict_logits(model, test.images, normalize, self.device), test.labels)
         fewshot_acc = accuracy(predict_logits(model, labeled.images, normalize, self.device), labeled.labels)
         shape = tuple(images.shape[1:])
+        arch = config.student if not method.own_student else outcome.extra.get("arch", config.student)
+        kept = None
+        if config.keep_students:
+            from graftkd.workflows import LoadedModel, save_model
+
+            kept = self.runs / "cells" / cell.key / "student.pt"
+            save_model(kept, LoadedModel(model, arch, teacher.mean, teacher.std, f"graftkd bench {cell.key}",
+                                         teacher.classes or list(test.classes) or None),
+                       {"test_acc": test_acc, "teacher": teacher.source, "cell": cell.key})
         return {
-            "student": {"arch": config.student if not method.own_student else outcome.extra.get("arch", config.student),
-                        "params": count_params(model), "flops": count_flops(model, shape), "test_acc": test_acc,
-                        "fewshot_acc": fewshot_acc},
+            "student": {"arch": arch, "params": count_params(model), "flops": count_flops(model, shape),
+                        "test_acc": test_acc, "fewshot_acc": fewshot_acc, "file": str(kept) if kept else None},
             "budget": {"epochs": epochs, "batch_size": batch_size, "lr": lr,
                        "steps": sum(int(s.get("steps", 0)) for s in outcome.stages)},
             "fewshot": {"manifest": str(self.out / "manifests" / f"k{cell.shots}-subset{cell.subset}.json"),
