@@ -74,6 +74,8 @@ CONFIGS = {
                                     {"samples": 32_000, "lr": 0.002}, {"precision": "auto"}),
     "vh-repair-kd-32k-auto": ("vgg16bn-cifar10", "vgg16_half_bn", {"repair": True}, {"samples": 32_000},
                               {"precision": "auto"}),
+    "vh-fkd-32k-auto": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd"}, {"samples": 32_000},
+                        {"precision": "auto"}),
     "vh-kd-32k-auto": ("vgg16bn-cifar10", "vgg16_half_bn", {}, {"samples": 32_000}, {"precision": "auto"}),
     "vh-fkd-32k": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd"}, {"freeze_bn": True, "samples": 32_000}),
     "vh-repair-fkd-32k": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd", "repair": True}, {"freeze_bn": True, "samples": 32_000}),
