@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per setting and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile (inductor) of teacher and student in the fastest eager setting, "
+                             "compile time counted separately")
     parser.add_argument("--out")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -75,10 +78,31 @@ def main() -> None:
         ips = images / seconds[(precision, cl)]
         rows.append({"precision": precision, "channels_last": cl, "images_per_second": ips, "ratio": ips / base})
         print(f"{precision} {'channels_last' if cl else 'contiguous':13s} {ips:7.1f} img/s  x{ips / base:.2f}")
+    compiled = None
+    if args.compile:
+        precision, cl = max(rows, key=lambda r: r["images_per_second"])["precision"], True
+        fmt = torch.channels_last
+        eager_t, eager_s = teacher, student
+        teacher, student = torch.compile(eager_t), torch.compile(eager_s)
+        start = time.perf_counter()
+        for _ in range(2):
+            step(precision, cl)  # the first calls compile (forward, backward)
+        compile_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(args.rounds * args.steps):
+            step(precision, cl)
+        ips = images / (time.perf_counter() - start)
+        eager = next(r["images_per_second"] for r in rows if (r["precision"], r["channels_last"]) == (precision, cl))
+        steps_to_win = compile_seconds / max(1e-9, args.batch_size / eager - args.batch_size / ips) if ips > eager else None
+        compiled = {"precision": precision, "channels_last": cl, "compile_seconds": compile_seconds,
+                    "images_per_second": ips, "ratio_vs_eager": ips / eager, "steps_to_pay_back": steps_to_win}
+        print(f"torch.compile {precision} channels_last: {ips:.1f} img/s (x{ips / eager:.2f} vs eager), compile "
+              f"{compile_seconds:.0f} s, pays back after {steps_to_win and round(steps_to_win)} steps")
+        del fmt
     if args.out:
         atomic_write_json(args.out, {"command": " ".join(["python"] + sys.argv), **run_facts(device, 0),
                                      "teacher": args.teacher, "student": args.student, "batch_size": args.batch_size,
-                                     "steps_per_setting": args.rounds * args.steps, "rows": rows,
+                                     "steps_per_setting": args.rounds * args.steps, "rows": rows, "compiled": compiled,
                                      "wall_seconds": time.perf_counter() - began})
 
 
