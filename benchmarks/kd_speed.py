@@ -81,7 +81,6 @@ def main() -> None:
     compiled = None
     if args.compile:
         precision, cl = max(rows, key=lambda r: r["images_per_second"])["precision"], True
-        fmt = torch.channels_last
         eager_t, eager_s = teacher, student
         teacher, student = torch.compile(eager_t), torch.compile(eager_s)
         start = time.perf_counter()
@@ -98,7 +97,6 @@ def main() -> None:
                     "images_per_second": ips, "ratio_vs_eager": ips / eager, "steps_to_pay_back": steps_to_win}
         print(f"torch.compile {precision} channels_last: {ips:.1f} img/s (x{ips / eager:.2f} vs eager), compile "
               f"{compile_seconds:.0f} s, pays back after {steps_to_win and round(steps_to_win)} steps")
-        del fmt
     if args.out:
         atomic_write_json(args.out, {"command": " ".join(["python"] + sys.argv), **run_facts(device, 0),
                                      "teacher": args.teacher, "student": args.student, "batch_size": args.batch_size,
