@@ -465,34 +465,17 @@ def _cmd_bench(args) -> None:
     print(f"{summary['cells']} cells: {summary['ok']} ran, {summary['skipped']} already done, "
           f"{summary['unsupported']} unsupported, {summary['failed']} failed; results in {summary['out']}")
     if not args.no_report:
-        if summary.get("kind") == "fulldata":
-            from graftkd.fullbench import write_full_report
+        from graftkd.report import write_any_report
 
-            written = write_full_report(Path(summary["out"]))
-        else:
-            from graftkd.report import write_report
-
-            written = write_report(Path(summary["out"]))
-        print(f"report: {written['markdown']}")
+        print(f"report: {write_any_report(summary['out'])['markdown']}")
     if summary["failed"]:
         raise GraftkdError(f"{summary['failed']} cell(s) failed (see their result files); re-run to retry them")
 
 
 def _cmd_report(args) -> None:
-    import json
+    from graftkd.report import write_any_report
 
-    from graftkd.report import write_report
-    from graftkd.report.runs import distill_runs, write_runs_report
-
-    grid = Path(args.results_dir) / "grid.json"
-    if grid.is_file() and json.loads(grid.read_text()).get("kind") == "fulldata-grid":
-        from graftkd.fullbench import write_full_report
-
-        written = write_full_report(Path(args.results_dir))
-    elif not any((Path(args.results_dir) / "cells").glob("*.json")) and distill_runs(args.results_dir):
-        written = write_runs_report(args.results_dir)  # a folder of standalone distill runs
-    else:
-        written = write_report(Path(args.results_dir))
+    written = write_any_report(args.results_dir)
     print(f"wrote {written['markdown']}, {written['json']}" + "".join(f", {p}" for p in written["plots"] if p))
 
 
