@@ -98,9 +98,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="results/cifar10-derived/dev")
     parser.add_argument("--report", action="store_true", help="only write <out>/README.md from the run files")
+    parser.add_argument("--manifest", action="store_true",
+                        help="only write <out>/validation-manifest.json: the split's indices, labels and what it excludes")
     args = parser.parse_args()
     if args.report:
         report(Path(args.out))
+        return
+    if args.manifest:
+        write_manifest(Path(args.out))
         return
     torch.set_num_threads(args.threads)
     from dataclasses import replace
@@ -151,9 +156,32 @@ def main() -> None:
               f"agreement {record['label_free']['agreement']:.1f}, {record['wall_seconds']:.0f} s", flush=True)
 
 
+def write_manifest(out: Path) -> None:
+    """The fixed labeled validation split as a file: CIFAR-10 training indices with their labels, the few-shot
+    draws it excludes, and a check that none of those draws overlaps it."""
+    from graftkd.data import load_dataset
+    from graftkd.data.fewshot import VALIDATION_EXCLUDES, VALIDATION_SEED, sample_few_shot, validation_indices
+    from graftkd.engine.io import atomic_write_json
+
+    train = load_dataset("cifar10", "train")
+    keep = validation_indices(train.labels)
+    for seed in range(VALIDATION_EXCLUDES["seeds"]):
+        for subset in range(VALIDATION_EXCLUDES["subsets"]):
+            for k in range(1, VALIDATION_EXCLUDES["k"] + 1):
+                assert not set(sample_few_shot(train.labels, k, seed, subset)) & set(keep), (k, seed, subset)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    atomic_write_json(out / "validation-manifest.json", {
+        "what": "labeled validation split for development choices (never the test split)",
+        "command": "python benchmarks/derived/dev.py --manifest", "commit": commit,
+        "source": "cifar10", "split": "train", "seed": VALIDATION_SEED, "per_class": 100,
+        "excludes": {**VALIDATION_EXCLUDES, "checked": "no K <= k few-shot draw of those seeds and subsets overlaps"},
+        "indices": keep, "labels": [int(train.labels[i]) for i in keep], "classes": list(train.classes)})
+    print(f"wrote {out / 'validation-manifest.json'} ({len(keep)} images)")
+
+
 def report(out: Path) -> None:
     """Every development run, in the order it was made: what was tried, on validation, and what it gave."""
-    runs = sorted((json.loads(p.read_text()) for p in out.glob("*.json")), key=lambda r: r.get("started", 0) or 0)
+    runs = sorted((json.loads(p.read_text()) for p in out.glob("*-k*-s*.json")), key=lambda r: r.get("started", 0) or 0)
     runs = sorted(runs, key=lambda r: (r["k"], r["config"]))
     lines = ["# Development runs on the validation split (never the test split)", "",
              "1,000 CIFAR-10 *training* images, 100 per class, that no few-shot subset of seeds 0-9, K <= 10, "
@@ -169,6 +197,16 @@ def report(out: Path) -> None:
         what = ", ".join([f"{k}={v}" for k, v in {**derive_over, **recipe_over, **(rest[0] if rest else {})}.items()]) or "-"
         lines.append(f"| {name} | {r['k']} | {what} | {r['val_acc']:.2f} | {r['label_free']['agreement']:.1f} | "
                      f"{r['wall_seconds']:.0f} |")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from grid import _spearman
+
+    lines += ["", "Does the label-free agreement rank these configurations as validation accuracy does? Spearman "
+              "rank correlation over the runs of each pair (K=10):", "", "| pair | runs | Spearman ρ |", "|---|---|---|"]
+    for prefix, pair in (("r20-", "ResNet-56 → ResNet-20"), ("vh-", "VGG16-BN → vgg16_half_bn"),
+                         ("vg-", "VGG16-BN → vgg16-graft")):
+        mine = [r for r in runs if r["config"].startswith(prefix)]
+        rho = _spearman([r["label_free"]["agreement"] for r in mine], [r["val_acc"] for r in mine])
+        lines.append(f"| {pair} | {len(mine)} | {'—' if rho is None else f'{rho:.2f}'} |")
     (out / "README.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'README.md'} ({len(runs)} runs)")
 
