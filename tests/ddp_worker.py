@@ -53,10 +53,32 @@ def sakd_main(out: Path) -> None:
                 "policy": [h["policy_fraction"] for h in result["history"]]}, out.with_suffix(f".rank{world.rank}.pt"))
 
 
+def loop_main(out: Path) -> None:
+    """The shared few-shot loop (patient KD on mixed views) under DDP: same weights as one process."""
+    from graftkd.distill.base import FewShotTask, build_method
+    from graftkd.engine.recipe import Recipe
+
+    world, device = init_distributed("cpu")
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    recipe = Recipe(samples=16 * 12, batch_size=16, steps_per_chunk=4, recalibrate_bn=False, lr=0.05)
+    student, teacher = tiny_net(6, 1), tiny_net(8, 2).eval()
+    task = FewShotTask(teacher=teacher, student=student, images=images, normalize=Normalizer((0.5,) * 3, (0.25,) * 3),
+                       device=torch.device(device), generator=torch.Generator().manual_seed(3), batch_size=16,
+                       epochs=recipe.chunks, lr=recipe.lr, shots=5, num_classes=4, recipe=recipe, precision="fp32",
+                       progress=False, log_every=1, world=world, inherit="none")
+    outcome = build_method("kd").run(task)
+    if world.main:
+        torch.save({"state_dict": outcome.student.state_dict(), "world_size": world.size,
+                    "images": outcome.stages[0]["images"],
+                    "process_images": outcome.stages[0].get("process_images")}, out)
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     if len(sys.argv) > 2 and sys.argv[2] == "sakd":
         return sakd_main(out)
+    if len(sys.argv) > 2 and sys.argv[2] == "loop":
+        return loop_main(out)
     world, device = init_distributed("cpu")
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (128, 3, 8, 8), dtype=torch.uint8, generator=generator)

@@ -1,6 +1,7 @@
 """Full-data distillation: 2 gloo processes equal 1 process; resume; the protocol's defaults."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -134,3 +135,36 @@ def test_spot_adaptive_kd_under_two_gloo_processes_keeps_student_and_agent_in_st
         for key in r0[part]:
             assert torch.allclose(r0[part][key], r1[part][key], atol=1e-6), (part, key)
     assert len(r0["policy"]) == 2 and r0["policy"] != r1["policy"]  # each process samples its own decisions
+
+
+@pytest.mark.slow
+def test_the_few_shot_loop_under_two_gloo_processes_equals_one_process(tmp_path) -> None:
+    """`graftkd distill`'s loop under torchrun: each process trains on its share of the same global batch, so the
+    weights equal one process's (BN-free model: per-process batch statistics would differ by design)."""
+    _torchrun(1, tmp_path / "one.pt", "loop")
+    _torchrun(2, tmp_path / "two.pt", "loop")
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["images"] == two["images"] == 16 * 12  # the global batches
+    assert one["process_images"] is None and two["process_images"] == 16 * 12 // 2  # each process: half of each
+    for key, value in one["state_dict"].items():
+        assert torch.allclose(value, two["state_dict"][key], atol=1e-5, rtol=1e-4), key
+
+
+@pytest.mark.slow
+def test_graftkd_distill_runs_under_torchrun_and_one_process_writes(tmp_path) -> None:
+    from graftkd.models import build_model
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "t.pt"
+    torch.save(build_model("digits_cnn", num_classes=10).state_dict(), teacher)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29600 + os.getpid() % 1000), "-m", "graftkd.cli", "distill", "--teacher", str(teacher),
+               "--teacher-arch", "digits_cnn", "--student-arch", "digits_cnn_half", "--data", "digits", "--k", "2",
+               "--method", "kd", "--recipe", "patient", "--samples", "512", "--no-progress", "--out", str(tmp_path / "o")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert result["world_size"] == 2 and result["refine"]["stages"][0]["process_images"] == 256
+    assert done.stdout.count("student weights:") == 1  # one report, from the first process

@@ -380,6 +380,8 @@ def _cmd_distill(args) -> None:
         method_recipe=derive.recipe if method is not None and args.recipe == "patient" else None,
         student_reason=student_reason,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun the first process reports
     print(summary_table(payload))
     if args.out:
         print(f"student weights: {args.out}/student.pt; result: {args.out}/result.json")

@@ -259,6 +259,10 @@ def distill(
     cell gives it (the grafting schedule's epochs), instead of derivation or grafting.
     """
     derive = derive or DeriveOptions()
+    from graftkd.engine.distributed import init_distributed
+
+    world, device = init_distributed(device)  # under torchrun: join the group (a no-op for one process)
+    progress = progress and world.main
     device_ = resolve_device(device)
     expected = getattr(teacher.model, "input_shape", None)
     if expected is not None and expected[0] != fewshot.images.shape[1]:
@@ -309,12 +313,17 @@ def distill(
     elif replace:
         init["why"] = "partial grafting (--replace) keeps the paper's fresh blocks"
     derived_facts: dict = {}
+    loop_path = (method is not None and method != "graft" and method_recipe is not None) or (
+        method is None and record is not None and derive.refine == "kd")
+    if world.size > 1 and not loop_path:
+        raise GraftkdError("under torchrun, distill trains in the shared loop only: a derived student refined by "
+                           "patient KD (the default), or --method kd|fitnet|whole|feature_kd --recipe patient")
     if method is not None and method != "graft":
         result, derived_facts = _run_method(method, teacher, student, student_arch, fewshot, norm, config, device_,
-                                            out_dir, progress, method_recipe)
+                                            out_dir, progress, method_recipe, world)
     elif record is not None:
         result, derived_facts = _refine_derived(teacher, student, record, fewshot, norm, config, derive, device_,
-                                                out_dir, progress)
+                                                out_dir, progress, world)
     else:
         result = graft(
             teacher.model, student, fewshot.images, normalize=norm, config=config, device=device_,
@@ -360,7 +369,8 @@ def distill(
         "wall_seconds": time.perf_counter() - started,
     }
     payload["warnings"] = quality_warnings(payload)
-    if out_dir is not None:
+    payload["world_size"] = world.size
+    if out_dir is not None and world.main:  # one writer: every process holds the same student
         classes = teacher.classes or (list(test.classes) if test is not None and test.classes else None)
         loaded = LoadedModel(result.student, "hybrid" if replace else student_arch, teacher.mean, teacher.std,
                              "graftkd distill", classes)
@@ -467,7 +477,7 @@ def _try_derive(teacher: nn.Module, student: nn.Module, images: torch.Tensor, no
 
 
 def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, norm: nn.Module, config: GraftConfig,
-                    options: DeriveOptions, device: torch.device, out_dir: Path | None, progress: bool):
+                    options: DeriveOptions, device: torch.device, out_dir: Path | None, progress: bool, world=None):
     """BatchNorm at the start, then the refinement; returns an object with ``.student`` and the facts to record."""
     from graftkd.distill.base import FewShotTask, build_method
     from graftkd.engine.bn import reestimate_batchnorm
@@ -502,7 +512,8 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
             generator=seed_everything(config.seed), batch_size=recipe.batch_size, epochs=recipe.chunks, lr=recipe.lr,
             shots=shots, num_classes=num_classes, augment=augmenter(config), precision=config.precision,
             inherit="none", teacher_arch=teacher.arch, run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s,
-            log_every=1, progress=progress, seed=config.seed, padding=config.padding, flip=config.flip, recipe=recipe)
+            log_every=1, progress=progress, seed=config.seed, padding=config.padding, flip=config.flip, recipe=recipe,
+            world=world)
         method = build_method(options.loss, options.loss_options)
         if options.loss == "feature_kd":
             method.select = _feature_channels(student, record)
@@ -569,7 +580,7 @@ class _Refined:
 
 def _run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arch: str, fewshot, norm: nn.Module,
                 config: GraftConfig, device: torch.device, out_dir: Path | None, progress: bool,
-                recipe: Recipe | None = None):
+                recipe: Recipe | None = None, world=None):
     """A registered few-shot method on ``student`` with a grid cell's budget (``recipe``: the patient recipe's
     sample budget instead, for methods that train in the shared loop); returns the result and its facts."""
     from graftkd.distill.base import FewShotTask, LossMethod, build_method
@@ -595,7 +606,8 @@ def _run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arc
         shots=shots, num_classes=num_classes, augment=augmenter(config), mixup=config.mixup,
         precision=config.precision, inherit=config.inherit, teacher_arch=teacher.arch, student_arch=student_arch,
         run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s, log_every=1 if recipe is not None else config.log_every, progress=progress,
-        schedule=config.schedule, seed=config.seed, padding=config.padding, flip=config.flip, recipe=recipe)
+        schedule=config.schedule, seed=config.seed, padding=config.padding, flip=config.flip, recipe=recipe,
+        world=world)
     started = time.perf_counter()
     outcome = runner.run(task)
     facts = {"method": name, "method_options": runner.options,

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -35,6 +32,8 @@ from graftkd.engine.hooks import FeatureTap
 from graftkd.engine.runtime import autocast, resolve_precision
 from graftkd.engine.signals import StopRequest
 from graftkd.errors import GraftkdError, Interrupted
+
+from graftkd.engine.distributed import World, _barrier, _Closure, _wrap, init_distributed  # noqa: F401
 
 SMALL_LR_STUDENTS = ("mobilenetv2", "shufflev1", "shufflev2")
 
@@ -84,58 +83,6 @@ class KDRecipe:
 
 class TrainInterrupted(Interrupted):
     """SIGINT/SIGTERM: state saved; re-running the same command resumes."""
-
-
-# ------------------------------------------------------------------------------------ distributed
-@dataclass
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> tuple[World, str]:
-    """Join the process group torchrun describes in the environment (no-op for a single process)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return World(), device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    return World(dist.get_rank(), dist.get_world_size(), local_rank), device
-
-
-def _barrier(world: World) -> None:
-    if world.size > 1:
-        dist.barrier()
-
-
-class _Closure(nn.Module):
-    """Holds the trainable modules; ``forward(fn)`` runs ``fn`` so DDP sees the step as its forward."""
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        super().__init__()
-        self.parts = nn.ModuleDict(modules)
-
-    def forward(self, fn: Callable[[], tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, dict]:
-        return fn()
-
-
-def _wrap(module: _Closure, world: World, device: torch.device) -> nn.Module:
-    if world.size <= 1:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
 
 
 # ----------------------------------------------------------------------------------------- data

@@ -114,7 +114,10 @@ def run_loss_method(method, task):
     state = checkpointer.load()
     if recipe is not None and task.precision == "auto":
         # a resumed run keeps the setting it started with; a new one times the candidates on this machine
-        task.speed = state["speed"] if state is not None and state.get("speed") else fastest_setting(method, task, stages[0])
+        # (under torchrun the first process times them and every process takes its choice)
+        task.speed = state["speed"] if state is not None and state.get("speed") else (
+            fastest_setting(method, task, stages[0]) if _main(task) else None)
+        task.speed = _broadcast(task, task.speed)
         task.precision = task.speed["chosen"]["precision"]
         task.channels_last = task.speed["chosen"]["channels_last"]
     if task.channels_last:
@@ -151,6 +154,21 @@ def run_loss_method(method, task):
         extra_facts["bn_recalibrated"] = recalibrate(task, recipe.recalibrate_views)
     student.eval()
     return MethodOutcome(student=student, stages=records, extra=extra_facts)
+
+
+def _main(task) -> bool:
+    return task.world is None or task.world.main
+
+
+def _broadcast(task, value):
+    """Process 0's ``value`` on every process (itself when there is one process)."""
+    if task.world is None or task.world.size <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def fastest_setting(method, task, stage, steps: int = 3) -> dict:
@@ -280,6 +298,16 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
         extra.train()
 
     set_modes()
+    world = task.world
+    sharded = world is not None and world.size > 1
+    if sharded:  # only what trains is wrapped: the student and the method's extra modules, never the teacher
+        from torch.nn.parallel import DistributedDataParallel
+
+        from graftkd.engine.distributed import _Closure
+
+        step_module = DistributedDataParallel(
+            _Closure({"student": student, "extra": extra}), broadcast_buffers=False, find_unused_parameters=True,
+            device_ids=[task.device.index] if task.device.type == "cuda" else None)
     # the patient recipe gives each stage its share of the sample budget, with its own warm-up and cosine
     budget = recipe.stage_steps(stage.epochs, sum(s.epochs for s in stages)) if recipe is not None else None
     with FeatureTap(teacher, method.teacher_paths(stage)) as t_tap, FeatureTap(student, method.student_paths(stage)) as s_tap:
@@ -289,6 +317,8 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                     for group in optimizer.param_groups:
                         group["lr"] = stage.lr * recipe.lr_factor(record["steps"], budget)
                 x = few_shot_input(task, indices)
+                if sharded:  # every process drew the same global batch; each trains on its share
+                    x = x[world.rank::world.size]
                 with torch.no_grad(), autocast(task.device, task.precision):
                     teacher_logits = teacher(x).float()
                 if recipe is not None and recipe.adversarial > 0:
@@ -296,10 +326,15 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                     with torch.no_grad(), autocast(task.device, task.precision):
                         teacher_logits = teacher(x).float()
                 teacher_features = {k: v.detach().float() for k, v in t_tap.features.items()}
-                with autocast(task.device, task.precision):
-                    student_logits = student(x)
-                terms = method.loss(stage, student_logits.float(), teacher_logits, s_tap.features, teacher_features)
-                loss = sum(terms.values())
+
+                def forward_loss(x=x, teacher_logits=teacher_logits, teacher_features=teacher_features):
+                    with autocast(task.device, task.precision):
+                        student_logits = student(x)
+                    terms = method.loss(stage, student_logits.float(), teacher_logits, s_tap.features,
+                                        teacher_features)
+                    return sum(terms.values()), terms
+
+                loss, terms = step_module(forward_loss) if sharded else forward_loss()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if recipe is not None and recipe.clip_grad > 0:
@@ -310,6 +345,8 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 running_steps += 1
                 record["steps"] += 1
                 record["images"] += len(indices)
+                if sharded:  # this process's share of them
+                    record["process_images"] = record.get("process_images", 0) + len(x)
             completed = epoch + 1
             bar.update(1)
             if completed % max(1, task.log_every) == 0 or completed == stage.epochs:
@@ -366,6 +403,8 @@ def _epoch_batches(task, recipe, done_steps: int, budget: int | None):
 
 def _save(checkpointer: Checkpointer, task, extra: nn.ModuleDict, stage: int, epoch: int,
           optimizer: torch.optim.Optimizer | None, records: list[dict]) -> None:
+    if not _main(task):
+        return  # one writer: every process holds the same state
     checkpointer.save({"stage": stage, "epoch": epoch, "speed": task.speed,
                        "student": task.student.state_dict(),
                        "extra": extra.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
