@@ -39,7 +39,7 @@ from graftkd.data.augment import random_crop_flip  # noqa: E402
 from graftkd.data.normalize import Normalizer  # noqa: E402
 from graftkd.engine.audit import StepAudit, optimizer_step_counters  # noqa: E402
 from graftkd.engine.evaluate import predict_logits  # noqa: E402
-from graftkd.engine.io import atomic_write_json, atomic_write_text  # noqa: E402
+from graftkd.files import atomic_write_json, atomic_write_text  # noqa: E402
 from graftkd.engine.runtime import (  # noqa: E402
     autocast,
     machine_facts,

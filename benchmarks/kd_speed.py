@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from graftkd.distill.losses import kd_loss  # noqa: E402
-from graftkd.engine.io import atomic_write_json  # noqa: E402
+from graftkd.files import atomic_write_json  # noqa: E402
 from graftkd.engine.runtime import autocast, run_facts  # noqa: E402
 from graftkd.models import build_model  # noqa: E402
 

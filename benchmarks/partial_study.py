@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from graftkd.engine.io import atomic_write_json, atomic_write_text  # noqa: E402
+from graftkd.files import atomic_write_json, atomic_write_text  # noqa: E402
 from graftkd.engine.runtime import run_facts, resolve_device  # noqa: E402
 
 

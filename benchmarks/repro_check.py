@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from graftkd.engine.io import atomic_write_json, atomic_write_text  # noqa: E402
+from graftkd.files import atomic_write_json, atomic_write_text  # noqa: E402
 from graftkd.engine.runtime import run_facts  # noqa: E402
 
 SINGLE_RUN_TOLERANCE = 0.5  # points; used only where the committed row has n=1 and so no std

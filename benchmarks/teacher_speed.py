@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from graftkd.engine.io import atomic_write_json  # noqa: E402
+from graftkd.files import atomic_write_json  # noqa: E402
 from graftkd.engine.runtime import autocast, resolve_device, run_facts, synchronize  # noqa: E402
 from graftkd.models import build_model  # noqa: E402
 

@@ -131,7 +131,7 @@ def test_sigkill_at_random_steps_then_resume_gives_identical_weights(tmp_path, c
 
 
 def test_atomic_path_renames_on_success_and_keeps_the_old_file_on_failure(tmp_path) -> None:
-    from graftkd.engine.io import atomic_path, atomic_write_text
+    from graftkd.files import atomic_path, atomic_write_text
 
     target = atomic_write_text(tmp_path / "model.onnx", "old")
     with pytest.raises(RuntimeError, match="writer died"):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from graftkd.cli import main
-from graftkd.engine.io import safe_torch_load
+from graftkd.files import safe_torch_load
 from graftkd.errors import GraftkdError
 from graftkd.models import build_model
 from graftkd.models.teacher_registry import (

@@ -113,7 +113,7 @@ def main() -> None:
     from graftkd.data import load_dataset
     from graftkd.data.dataset import ImageSet
     from graftkd.data.fewshot import make_manifest, validation_indices
-    from graftkd.engine.io import atomic_write_json
+    from graftkd.files import atomic_write_json
     from graftkd.engine.recipe import Recipe
     from graftkd.graft import GraftConfig
     from graftkd.workflows import DeriveOptions, distill, load_teacher
@@ -161,7 +161,7 @@ def write_manifest(out: Path) -> None:
     draws it excludes, and a check that none of those draws overlaps it."""
     from graftkd.data import load_dataset
     from graftkd.data.fewshot import VALIDATION_EXCLUDES, VALIDATION_SEED, sample_few_shot, validation_indices
-    from graftkd.engine.io import atomic_write_json
+    from graftkd.files import atomic_write_json
 
     train = load_dataset("cifar10", "train")
     keep = validation_indices(train.labels)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from graftkd.engine.io import atomic_write_json
+from graftkd.files import atomic_write_json
 from graftkd.engine.runtime import resolve_device, run_facts, seed_everything
 from graftkd.errors import GraftkdError, Interrupted
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graftkd.engine.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
+from graftkd.files import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
 from graftkd.errors import GraftkdError
 
 FORMATS = ("state_dict", "safetensors", "torch_export", "onnx")

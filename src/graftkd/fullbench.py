@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from graftkd.engine.io import atomic_write_json, atomic_write_text
+from graftkd.files import atomic_write_json, atomic_write_text
 from graftkd.engine.runtime import resolve_device, run_facts
 from graftkd.errors import GraftkdError, Interrupted
 

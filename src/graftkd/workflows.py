@@ -11,7 +11,7 @@ from torch import nn
 
 from graftkd.engine.checkpoint import Checkpointer, fingerprint
 from graftkd.engine.evaluate import evaluate_model
-from graftkd.engine.io import atomic_torch_save, atomic_write_json
+from graftkd.files import atomic_torch_save, atomic_write_json
 from graftkd.engine.recipe import Recipe
 from graftkd.engine.runtime import resolve_device, run_facts, seed_everything
 from graftkd.engine.supervised import TeacherRecipe, train_supervised
@@ -426,7 +426,7 @@ def _folder_listing(images, out_dir: Path | None) -> dict:
     listing = {"root": str(root), "files": files, "skipped": list(images.skipped or [])}
     text = json.dumps(listing, indent=1, sort_keys=True)
     if out_dir is not None:
-        from graftkd.engine.io import atomic_write_text
+        from graftkd.files import atomic_write_text
 
         atomic_write_text(out_dir / "unlabeled.json", text + "\n")
     return {"root": str(root), "files": len(files), "skipped": len(listing["skipped"]),

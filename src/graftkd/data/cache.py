@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from graftkd.engine.io import atomic_torch_save
+from graftkd.files import atomic_torch_save
 
 __all__ = ["cache_dir", "file_sha256", "folder_fingerprint", "cached_payload", "CACHE_FORMAT"]
 

@@ -26,7 +26,7 @@ from graftkd.data.dataset import ImageSet
 from graftkd.data.cache import file_sha256
 from graftkd.data.readers import CIFAR_INFO, list_images, load_image_files, load_unlabeled_folder
 from graftkd.data.sources import load_dataset, resolve_source, source_sha256
-from graftkd.engine.io import atomic_write_json
+from graftkd.files import atomic_write_json
 from graftkd.errors import GraftkdError
 
 __all__ = [

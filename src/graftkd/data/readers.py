@@ -25,7 +25,7 @@ import torch
 from graftkd.data.cache import cached_payload, file_sha256, folder_fingerprint
 from graftkd.data.dataset import ImageSet
 from graftkd.data.images import ImageCollector, check_policy, decode_stream, is_image_name, looked_for
-from graftkd.engine.io import atomic_write_bytes
+from graftkd.files import atomic_write_bytes
 from graftkd.errors import GraftkdError
 
 __all__ = [

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from graftkd.engine.io import atomic_torch_save, safe_torch_load
+from graftkd.files import atomic_torch_save, safe_torch_load
 from graftkd.errors import GraftkdError
 
 CHECKPOINT_NAME = "checkpoint.pt"

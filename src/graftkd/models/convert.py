@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from graftkd.engine.io import safe_torch_load
+from graftkd.files import safe_torch_load
 from graftkd.errors import GraftkdError
 
 _SHOW = 3  # how many example keys an error message names

@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from graftkd.engine.io import atomic_write_bytes
+from graftkd.files import atomic_write_bytes
 from graftkd.report.tables import VARIATION_LABELS, VARIATIONS, order_methods
 
 

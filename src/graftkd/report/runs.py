@@ -70,7 +70,7 @@ def write_runs_report(folder: str | Path) -> dict[str, Any]:
     if plot:
         lines += ["", f"![loss curves]({plot.name})"]
     markdown = folder / "runs.md"
-    from graftkd.engine.io import atomic_write_json, atomic_write_text
+    from graftkd.files import atomic_write_json, atomic_write_text
 
     atomic_write_text(markdown, "\n".join(lines) + "\n")
     atomic_write_json(folder / "runs.json", {"rows": rows})

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-from graftkd.engine.io import atomic_write_json, atomic_write_text
+from graftkd.files import atomic_write_json, atomic_write_text
 from graftkd.errors import GraftkdError
 from graftkd.models.profile import format_count
 
