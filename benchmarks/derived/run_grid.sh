@@ -13,6 +13,10 @@ $G --pairs vgg16bn-vgg16graft --rows derived,derived+repair --shots 1,2,5,10 --s
 $G --pairs vgg16bn-vgg16half --rows derived+kd --shots 10,1 --seeds 0
 $G --pairs vgg16bn-vgg16graft --rows derived+repair+kd --shots 1 --seeds 0
 $G --pairs vgg16bn-vgg16half --rows derived,derived+repair --shots 10,2,5 --seeds 0,1,2
+$G --pairs resnet56-resnet20 --rows derived+kd-auto --shots 10,1 --seeds 0,1,2
+$G --pairs resnet56-resnet20 --rows derived+kd-128k-auto --shots 10 --seeds 0
+$G --pairs vgg16bn-vgg16half --rows derived+feature_kd-64k-auto --shots 1 --seeds 0
+$G --pairs resnet56-resnet20 --rows fresh+kd-patient-auto --shots 10 --seeds 0
 # not reached in the committed run
 $G --pairs resnet56-resnet20 --rows derived+feature_kd --shots 10 --seeds 0
 $G --pairs vgg16bn-vgg16half --rows derived+repair+kd --shots 1 --seeds 0
