@@ -240,3 +240,20 @@ def test_imagenet_script_runs_on_a_fake_folder(tmp_path):
     assert payload["init"]["used"] == "derived" and payload["test"]["images"] == 4
     result = json.loads((out / "result.json").read_text())
     assert [row["status"] for row in result["derivation"]["blocks"]] == ["units chosen"] * 4
+
+
+def test_unit_feature_pairs_map_each_kept_unit_to_the_teacher_stream_where_the_next_kept_unit_begins():
+    """--unit-features: student unit j of a stage that took teacher units i_0 < i_1 < ... is matched to the
+    teacher's output after unit i_{j+1} - 1 (the stage's last unit for the last one)."""
+    from graftkd.workflows import _unit_pairs
+
+    teacher, student = build_model("resnet32"), build_model("resnet20")
+    record = derive_student(teacher, student, (3, 32, 32))
+    pairs = _unit_pairs(record)
+    assert len(pairs) == 9
+    t_names, s_names = dict(teacher.named_modules()), dict(student.named_modules())
+    assert all(s in s_names and t in t_names for s, t in pairs)
+    for path, chosen in record.depth.selections.items():
+        mine = [t for s, t in pairs if s.startswith(f"{path}.")]
+        assert mine[-1].endswith(f".{record.depth.lengths[path] - 1}")
+        assert [int(t.rsplit(".", 1)[1]) for t in mine[:-1]] == [c - 1 for c in chosen[1:]]

@@ -545,6 +545,21 @@ def _feature_channels(student: nn.Module, record) -> dict[str, torch.Tensor]:
     return select
 
 
+def _unit_pairs(record) -> list[tuple[str, str]]:
+    """(student unit, teacher unit) feature spots after a depth derivation: student unit j of a container that
+    took teacher units i_0 < i_1 < ... stands for teacher units i_j .. i_{j+1} - 1, so its output should be the
+    teacher's stream after unit i_{j+1} - 1 (after the container's last unit, for the last one)."""
+    if not record.whole or record.depth is None:
+        return []
+    pairs = []
+    for path, chosen in record.depth.selections.items():
+        teacher_path = record.depth.teacher_path(path)
+        ends = [nxt - 1 for nxt in chosen[1:]] + [record.depth.lengths[path] - 1]
+        for j, end in enumerate(ends):
+            pairs.append((f"{path}.{j}" if path else str(j), f"{teacher_path}.{end}" if teacher_path else str(end)))
+    return pairs
+
+
 @torch.no_grad()
 def _bn_start(teacher: nn.Module, student: nn.Module, record, inputs: torch.Tensor, rule: str) -> dict:
     """BatchNorm statistics of the derived student before any step.
