@@ -267,14 +267,14 @@ def test_readme_teacher_table_matches_the_registry() -> None:
         assert f"| {entry.accuracy:.2f}% |" in row, row
 
 
-def test_registered_teacher_accuracy_comes_from_the_record_only_for_the_same_data():
+def test_registeredteacher_accuracy_comes_from_the_record_only_for_the_same_data():
     """A run on exactly the data the registry's accuracy was measured on takes the record; other data, or
     --measure-teacher, measures it."""
     import torch
     from torch import nn
 
     from graftkd.data.dataset import ImageSet
-    from graftkd.workflows import LoadedModel, _teacher_accuracy, normalizer
+    from graftkd.workflows import LoadedModel, teacher_accuracy, normalizer
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
@@ -284,9 +284,9 @@ def test_registered_teacher_accuracy_comes_from_the_record_only_for_the_same_dat
     teacher = LoadedModel(model, "toy", (0.5,) * 3, (0.25,) * 3, "toy", None, recorded)
     norm = normalizer(teacher.mean, teacher.std)
     cpu = torch.device("cpu")
-    assert _teacher_accuracy(teacher, test, norm, cpu, measure=False) == (12.5, "registry (results/teachers/toy.json)")
-    measured, how = _teacher_accuracy(teacher, test, norm, cpu, measure=True)
+    assert teacher_accuracy(teacher, test, norm, cpu, measure=False) == (12.5, "registry (results/teachers/toy.json)")
+    measured, how = teacher_accuracy(teacher, test, norm, cpu, measure=True)
     assert how == "measured" and measured != 12.5
     other = ImageSet(images.flip(0).contiguous(), torch.arange(20) % 2, ["a", "b"], "toy/test")
     assert other.content_sha256() != test.content_sha256()
-    assert _teacher_accuracy(teacher, other, norm, cpu, measure=False)[1] == "measured"
+    assert teacher_accuracy(teacher, other, norm, cpu, measure=False)[1] == "measured"

@@ -156,9 +156,15 @@ def report(out: Path, config: dict) -> None:
     for pair in pair_order:
         mine = [c for c in cells if c["pair"] == pair]
         if mine:
-            folder = out / pair
+            # one grid folder per pair beside the others under results/, in the layout `graftkd bench` writes,
+            # so whatever reads grid summaries finds these rows; the cells stay in this grid's folder
+            folder = out.parent / f"{config['name']}-{pair}"
             folder.mkdir(exist_ok=True)
             (folder / "results.json").write_text(json.dumps(_bench_summary(config, pair, mine), indent=1))
+            (folder / "README.md").write_text(
+                f"# {config['title']}: {pair}\n\nA summary of `results/{config['name']}/cells/{pair}/` in the layout "
+                f"`graftkd bench` writes (written by `python benchmarks/derived/grid.py --config "
+                f"configs/{config['name']}.yaml --report`); the report and notes are in `results/{config['name']}/`.\n")
     print(f"wrote {out / 'results.md'} ({len(cells)} cells)")
 
 
@@ -166,7 +172,7 @@ def _bench_summary(config: dict, pair: str, cells: list[dict]) -> dict:
     """One pair's cells in the summary layout ``graftkd bench`` writes (rows of method x K with a
     ``noise+subset`` variation), so the tools that read bench summaries read these rows too. Every number is
     taken from a cell file, named in ``runs[].file``."""
-    name = f"{config['name']}/{pair}"
+    name = f"{config['name']}-{pair}"
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
         groups.setdefault((c["row"], c["fewshot"]["shots"]), []).append(c)
@@ -188,7 +194,7 @@ def _bench_summary(config: dict, pair: str, cells: list[dict]) -> dict:
                 "n": len(accs), "mean": mean, "std": std, "min": min(accs), "max": max(accs), "wall_seconds_mean": wall,
                 "runs": [{"seed": c["seed"], "subset": c["seed"], "test_acc": c["student"]["test_acc"],
                           "label_free_agreement": c["label_free"]["agreement"], "wall_seconds": c["wall_seconds"],
-                          "file": f"../cells/{pair}/{row}/k{k}-s{c['seed']}.json", "command": c["command"],
+                          "file": f"../{config['name']}/cells/{pair}/{row}/k{k}-s{c['seed']}.json", "command": c["command"],
                           "commit": c["commit"]} for c in runs],
                 "failed": 0}},
             "wall_seconds_mean": wall, "ok": len(runs), "failed": {"n": 0, "errors": []}})

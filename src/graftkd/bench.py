@@ -251,10 +251,10 @@ class GridRunner:
         measured on), computed once per runner."""
         if self._teacher_facts is None:
             from graftkd.models.profile import count_flops, count_params
-            from graftkd.workflows import _teacher_accuracy, normalizer
+            from graftkd.workflows import teacher_accuracy, normalizer
 
             teacher, test = self.teacher(), self.test()
-            acc, source = _teacher_accuracy(teacher, test, normalizer(teacher.mean, teacher.std), self.device, False)
+            acc, source = teacher_accuracy(teacher, test, normalizer(teacher.mean, teacher.std), self.device, False)
             self._teacher_facts = {"name": teacher.source, "arch": teacher.arch, "params": count_params(teacher.model),
                                    "flops": count_flops(teacher.model, tuple(test.images.shape[1:])), "test_acc": acc,
                                    "test_acc_from": source}

@@ -59,7 +59,7 @@ def fitting_students(teacher: nn.Module, teacher_arch: str, input_shape: tuple[i
         except (GraftkdError, RuntimeError):
             continue
         try:
-            record = derive_student(copy.deepcopy(teacher), student, tuple(input_shape))
+            record = derive_student(teacher, student, tuple(input_shape))  # reads the teacher, fills the student
             blocks = len(record.blocks)
             fresh = record.fresh_blocks
             derivable = ("whole" if record.whole else "no" if len(fresh) == blocks else

@@ -297,7 +297,7 @@ def distill(
     started = time.perf_counter()
     teacher_acc, teacher_acc_from = None, None
     if test is not None:
-        teacher_acc, teacher_acc_from = _teacher_accuracy(teacher, test, norm, device_, measure_teacher,
+        teacher_acc, teacher_acc_from = teacher_accuracy(teacher, test, norm, device_, measure_teacher,
                                                          progress)
     init = {"requested": derive.init, "used": "fresh", "why": derive.reason or "--init fresh"}
     record = None
@@ -434,7 +434,7 @@ def _folder_listing(images, out_dir: Path | None) -> dict:
             "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
-def _teacher_accuracy(teacher: LoadedModel, test, norm: nn.Module, device: torch.device,
+def teacher_accuracy(teacher: LoadedModel, test, norm: nn.Module, device: torch.device,
                       measure: bool, progress: bool = False) -> tuple[float, str]:
     """The registry's recorded accuracy when ``test`` is exactly the data it was measured on (same sha256);
     otherwise, or with ``measure``, the accuracy measured now."""
@@ -479,9 +479,7 @@ def _try_derive(teacher: nn.Module, student: nn.Module, images: torch.Tensor, no
 def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, norm: nn.Module, config: GraftConfig,
                     options: DeriveOptions, device: torch.device, out_dir: Path | None, progress: bool, world=None):
     """BatchNorm at the start, then the refinement; returns an object with ``.student`` and the facts to record."""
-    from graftkd.distill.base import FewShotTask, build_method
-    from graftkd.engine.bn import reestimate_batchnorm
-    from graftkd.graft.api import augmenter
+    from graftkd.distill.base import build_method
 
     images = fewshot.images.to(device)
     facts: dict = {"derive": options.to_dict(), "method": f"derived+{options.refine}"}
@@ -507,13 +505,9 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
         return result, facts
     if options.refine == "kd":
         recipe = options.recipe
-        task = FewShotTask(
-            teacher=teacher.model.eval(), student=student, images=images, normalize=norm.to(device), device=device,
-            generator=seed_everything(config.seed), batch_size=recipe.batch_size, epochs=recipe.chunks, lr=recipe.lr,
-            shots=shots, num_classes=num_classes, augment=augmenter(config), precision=config.precision,
-            inherit="none", teacher_arch=teacher.arch, run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s,
-            log_every=1, progress=progress, seed=config.seed, padding=config.padding, flip=config.flip, recipe=recipe,
-            world=world)
+        task = _few_shot_task(teacher, student, images, norm, config, device, out_dir, progress, world,
+                              batch_size=recipe.batch_size, epochs=recipe.chunks, lr=recipe.lr, shots=shots,
+                              num_classes=num_classes, recipe=recipe, inherit="none")
         method = build_method(options.loss, options.loss_options)
         if options.loss == "feature_kd":
             method.select = _feature_channels(student, record)
@@ -593,13 +587,28 @@ class _Refined:
     seconds: float
 
 
+def _few_shot_task(teacher: LoadedModel, student: nn.Module, images: torch.Tensor, norm: nn.Module,
+                   config: GraftConfig, device: torch.device, out_dir: Path | None, progress: bool, world, *,
+                   recipe: Recipe | None, **budget):
+    """The one place a ``distill`` run's FewShotTask is built: what the config says (seed, augmentation,
+    precision, checkpoints) plus the path's own budget (batch size, epochs, rate, inheritance, ...)."""
+    from graftkd.distill.base import FewShotTask
+    from graftkd.graft.api import augmenter
+
+    return FewShotTask(
+        teacher=teacher.model.to(device).eval(), student=student.to(device), images=images, normalize=norm.to(device),
+        device=device, generator=seed_everything(config.seed), augment=augmenter(config), precision=config.precision,
+        teacher_arch=teacher.arch, run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s,
+        log_every=1 if recipe is not None else config.log_every, progress=progress, seed=config.seed,
+        padding=config.padding, flip=config.flip, recipe=recipe, world=world, **budget)
+
+
 def _run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arch: str, fewshot, norm: nn.Module,
                 config: GraftConfig, device: torch.device, out_dir: Path | None, progress: bool,
                 recipe: Recipe | None = None, world=None):
     """A registered few-shot method on ``student`` with a grid cell's budget (``recipe``: the patient recipe's
     sample budget instead, for methods that train in the shared loop); returns the result and its facts."""
-    from graftkd.distill.base import FewShotTask, LossMethod, build_method
-    from graftkd.graft.api import augmenter
+    from graftkd.distill.base import LossMethod, build_method
     from graftkd.graft.schedule import batch_size_for, paper_budget
 
     runner = build_method(name)
@@ -615,14 +624,10 @@ def _run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arc
     else:
         epochs, lr = paper_budget(teacher.model, student, tuple(images.shape[1:]), config.schedule, batch_size,
                                   config.inherit)
-    task = FewShotTask(
-        teacher=teacher.model.to(device).eval(), student=student.to(device), images=images, normalize=norm.to(device),
-        device=device, generator=seed_everything(config.seed), batch_size=batch_size, epochs=epochs, lr=lr,
-        shots=shots, num_classes=num_classes, augment=augmenter(config), mixup=config.mixup,
-        precision=config.precision, inherit=config.inherit, teacher_arch=teacher.arch, student_arch=student_arch,
-        run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s, log_every=1 if recipe is not None else config.log_every, progress=progress,
-        schedule=config.schedule, seed=config.seed, padding=config.padding, flip=config.flip, recipe=recipe,
-        world=world)
+    task = _few_shot_task(teacher, student, images, norm, config, device, out_dir, progress, world,
+                          batch_size=batch_size, epochs=epochs, lr=lr, shots=shots, num_classes=num_classes,
+                          recipe=recipe, inherit=config.inherit, student_arch=student_arch, mixup=config.mixup,
+                          schedule=config.schedule)
     started = time.perf_counter()
     outcome = runner.run(task)
     facts = {"method": name, "method_options": runner.options,
