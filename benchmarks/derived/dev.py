@@ -87,6 +87,17 @@ CONFIGS = {
     "vh-kd-64k": ("vgg16bn-cifar10", "vgg16_half_bn", {}, {"freeze_bn": True, "samples": 64_000}),
     "vg-derived-only": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none"}, {}),
     "vg-kd-64k": ("vgg16bn-cifar10", "vgg16_graft_bn", {}, {"freeze_bn": True, "samples": 64_000}),
+    # fresh students (issue: patient recipe): "method" runs that registered method on a fresh student with the
+    # patient recipe (`graftkd distill --method kd --recipe patient`) instead of deriving one
+    "r20-fresh-50k-auto": ("resnet56-cifar10", "resnet20", {"method": "kd"}, {"samples": 50_000}, {"precision": "auto"}),
+    "r20-fresh-50k-lr05-auto": ("resnet56-cifar10", "resnet20", {"method": "kd"}, {"samples": 50_000, "lr": 0.05},
+                                {"precision": "auto"}),
+    "r20-fresh-50k-lr1-auto": ("resnet56-cifar10", "resnet20", {"method": "kd"}, {"samples": 50_000, "lr": 0.1},
+                               {"precision": "auto"}),
+    "r20-fresh-50k-lr05-ema-auto": ("resnet56-cifar10", "resnet20", {"method": "kd"},
+                                    {"samples": 50_000, "lr": 0.05, "ema": 0.999}, {"precision": "auto"}),
+    "r20-fresh-50k-lr05-rrc-auto": ("resnet56-cifar10", "resnet20", {"method": "kd"},
+                                    {"samples": 50_000, "lr": 0.05, "crop": "resized"}, {"precision": "auto"}),
 }
 
 
@@ -127,6 +138,8 @@ def main() -> None:
     out = Path(args.out)
     for name in args.configs.split(","):
         teacher_name, student_arch, derive_over, recipe_over, *rest = CONFIGS[name]
+        method = derive_over.get("method")
+        derive_over = {k: v for k, v in derive_over.items() if k != "method"}
         config_over = {"precision": "fp32", **(rest[0] if rest else {})}
         path = out / f"{name}-k{args.k}-s{args.seed}.json"
         if path.exists():
@@ -141,7 +154,8 @@ def main() -> None:
         options = DeriveOptions(**derive_over, recipe=replace(Recipe(), **recipe_over))
         payload = distill(teacher=teacher, student_arch=student_arch, fewshot=fewshot, test=val,
                           config=GraftConfig(shots=args.k, seed=args.seed, **config_over), device="cpu",
-                          out=None, progress=False, manifest=manifest.to_dict(), derive=options)
+                          out=None, progress=False, manifest=manifest.to_dict(), derive=options,
+                          method=method, method_recipe=options.recipe if method else None)
         record = {"config": name, "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
                   "commit": commit + ("+dirty" if dirty else ""), "seed": args.seed, "k": args.k,
                   "threads": torch.get_num_threads(), "evaluated_on": "validation (1,000 training images, never test)",

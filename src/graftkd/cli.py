@@ -127,9 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit-features", action="store_true",
                    help="--refine-loss feature_kd after a depth derivation: also match every kept unit's output")
     p.add_argument("--samples", type=int, default=None,
-                   help="derived students, --refine kd: training budget in images seen (batches of 64; default "
-                        "256000, the patient recipe's)")
-    p.add_argument("--refine-lr", type=float, default=0.01, help="derived students, --refine kd: peak SGD rate")
+                   help="the patient recipe (derived students with --refine kd, or --recipe patient): training "
+                        "budget in images seen (batches of 64; default 256000)")
+    p.add_argument("--refine-lr", type=float, default=0.01,
+                   help="the patient recipe: peak SGD rate (default 0.01)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="the patient recipe: return an exponential moving average of the weights with this decay "
+                        "per step, e.g. 0.999 (default 0: off)")
     p.add_argument("--measure-teacher", action="store_true",
                    help="measure a registered teacher's test accuracy again (default: its registry record, when the "
                         "test data is the one it was measured on)")
@@ -315,7 +319,8 @@ def _cmd_distill(args) -> None:
     derive = DeriveOptions(init=init, reason=reason, depth_rule=args.depth_rule, width_rule=args.width_rule,
                            bn_start=args.bn_start, refine=args.refine, repair=args.repair, loss=args.refine_loss,
                            unit_features=args.unit_features,
-                           recipe=Recipe(lr=args.refine_lr, **({"samples": args.samples} if args.samples is not None else {})))  # bad values fail before any work
+                           recipe=Recipe(lr=args.refine_lr, ema=args.ema,
+                                         **({"samples": args.samples} if args.samples is not None else {})))  # bad values fail before any work
     if not (args.fewshot or args.data or args.unlabeled):
         from graftkd.models.teacher_registry import load_registry
 

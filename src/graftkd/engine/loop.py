@@ -18,7 +18,7 @@ from graftkd.engine.checkpoint import Checkpointer, fingerprint
 from graftkd.data.augment import random_resized_crop
 from graftkd.engine.bn import reestimate_batchnorm
 from graftkd.engine.hooks import FeatureTap
-from graftkd.engine.recipe import mix_batch, repeated_batch
+from graftkd.engine.recipe import WeightAverage, mix_batch, repeated_batch
 from graftkd.engine.runtime import Timer, autocast
 from graftkd.engine.signals import StopRequest
 from graftkd.errors import GraftkdError, Interrupted
@@ -123,9 +123,12 @@ def run_loss_method(method, task):
     if task.channels_last:
         student.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
+    task.average = WeightAverage(student, recipe.ema) if recipe is not None and recipe.ema > 0 else None
     if state is not None:
         student.load_state_dict(state["student"])
         extra.load_state_dict(state["extra"])
+        if task.average is not None:
+            task.average.load_state_dict(state["average"])
         task.generator.set_state(state["generator"])
         start_stage, start_epoch, records = int(state["stage"]), int(state["epoch"]), list(state["records"])
         resumed = resume_note(stages, start_stage, start_epoch, checkpointer.path)
@@ -150,6 +153,9 @@ def run_loss_method(method, task):
         student.to(memory_format=torch.contiguous_format)
         teacher.to(memory_format=torch.contiguous_format)
     extra_facts = {"seconds": timer.elapsed(), "resumed": resumed, "speed": task.speed}
+    if task.average is not None:  # the averaged weights are the result; their BatchNorm statistics follow
+        task.average.copy_to_module()
+        extra_facts["weight_average"] = {"decay": recipe.ema, "updates": task.average.updates}
     if recipe is not None and recipe.recalibrate_bn:
         extra_facts["bn_recalibrated"] = recalibrate(task, recipe.recalibrate_views)
     student.eval()
@@ -340,6 +346,8 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 if recipe is not None and recipe.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
                 optimizer.step()
+                if task.average is not None:
+                    task.average.update()
                 for key, value in terms.items():
                     running[key] = running.get(key, torch.zeros((), device=task.device)) + value.detach().float()
                 running_steps += 1
@@ -408,4 +416,5 @@ def _save(checkpointer: Checkpointer, task, extra: nn.ModuleDict, stage: int, ep
     checkpointer.save({"stage": stage, "epoch": epoch, "speed": task.speed,
                        "student": task.student.state_dict(),
                        "extra": extra.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
-                       "generator": task.generator.get_state(), "records": records})
+                       "generator": task.generator.get_state(), "records": records,
+                       "average": task.average.state_dict() if task.average is not None else None})

@@ -41,6 +41,9 @@ class Recipe:
     # False: BatchNorm normalises with batch statistics while training (75.5 vs 61.2 % on the validation split,
     # ResNet-56 -> derived ResNet-20, K=10, 32k samples: results/cifar10-derived/dev)
     freeze_bn: bool = False
+    # > 0: the student handed back is an exponential moving average of its weights with this decay per step
+    # (bias-corrected early on: min(ema, (1 + t) / (10 + t))); BatchNorm statistics are then recalibrated
+    ema: float = 0.0
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics at the end, on un-mixed augmented views
     recalibrate_views: int = 8
     clip_grad: float = 10.0  # gradient-norm clip: a derived start far from the teacher must not blow up
@@ -56,6 +59,8 @@ class Recipe:
             raise GraftkdError(f"crop_scale must be in (0, 1] (got {self.crop_scale})")
         if self.adversarial < 0:
             raise GraftkdError(f"adversarial step must be >= 0 (got {self.adversarial})")
+        if not 0.0 <= self.ema < 1.0:
+            raise GraftkdError(f"ema decay must be in [0, 1) (got {self.ema}); 0 turns it off")
         if self.optimizer not in ("sgd", "adam"):
             raise GraftkdError(f"unknown optimizer '{self.optimizer}': use sgd or adam")
         if self.samples < self.batch_size:
@@ -86,6 +91,35 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class WeightAverage:
+    """An exponential moving average of a module's floating-point parameters, kept beside it."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.params = [p for p in module.parameters() if p.dtype.is_floating_point]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to_module(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.clone() for s in self.shadow], "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, saved in zip(self.shadow, state["shadow"]):
+            s.copy_(saved)
+        self.updates = int(state["updates"])
 
 
 def repeated_batch(count: int, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
