@@ -13,7 +13,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from graftkd.data.normalize import Normalizer  # noqa: E402
-from graftkd.engine.fulldata import KDRecipe, init_distributed, train_kd  # noqa: E402
+from graftkd.distill.fulldata import KDRecipe, init_distributed, train_kd  # noqa: E402
 
 
 def tiny_net(width: int, seed: int) -> nn.Module:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from graftkd.engine.fulldata import KDRecipe, World, epoch_augmentation, epoch_indices
+from graftkd.distill.fulldata import KDRecipe, World, epoch_augmentation, epoch_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_protocol_defaults_and_small_lr_students() -> None:
 def _tiny_run(run_dir, monkeypatch=None, stop_after: int | None = None, stop_during: int | None = None):
     import signal
 
-    import graftkd.engine.fulldata as fulldata
+    import graftkd.distill.fulldata as fulldata
     from graftkd.data.normalize import Normalizer
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -97,7 +97,7 @@ def _tiny_run(run_dir, monkeypatch=None, stop_after: int | None = None, stop_dur
 
 
 def test_an_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch) -> None:
-    from graftkd.engine.fulldata import TrainInterrupted
+    from graftkd.distill.fulldata import TrainInterrupted
 
     straight = _tiny_run(tmp_path / "a")
     with pytest.raises(TrainInterrupted, match="after epoch 2; .*re-run the same command"):
@@ -118,7 +118,7 @@ def test_an_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch) 
 
 
 def test_a_limited_training_set_is_a_fixed_random_subset_not_the_first_classes() -> None:
-    from graftkd.engine.fulldata import training_subset
+    from graftkd.distill.fulldata import training_subset
 
     labels = torch.arange(10).repeat_interleave(100)  # stored class by class
     keep = training_subset(labels, 200)

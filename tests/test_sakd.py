@@ -152,7 +152,7 @@ def test_masked_terms_reduce_to_standard_kd_and_to_zero() -> None:
 @pytest.mark.parametrize("adaptive", ["sakd", "anti"])
 def test_a_tiny_spot_adaptive_run_logs_policy_statistics(adaptive) -> None:
     from graftkd.data.normalize import Normalizer
-    from graftkd.engine.fulldata import KDRecipe, train_kd
+    from graftkd.distill.fulldata import KDRecipe, train_kd
 
     student, teacher = _pair()
     generator = torch.Generator().manual_seed(0)
@@ -175,7 +175,7 @@ def test_sakd_whose_policy_distils_everywhere_trains_the_student_exactly_like_st
     import copy
 
     from graftkd.data.normalize import Normalizer
-    from graftkd.engine.fulldata import KDRecipe, train_kd
+    from graftkd.distill.fulldata import KDRecipe, train_kd
 
     student, teacher = _pair()
     generator = torch.Generator().manual_seed(0)
@@ -190,3 +190,53 @@ def test_sakd_whose_policy_distils_everywhere_trains_the_student_exactly_like_st
                  recipe=recipe, device=torch.device("cpu"), progress=False, student_arch="t", teacher_arch="t")
         weights[mode] = trained.state_dict()
     assert all(torch.equal(weights["none"][k], weights["sakd"][k]) for k in weights["none"])
+
+
+def _sakd_run(monkeypatch=None, reuse: bool = True, agent_every: int = 1, calls: list | None = None):
+    from graftkd.data.normalize import Normalizer
+    from graftkd.distill import fulldata
+    from graftkd.distill.fulldata import KDRecipe, train_kd
+
+    student, teacher = _pair()
+    if calls is not None:
+        original = teacher.run_stages
+        teacher.run_stages = lambda x, begin, end: calls.append((begin, end)) or original(x, begin, end)
+    if not reuse:
+        build = fulldata._build_adaptive
+
+        def no_reuse(*args, **kwargs):
+            agent, s_paths, t_paths = build(*args, **kwargs)
+            agent.first_teacher_spot = None
+            return agent, s_paths, t_paths
+
+        monkeypatch.setattr(fulldata, "_build_adaptive", no_reuse)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 4, (64,), generator=generator)
+    recipe = KDRecipe(epochs=2, batch_size=16, lr=0.05, milestones=[1], precision="fp32", eval_every=0, padding=1,
+                      distiller="at", adaptive="sakd", homo=False, agent_every=agent_every)
+    result = train_kd(student, teacher, (images, labels), normalize=Normalizer((0.5,) * 3, (0.25,) * 3),
+                      recipe=recipe, device=torch.device("cpu"), student_arch="tiny", teacher_arch="tiny",
+                      progress=False)
+    return student.state_dict(), result
+
+
+def test_the_routing_pass_reads_the_teachers_first_segment_from_the_step_and_changes_nothing(monkeypatch) -> None:
+    """fp32: the teacher's output at the first routing spot is taken from the step's own teacher pass (the
+    tapped feature) instead of being computed again; the trained student is bit-identical either way."""
+    calls: list = []
+    shared, _ = _sakd_run(calls=calls)
+    assert calls and all(begin > 0 for begin, _ in calls)  # never the prefix from the input again
+    recomputed, _ = _sakd_run(monkeypatch, reuse=False)
+    assert all(torch.equal(shared[k], recomputed[k]) for k in shared)
+
+
+def test_agent_every_two_routes_half_the_steps_and_still_decides_every_step() -> None:
+    calls: list = []
+    _, every = _sakd_run(calls=calls)
+    calls_half: list = []
+    _, half = _sakd_run(agent_every=2, calls=calls_half)
+    assert len(calls_half) * 2 == len(calls)  # 8 steps: 4 routing passes instead of 8
+    assert all(len(h["policy_fraction"]) == 3 for h in half["history"])
+    with pytest.raises(Exception, match="agent_every"):
+        _sakd_run(agent_every=0)

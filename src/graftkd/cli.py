@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
     p.add_argument("--adaptive", default="none", choices=["none", "sakd", "anti"],
                    help="sakd: spot-adaptive KD; anti: its inverted-mask ablation; none: fixed spots")
+    p.add_argument("--agent-every", type=int, default=1, metavar="N",
+                   help="SAKD: update the agent (policy, routing adapters) on every N-th step only; the policy still "
+                        "picks every step's spots. 1 (default) is the paper's; 2 bounds a step at 2x a standard one")
     p.add_argument("--homo", choices=["auto", "yes", "no"], default="auto",
                    help="SAKD: start from distilling everywhere (auto: when teacher and student share a family)")
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
@@ -394,7 +397,7 @@ def _cmd_distill(args) -> None:
 
 def _cmd_train_kd(args) -> None:
     _check_out_dir(args.out)
-    from graftkd.engine.fulldata import KDRecipe
+    from graftkd.distill.fulldata import KDRecipe
     from graftkd.workflows import distill_full
 
     distiller = None if args.distiller.lower() in ("none", "") else args.distiller
@@ -406,6 +409,7 @@ def _cmd_train_kd(args) -> None:
                       temperature=args.temperature, kd_weight=args.kd_weight, distiller=distiller,
                       distiller_weight=args.distiller_weight, seed=args.seed, precision=args.precision,
                       eval_every=args.eval_every, sync_bn=args.sync_bn, adaptive=args.adaptive,
+                      agent_every=args.agent_every,
                       homo=None if args.homo == "auto" else args.homo == "yes")
     payload = distill_full(args.student_arch, args.data, args.out, recipe, teacher=args.teacher,
                            teacher_arch=args.teacher_arch, teachers_dir=args.teachers_dir, device=args.device,

@@ -92,7 +92,7 @@ def cell_key(pair: dict, distiller: str, mode: str, seed: int) -> str:
 def run_full_grid(config: FullGridConfig, config_path: str, out_root: str | Path = "results",
                   runs_root: str | Path = "runs/bench", device: str = "auto", progress: bool = True) -> dict:
     from graftkd.data import load_dataset
-    from graftkd.engine.fulldata import KDRecipe, train_kd
+    from graftkd.distill.fulldata import KDRecipe, train_kd
     from graftkd.models import build_model
     from graftkd.models.profile import count_flops, count_params
     from graftkd.workflows import load_teacher, normalizer
@@ -104,7 +104,7 @@ def run_full_grid(config: FullGridConfig, config_path: str, out_root: str | Path
     train, test = load_dataset(config.data, "train"), load_dataset(config.data, "test")
     images, labels = train.images, train.labels
     if config.limit_train:
-        from graftkd.engine.fulldata import training_subset
+        from graftkd.distill.fulldata import training_subset
 
         keep = training_subset(labels, config.limit_train)
         images, labels = images[keep], labels[keep]

@@ -765,7 +765,7 @@ def distill_full(
     """``graftkd train-kd``: full-data CE + KD (+ a feature distiller), one process or many (torchrun)."""
     from graftkd.data import load_dataset
     from graftkd.data.normalize import channel_stats, stats_for
-    from graftkd.engine.fulldata import init_distributed, train_kd
+    from graftkd.distill.fulldata import init_distributed, train_kd
 
     world, device = init_distributed(device)
     device_ = resolve_device(device)
@@ -775,7 +775,7 @@ def distill_full(
         raise GraftkdError(f"train-kd needs labeled train and test splits, but {data} has none")
     images, labels = train.images, train.labels
     if limit_train:
-        from graftkd.engine.fulldata import training_subset
+        from graftkd.distill.fulldata import training_subset
 
         keep = training_subset(labels, limit_train)
         images, labels = images[keep], labels[keep]

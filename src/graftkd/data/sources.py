@@ -8,6 +8,7 @@ A spec is one of:
   ``.tar`` (``<split>/<class>/NNNN.webp`` layout), then the official python format
   (``cifar-10-batches-py/`` or ``cifar-10-python.tar.gz``);
 * a path to a ``.tar`` / ``.tar.gz`` archive with ``<split>/<class>/<image>`` inside;
+* a path to an image pack (``.pt``, ``graftkd.data.pack``): named splits as uint8 tensors;
 * a path to an image-folder root with ``<split>/<class>/<image>`` (or ``<class>/<image>`` when
   ``split`` is None); a CIFAR python-format folder or official archive is recognised too.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from graftkd.data.cache import cache_dir, file_sha256
 from graftkd.data.dataset import ImageSet
+from graftkd.data.pack import is_pack_path, load_pack
 from graftkd.data.readers import (
     CIFAR_INFO,
     is_archive_path,
@@ -89,7 +91,10 @@ def resolve_source(spec: str, data_root: str | os.PathLike | None = None) -> tup
             return "python", path
         if is_archive_path(path):
             return "archive", path
-        raise GraftkdError(f"{path} is a file but not a .tar/.tar.gz archive; give an archive or an image folder")
+        if is_pack_path(path):
+            return "pack", path
+        raise GraftkdError(f"{path} is a file but not a .tar/.tar.gz archive or a .pt image pack; give an archive, "
+                           "a pack or an image folder")
     for info in CIFAR_INFO.values():
         if (path / info["meta"]).is_file() or (path / info["dir"] / info["meta"]).is_file():
             return "python", path
@@ -136,6 +141,8 @@ def load_dataset(
             raise GraftkdError("digits needs a split: 'train' or 'test'")
         return load_digits(split)
     assert path is not None
+    if kind == "pack":
+        return load_pack(path, split)
     if kind == "python":
         name = spec if spec in CIFAR_INFO else _python_name(path)
         if split is None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from graftkd.engine.loop import MethodOutcome, run_loss_method
 from graftkd.errors import GraftkdError
 
 Augmenter = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -60,13 +61,6 @@ class FewShotTask:
     speed: dict | None = None  # what the timing of the candidate settings found, when it ran
     average: Any = None  # the weight average the patient recipe keeps when it asks for one (engine.recipe.WeightAverage)
     world: Any = None  # graftkd.engine.distributed.World under torchrun (the loop shards each batch); None: one process
-
-
-@dataclass
-class MethodOutcome:
-    student: nn.Module  # the plain student architecture, eval mode
-    stages: list[dict] = field(default_factory=list)  # name, epochs, steps, seconds, final_loss, loss_curve, ...
-    extra: dict = field(default_factory=dict)  # method-specific facts for result.json
 
 
 class FewShotMethod:
@@ -143,8 +137,6 @@ class LossMethod(FewShotMethod):
         raise NotImplementedError
 
     def run(self, task: FewShotTask) -> MethodOutcome:
-        from graftkd.engine.loop import run_loss_method
-
         return run_loss_method(self, task)
 
 

@@ -85,13 +85,16 @@ class RoutingNetwork(nn.Module):
         self.hint = nn.ModuleList([_adapter(s, t) for s, t in zip(student_shapes, teacher_shapes)])
         self.anti_hint = nn.ModuleList([_adapter(t, s) for s, t in zip(student_shapes, teacher_shapes)])
 
-    def forward(self, x: torch.Tensor, student: nn.Module, teacher: nn.Module, decisions: torch.Tensor) -> torch.Tensor:
-        """``decisions``: (B, K) in {0, 1} with straight-through gradients; 1 = the teacher's stream."""
+    def forward(self, x: torch.Tensor, student: nn.Module, teacher: nn.Module, decisions: torch.Tensor,
+                teacher_first: torch.Tensor | None = None) -> torch.Tensor:
+        """``decisions``: (B, K) in {0, 1} with straight-through gradients; 1 = the teacher's stream.
+        ``teacher_first``: the frozen teacher's output at the first spot on ``x``, when the caller has it from
+        its own teacher pass in the same precision: nothing upstream of it trains, so it is the same tensor."""
         u_s = u_t = x
         s_prev = t_prev = -1
         for k, (si, ti) in enumerate(self.spots):
             s_k = student.run_stages(u_s, s_prev + 1, si)
-            t_k = teacher.run_stages(u_t, t_prev + 1, ti)
+            t_k = teacher_first if (k == 0 and teacher_first is not None) else teacher.run_stages(u_t, t_prev + 1, ti)
             a = decisions[:, k].view(-1, *([1] * (t_k.dim() - 1)))
             a_s = decisions[:, k].view(-1, *([1] * (s_k.dim() - 1)))
             u_t = a * t_k + (1 - a) * self.hint[k](s_k)
@@ -112,20 +115,28 @@ class SpotAdaptive(nn.Module):
         self.policy = SpotPolicy(teacher_dim, student_dim, len(spots) + 1, homo)
         self.router = RoutingNetwork(spots, student_shapes, teacher_shapes)
         self.tau, self.gamma, self.anti = tau, gamma, anti
+        self.first_teacher_spot: int | None = None  # index into the loop's teacher taps, set by the trainer
 
     def agent_step(self, x: torch.Tensor, y: torch.Tensor, student: nn.Module, teacher: nn.Module,
                    student_logits: torch.Tensor, student_embedding: torch.Tensor, teacher_embedding: torch.Tensor,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(agent loss, detached hard decisions (B, K) as bool: True = distil at that spot)."""
+                   generator: torch.Generator | None = None, teacher_first: torch.Tensor | None = None,
+                   route: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(agent loss, detached hard decisions (B, K) as bool: True = distil at that spot).
+
+        ``route=False``: only the decisions (the policy's forward and its Gumbel draw, the same draw as a
+        routed step); no routing pass and no agent loss (None), for steps where the agent does not update."""
         decisions = gumbel_straight_through(self.policy(teacher_embedding, student_embedding), self.tau, generator)
         teacher_path = decisions[..., 0]  # (B, K)
+        if not route:
+            masks = teacher_path.detach() > 0.5
+            return None, ~masks if self.anti else masks
         was_training = student.training
         grads = [p.requires_grad for p in student.parameters()]
         student.eval()  # as the reference: BN running statistics, not this batch's
         for p in student.parameters():
             p.requires_grad_(False)  # gradients flow through the student's activations, never to its weights
         try:
-            routed = self.router(x, student, teacher, teacher_path)
+            routed = self.router(x, student, teacher, teacher_path, teacher_first)
         finally:
             for p, flag in zip(student.parameters(), grads):
                 p.requires_grad_(flag)

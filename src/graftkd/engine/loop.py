@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,6 +27,15 @@ from graftkd.errors import GraftkdError, Interrupted
 
 class MethodInterrupted(Interrupted):
     """Raised after SIGINT/SIGTERM once the state is saved."""
+
+
+@dataclass
+class MethodOutcome:
+    """What a few-shot method hands back: the trained student and the records of its stages."""
+
+    student: nn.Module  # the plain student architecture, eval mode
+    stages: list[dict] = field(default_factory=list)  # name, epochs, steps, seconds, final_loss, loss_curve, ...
+    extra: dict = field(default_factory=dict)  # method-specific facts for result.json
 
 
 def few_shot_batches(count: int, batch_size: int, generator: torch.Generator, device: torch.device) -> list[torch.Tensor]:
@@ -92,8 +102,6 @@ def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
 
 def run_loss_method(method, task):
     """Run ``method``'s stages on ``task``; return a MethodOutcome with the trained student."""
-    from graftkd.distill.base import MethodOutcome
-
     method.setup(task)
     extra = method.extra_modules().to(task.device)
     stages = method.stages(task)
@@ -315,10 +323,14 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
             _Closure({"student": student, "extra": extra}), broadcast_buffers=False, find_unused_parameters=True,
             device_ids=[task.device.index] if task.device.type == "cuda" else None)
     # the patient recipe gives each stage its share of the sample budget, with its own warm-up and cosine
-    budget = recipe.stage_steps(stage.epochs, sum(s.epochs for s in stages)) if recipe is not None else None
+    budget = images_budget = None
+    if recipe is not None:
+        images_budget, budget = recipe.stage_budget(sum(s.epochs for s in stages[:index]), stage.epochs,
+                                                    sum(s.epochs for s in stages))
     with FeatureTap(teacher, method.teacher_paths(stage)) as t_tap, FeatureTap(student, method.student_paths(stage)) as s_tap:
         for epoch in range(first_epoch, stage.epochs):
-            for indices in _epoch_batches(task, recipe, record["steps"], budget):
+            for indices in _epoch_batches(task, recipe, record["steps"], budget, images_budget - record["images"]
+                                          if images_budget is not None else None):
                 if recipe is not None:
                     for group in optimizer.param_groups:
                         group["lr"] = stage.lr * recipe.lr_factor(record["steps"], budget)
@@ -399,14 +411,17 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
     _save(checkpointer, task, extra, index + 1, 0, None, records)
 
 
-def _epoch_batches(task, recipe, done_steps: int, budget: int | None):
+def _epoch_batches(task, recipe, done_steps: int, budget: int | None, images_left: int | None):
     """The paper recipe: one shuffled pass over the images. The patient one: a chunk of fixed-size batches of
-    repeated images (the last chunk stops at the stage's share of the sample budget)."""
+    repeated images; the last chunk stops at the stage's share of the sample budget, and its last batch holds
+    what is left of it, so the images seen equal the budget."""
     if recipe is None:
         yield from few_shot_batches(len(task.images), task.batch_size, task.generator, task.device)
         return
     for _ in range(min(recipe.steps_per_chunk, budget - done_steps)):
-        yield repeated_batch(len(task.images), recipe.batch_size, task.generator, task.device)
+        size = min(recipe.batch_size, images_left)
+        images_left -= size
+        yield repeated_batch(len(task.images), size, task.generator, task.device)
 
 
 def _save(checkpointer: Checkpointer, task, extra: nn.ModuleDict, stage: int, epoch: int,

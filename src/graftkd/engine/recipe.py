@@ -69,15 +69,21 @@ class Recipe:
 
     @property
     def steps(self) -> int:
-        return self.samples // self.batch_size
+        """Optimiser steps: whole batches, the last one smaller when the budget is not a multiple of a batch."""
+        return math.ceil(self.samples / self.batch_size)
 
     @property
     def chunks(self) -> int:
         return max(1, math.ceil(self.steps / self.steps_per_chunk))
 
-    def stage_steps(self, epochs: int, total_epochs: int) -> int:
-        """A stage's share of the budget: its chunks over all stages' (the whole budget for one stage)."""
-        return max(1, round(self.steps * epochs / max(1, total_epochs)))
+    def stage_budget(self, before: int, epochs: int, total_epochs: int) -> tuple[int, int]:
+        """A stage's share of the sample budget, as (images, steps): its epochs over all stages' (the whole
+        budget for one stage). Shares are cut at rounded cumulative points, so they add up to ``samples``
+        exactly; ``before`` is the epochs of the stages ahead of it."""
+        total = max(1, total_epochs)
+        images = round(self.samples * (before + epochs) / total) - round(self.samples * before / total)
+        images = max(1, images)
+        return images, math.ceil(images / self.batch_size)
 
     def lr_factor(self, step: int, total: int | None = None) -> float:
         """Linear warm-up over ``warmup`` of the ``total`` steps (default: the whole budget), then cosine to

@@ -63,6 +63,9 @@ class KDRecipe:
     tau: float = 5.0  # SAKD's Gumbel-softmax temperature
     agent_gamma: float = 1.0  # SAKD's gamma (weights the routed CE)
     homo: bool | None = None  # SAKD: start from "distil everywhere"; None = when teacher and student share a family
+    # SAKD: the agent (policy + routing adapters) updates on every n-th step; the policy still decides every
+    # step's masks. 1 is the paper's; 2 bounds the step at 2x a standard one (the routing pass is half the steps)
+    agent_every: int = 1
 
     def resolved_lr(self, student_arch: str) -> float:
         if self.lr is not None:
@@ -197,6 +200,8 @@ def train_kd(
     adaptive, agent_opt, agent_sched, gumbel = None, None, None, None
     if recipe.adaptive not in ("none", "sakd", "anti"):
         raise GraftkdError(f"unknown adaptive mode '{recipe.adaptive}': use none, sakd or anti")
+    if recipe.agent_every < 1:
+        raise GraftkdError(f"agent_every must be >= 1 (got {recipe.agent_every}): 1 updates SAKD's agent every step")
     if recipe.adaptive != "none":
         adaptive, s_paths, t_paths = _build_adaptive(recipe, student, teacher, distiller, s_paths, t_paths,
                                                      normalize(images[:2]), student_arch, teacher_arch, world, device)
@@ -301,7 +306,9 @@ def train_kd(
                 t0 = time.perf_counter()
                 s_tap, t_tap = taps()
                 with s_tap, (t_tap if t_tap is not None else contextlib.nullcontext()):
-                    for x, y in _batches(images, labels, epoch, recipe, world, local_batch, steps, normalize, device):
+                    for batch_index, (x, y) in enumerate(_batches(images, labels, epoch, recipe, world, local_batch,
+                                                                  steps, normalize, device)):
+                        step_index = epoch * steps + batch_index
                         if stop.requested and world.size == 1:
                             # One process stops at once: the epoch restarts from its saved start on resume, and
                             # data order and augmentation depend only on (seed, epoch), so nothing changes.
@@ -310,7 +317,7 @@ def train_kd(
                                 f"stopped by {stop.signal_name} during epoch {epoch + 1} (its partial work is "
                                 f"discarded); {checkpointer.last_good()}: re-run the same command to resume")
 
-                        def step(x=x, y=y):
+                        def step(x=x, y=y, step_index=step_index):
                             terms: dict[str, torch.Tensor] = {}
                             t_logits = None
                             if teacher is not None:
@@ -323,7 +330,8 @@ def train_kd(
                             t_feats = [t_tap.features[p].detach().float() for p in t_paths] if t_tap else []
                             if adaptive is not None:
                                 return _adaptive_terms(adaptive, agent_wrapped, agent_opt, recipe, distiller, beta, x, y, student,
-                                                       teacher, logits, t_logits, s_feats, t_feats, gumbel, terms)
+                                                       teacher, logits, t_logits, s_feats, t_feats, gumbel, terms,
+                                                       precision, step_index)
                             if recipe.kd_weight > 0:
                                 terms["kd"] = recipe.kd_weight * kd_loss(logits, t_logits, recipe.temperature)
                             if distiller is not None:
@@ -408,23 +416,34 @@ def _build_adaptive(recipe, student, teacher, distiller, s_paths, t_paths, sampl
     homo = recipe.homo if recipe.homo is not None else same_family(teacher_arch, student_arch)
     agent = SpotAdaptive(routing, s_shapes, t_shapes, s_dim, t_dim, homo, recipe.tau, recipe.agent_gamma,
                          anti=recipe.adaptive == "anti").to(device)
+    # where the routing pass's first teacher segment can be read from the loop's teacher taps
+    agent.first_teacher_spot = t_paths.index(t_all[routing[0][1]]) if routing and t_all[routing[0][1]] in t_paths else None
     # the loop taps the distiller's spots and, last, both embeddings (the policy's input)
     return agent, s_paths + [s_all[-1]], t_paths + [t_all[-1]]
 
 
 def _adaptive_terms(adaptive, agent_wrapped, agent_opt, recipe, distiller, beta, x, y, student, teacher, logits,
-                    t_logits, s_feats, t_feats, gumbel, terms):
+                    t_logits, s_feats, t_feats, gumbel, terms, precision, step_index):
     """One SAKD agent update, then the student's masked terms (the spec's two-optimiser order)."""
     from graftkd.distill.sakd import masked_student_terms
 
     s_emb, t_emb = s_feats.pop(), t_feats.pop()
-    agent_loss, masks = agent_wrapped(lambda: adaptive.agent_step(x, y, student, teacher, logits, s_emb, t_emb, gumbel))
-    agent_opt.zero_grad(set_to_none=True)
-    agent_loss.backward()
-    agent_opt.step()
+    # the teacher's first-spot output from this step's own teacher pass, where it is the very tensor the routing
+    # pass would compute (fp32: the routing pass runs outside autocast; the spot is tapped)
+    first = None
+    if adaptive.first_teacher_spot is not None and precision == "fp32":
+        first = t_feats[adaptive.first_teacher_spot]
+    route = step_index % recipe.agent_every == 0
+    agent_loss, masks = agent_wrapped(lambda: adaptive.agent_step(x, y, student, teacher, logits, s_emb, t_emb, gumbel,
+                                                                  teacher_first=first, route=route))
+    if agent_loss is not None:
+        agent_opt.zero_grad(set_to_none=True)
+        agent_loss.backward()
+        agent_opt.step()
     terms.update(masked_student_terms(masks, distiller, beta, recipe.kd_weight, recipe.temperature, logits,
                                       t_logits, s_feats, t_feats))
-    terms["agent"] = agent_loss.detach()  # logged, not part of the student's loss
+    if agent_loss is not None:
+        terms["agent"] = agent_loss.detach()  # logged, not part of the student's loss
     policy = (masks ^ adaptive.anti).float().sum(dim=0)  # the policy's own decisions (before any inversion)
     student_loss = sum(v for k, v in terms.items() if k != "agent")
     return student_loss, {"terms": terms, "logits": logits, "policy": policy}

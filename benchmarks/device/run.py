@@ -1,0 +1,177 @@
+"""One prepared script for a lent GPU: parts in a fixed order, inside one time budget, resumable across calls.
+
+    bash benchmarks/device/run.sh [--parts speed,teacher_speed,patient_curve] [--budget-s 540] [--dry-run]
+
+Before the call, on this machine: ``python benchmarks/device/pack.py`` (the few-shot draws, the test split as a
+uint8 tensor and the teachers, in ``device-payload/``; the archives never travel). The call carries
+``device-payload`` and, to resume, ``device-runs`` (the checkpoints an earlier call brought back).
+
+Parts, in order (``--parts`` picks some):
+
+* ``speed``: ``benchmarks/graft_speed.py`` for VGG16-BN -> vgg16-graft and ResNet-56 -> ResNet-20;
+* ``teacher_speed``: supervised training throughput of VGG16-BN, ResNet-20 and ResNet-56;
+* ``patient_curve``: the fresh-student scaling curve's 10 M-sample points (configs/cifar10-patient.yaml rows
+  ``fresh-10m``), each a ``graftkd distill`` run whose cell file lands in
+  ``$OUT/results/cifar10-patient/cells/`` in the layout ``benchmarks/derived/grid.py`` writes.
+
+Each part starts only if the budget has room for it; a run that meets the end of the budget is stopped with
+SIGINT, saves its checkpoint under ``$OUT/device-runs`` and resumes on the next call. Every file written goes
+under ``$OUT`` (default ``./device-out``). ``--dry-run`` does one step of each part on the CPU, on a small pack,
+in well under a minute: the check that the script works before a GPU call is spent on it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PARTS = ("speed", "teacher_speed", "patient_curve")
+# (pair, teacher, student, shots, seed): the 10 M-sample points, most informative first
+CURVE_POINTS = [("resnet56-resnet20", "resnet56-cifar10", "resnet20", 10, 0),
+                ("resnet56-resnet20", "resnet56-cifar10", "resnet20", 1, 0),
+                ("vgg16bn-resnet18", "vgg16bn-cifar10", "resnet18_cifar", 10, 0),
+                ("vgg16bn-resnet18", "vgg16bn-cifar10", "resnet18_cifar", 1, 0)]
+CURVE_ROW, CURVE_SAMPLES = "fresh-10m", 10_000_000
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def _run(command: list[str], budget: Budget, log: Path, env: dict | None = None) -> int | None:
+    """Run ``command`` until it ends or the budget does (then SIGINT, so it checkpoints); None: stopped."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as handle:
+        handle.write(f"$ {' '.join(command)}\n")
+        handle.flush()
+        process = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
+        try:
+            return process.wait(timeout=max(1.0, budget.left()))
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            return None
+
+
+def part_speed(args, budget: Budget, out: Path) -> dict:
+    done = {}
+    extra = ["--shots", "1", "--repeats", "1", "--warmup", "0", "--epochs-scale", "0.001", "--skip-formats",
+             "--eval", "off"] if args.dry_run else []
+    for teacher, student in (("vgg16_bn", "vgg16_graft_bn"), ("resnet56", "resnet20")):
+        target = out / "benchmarks" / "results" / f"graft_speed-{args.device_name}-{teacher}-{student}.json"
+        if target.exists():
+            done[student] = "done before"
+            continue
+        code = _run([sys.executable, "benchmarks/graft_speed.py", "--teacher", teacher, "--student", student,
+                     "--device", args.device, "--out", str(target), *extra], budget, out / "logs" / "speed.log")
+        done[student] = {0: "ok", None: "stopped by the budget"}.get(code, f"exit {code}")
+    return done
+
+
+def part_teacher_speed(args, budget: Budget, out: Path) -> dict:
+    target = out / "benchmarks" / "results" / f"teacher_speed-{args.device_name}.json"
+    if target.exists():
+        return {"teacher_speed": "done before"}
+    extra = ["--warmup", "0", "--steps", "1", "--batch-size", "8", "--models", "resnet20"] if args.dry_run else []
+    code = _run([sys.executable, "benchmarks/teacher_speed.py", "--device", args.device, "--out", str(target),
+                 *extra], budget, out / "logs" / "teacher_speed.log")
+    return {"teacher_speed": {0: "ok", None: "stopped by the budget"}.get(code, f"exit {code}")}
+
+
+def part_patient_curve(args, budget: Budget, out: Path) -> dict:
+    payload = Path(args.payload)
+    done = {}
+    samples = 128 if args.dry_run else CURVE_SAMPLES
+    for pair, teacher, student, k, seed in CURVE_POINTS[1:2] if args.dry_run else CURVE_POINTS:
+        key = f"{pair}/{CURVE_ROW}/k{k}-s{seed}"
+        manifest = payload / "fewshot" / f"k{k}-s{seed}.json"
+        cell = out / "results" / "cifar10-patient" / "cells" / pair / CURVE_ROW / f"k{k}-s{seed}.json"
+        if cell.exists() or (ROOT / "results" / "cifar10-patient" / "cells" / pair / CURVE_ROW / cell.name).exists():
+            done[key] = "done before"
+            continue
+        if not manifest.exists() or not any((payload / "teachers").glob(f"{teacher.split('-')[0]}*")):
+            done[key] = f"skipped: {payload} lacks its draw or its teacher (pack.py --teachers {teacher})"
+            continue
+        if budget.left() < 60:
+            done[key] = "no time left in this call"
+            continue
+        previous = Path(args.runs) / pair / CURVE_ROW / f"k{k}-s{seed}"
+        run_dir = out / "device-runs" / pair / CURVE_ROW / f"k{k}-s{seed}"
+        if previous.is_dir() and not run_dir.exists():  # an earlier call's checkpoint: continue from it
+            shutil.copytree(previous, run_dir)
+        command = ["graftkd", "distill", "--teacher", teacher, "--student-arch", student,
+                   "--fewshot", str(manifest), "--test-data", str(payload / "data.pt"), "--seed", str(seed),
+                   "--method", "kd", "--recipe", "patient", "--samples", str(samples),
+                   "--precision", "auto", "--device", args.device, "--no-progress", "--out", str(run_dir)]
+        started = time.perf_counter()
+        code = _run([str(Path(sys.executable).parent / "graftkd"), *command[1:]], budget,
+                    out / "logs" / "patient_curve.log", env={"GRAFTKD_TEACHERS": str(payload / "teachers")})
+        if code != 0:
+            done[key] = "stopped by the budget: resumes next call" if code is None else f"exit {code}"
+            continue
+        result = json.loads((run_dir / "result.json").read_text())
+        cell.parent.mkdir(parents=True, exist_ok=True)
+        cell.write_text(json.dumps({**result, "grid": "cifar10-patient", "pair": pair, "row": CURVE_ROW,
+                                    "command": " ".join(command)}, indent=1))
+        done[key] = f"test {result['student']['test_acc']:.2f} in {time.perf_counter() - started:.0f} s"
+    return done
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, in this order: {', '.join(PARTS)}")
+    parser.add_argument("--budget-s", type=float, default=540.0,
+                        help="wall-clock seconds for the whole call (default 540: a 600 s call with room to copy back)")
+    parser.add_argument("--payload", default="device-payload", help="the folder benchmarks/device/pack.py wrote")
+    parser.add_argument("--runs", default="device-runs", help="checkpoints an earlier call brought back")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dry-run", action="store_true", help="one step of each part, on the CPU")
+    parser.add_argument("--out", default=os.environ.get("OUT", "device-out"))
+    args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"unknown part {', '.join(unknown)}: use {', '.join(PARTS)}")
+    if args.dry_run:
+        args.device = "cpu"
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device here: run on the lent GPU, or check the script with --dry-run")
+        args.device_name = "gpu"
+    else:
+        args.device_name = "cpu-dry-run" if args.dry_run else "cpu"
+    if "patient_curve" in parts and not (Path(args.payload) / "data.pt").exists():
+        raise SystemExit(f"{args.payload}/data.pt not found: run python benchmarks/device/pack.py first and carry "
+                         "its folder")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = Budget(args.budget_s)
+    report = {"parts": {}, "budget_s": args.budget_s, "dry_run": args.dry_run}
+    for part in (p for p in PARTS if p in parts):
+        started = time.perf_counter()
+        report["parts"][part] = {"outcome": globals()[f"part_{part}"](args, budget, out),
+                                 "seconds": round(time.perf_counter() - started, 1)}
+        print(f"{part}: {json.dumps(report['parts'][part])}", flush=True)
+    (out / "device-report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""SAKD's step against the standard distillation step, measured in one run on one machine.
+
+    python benchmarks/sakd_speed.py --teacher wrn_40_2 --student shufflev1 --distiller at \\
+        --out benchmarks/results/sakd_speed-cpu.json
+
+Both steps run through ``graftkd.distill.fulldata.train_kd`` (the code every SAKD grid cell runs) on the same
+synthetic CIFAR-100-shaped batch stream, random weights: ``adaptive none`` (CE + KD + the distiller at fixed
+spots), ``adaptive sakd`` (the same plus the policy, the routing pass and the agent's update on every step)
+and ``agent_every 2`` (the routing pass and the agent's update on every other step). Rounds
+alternate the two so that machine noise hits both alike; the ratio of the medians is the figure
+(target: at most 2). Threads are pinned.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from graftkd.data.normalize import Normalizer  # noqa: E402
+from graftkd.distill.fulldata import KDRecipe, train_kd  # noqa: E402
+from graftkd.engine.runtime import machine_facts, run_facts  # noqa: E402
+from graftkd.files import atomic_write_json  # noqa: E402
+from graftkd.models import build_model  # noqa: E402
+
+
+VARIANTS = {"standard": {"adaptive": "none"}, "sakd": {"adaptive": "sakd"},
+            "sakd-agent-every-2": {"adaptive": "sakd", "agent_every": 2}}
+
+
+def _seconds_per_image(teacher, student_arch, teacher_arch, images, labels, variant: dict, distiller, batch,
+                       classes) -> tuple[float, float]:
+    torch.manual_seed(0)
+    student = build_model(student_arch, num_classes=classes)
+    recipe = KDRecipe(epochs=1, batch_size=batch, lr=0.01, milestones=[10], distiller=distiller,
+                      precision="fp32", seed=0, eval_every=0, **variant)
+    started = time.perf_counter()
+    out = train_kd(student, teacher, (images, labels), normalize=Normalizer((0.5,) * 3, (0.25,) * 3), recipe=recipe,
+                   device=torch.device("cpu"), student_arch=student_arch, teacher_arch=teacher_arch, progress=False)
+    wall = time.perf_counter() - started
+    return 1.0 / out["history"][-1]["images_per_second"], wall
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", default="wrn_40_2")
+    parser.add_argument("--student", default="shufflev1")
+    parser.add_argument("--distiller", default="at")
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=6, help="steps per timed epoch")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(1)
+    n = args.batch_size * args.steps
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, args.classes, (n,), generator=g)
+    torch.manual_seed(0)
+    teacher = build_model(args.teacher, num_classes=args.classes).eval()
+    rows: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    walls: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    _seconds_per_image(teacher, args.student, args.teacher, images[: 2 * args.batch_size],
+                       labels[: 2 * args.batch_size], VARIANTS["sakd"], args.distiller, args.batch_size,
+                       args.classes)  # warm-up
+    for _ in range(args.rounds):
+        for name, variant in VARIANTS.items():
+            per_image, wall = _seconds_per_image(teacher, args.student, args.teacher, images, labels, variant,
+                                                 args.distiller, args.batch_size, args.classes)
+            rows[name].append(per_image)
+            walls[name].append(wall)
+    medians = {k: statistics.median(v) for k, v in rows.items()}
+    payload = {**run_facts(torch.device("cpu"), seed=0), "machine": machine_facts(torch.device("cpu")),
+               "benchmark": "sakd_speed", "teacher": args.teacher, "student": args.student,
+               "distiller": args.distiller, "batch_size": args.batch_size, "steps_per_round": args.steps,
+               "rounds": args.rounds, "threads": torch.get_num_threads(),
+               "images_per_second": {k: 1.0 / v for k, v in medians.items()},
+               "sakd_over_standard": medians["sakd"] / medians["standard"],
+               "sakd_agent_every_2_over_standard": medians["sakd-agent-every-2"] / medians["standard"],
+               "per_round_seconds_per_image": rows, "per_round_wall_seconds": walls, "target": "<= 2"}
+    print(f"{args.teacher} -> {args.student} ({args.distiller}): standard {1 / medians['standard']:.1f} img/s, "
+          f"SAKD {1 / medians['sakd']:.1f} img/s (ratio {payload['sakd_over_standard']:.2f}), agent every 2nd step "
+          f"{1 / medians['sakd-agent-every-2']:.1f} img/s (ratio {payload['sakd_agent_every_2_over_standard']:.2f})")
+    if args.out:
+        atomic_write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The patient recipe in the shared loop: teacher and student see the same mixed tensor, the sample budget is
+exact, and the optional weight average is what the run hands back."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from graftkd.data.normalize import Normalizer
+from graftkd.distill.base import FewShotTask, build_method
+from graftkd.engine.recipe import Recipe, WeightAverage
+from graftkd.errors import GraftkdError
+from graftkd.models import build_model
+
+
+def _spy(model: nn.Module) -> list[torch.Tensor]:
+    """Every input ``model`` sees from now on, one entry per forward."""
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+def _task(recipe: Recipe, seed: int = 0, run_dir=None, teacher: nn.Module | None = None, student: nn.Module | None = None,
+          **kw) -> FewShotTask:
+    torch.manual_seed(1)
+    teacher = teacher if teacher is not None else build_model("digits_cnn").eval()
+    torch.manual_seed(seed)
+    student = student if student is not None else build_model("digits_cnn_half")
+    images = torch.randint(0, 256, (20, 1, 8, 8), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    return FewShotTask(teacher=teacher, student=student, images=images, normalize=Normalizer((0.0,), (1.0,)),
+                       device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed),
+                       batch_size=recipe.batch_size, epochs=recipe.chunks, lr=recipe.lr, shots=2, num_classes=10,
+                       run_dir=run_dir, checkpoint_every_s=0.0, log_every=1, progress=False, recipe=recipe,
+                       precision="fp32", **kw)
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_the_teacher_scores_the_exact_mixed_tensor_the_student_trains_on(mix: str) -> None:
+    recipe = Recipe(samples=8 * 6, batch_size=8, steps_per_chunk=3, mix=mix, recalibrate_bn=False)
+    torch.manual_seed(1)
+    teacher, student = build_model("digits_cnn").eval(), build_model("digits_cnn_half")
+    teacher_saw, student_saw = _spy(teacher), _spy(student)
+    task = _task(recipe, teacher=teacher, student=student)
+    build_method("kd").run(task)
+    # the training steps are the last forwards of each (the method's plan traces a zero probe first)
+    teacher_saw, student_saw = teacher_saw[-recipe.steps:], student_saw[-recipe.steps:]
+    assert all(len(x) == recipe.batch_size for x in teacher_saw + student_saw)
+    plain = {tuple(img.flatten().tolist()) for img in task.normalize(task.images.float())}
+    for t_in, s_in in zip(teacher_saw, student_saw):
+        assert torch.equal(t_in, s_in)  # the very tensor, not a re-draw and not the un-mixed batch
+        # mixed: at least one image of the batch is none of the (un-augmented, un-mixed) few-shot images
+        assert any(tuple(img.flatten().tolist()) not in plain for img in t_in)
+
+
+@pytest.mark.parametrize("samples", [8 * 6, 8 * 6 + 5, 3])
+def test_the_sample_budget_is_exact(samples: int) -> None:
+    recipe = Recipe(samples=max(samples, 8), batch_size=8, steps_per_chunk=4, recalibrate_bn=False)
+    outcome = build_method("kd").run(_task(recipe))
+    assert sum(stage["images"] for stage in outcome.stages) == recipe.samples
+    assert sum(stage["steps"] for stage in outcome.stages) == recipe.steps
+
+
+def test_a_two_stage_method_splits_the_budget_exactly() -> None:
+    recipe = Recipe(samples=8 * 7 + 3, batch_size=8, steps_per_chunk=2, recalibrate_bn=False)
+    outcome = build_method("fitnet").run(_task(recipe))
+    assert len(outcome.stages) == 2
+    assert sum(stage["images"] for stage in outcome.stages) == recipe.samples
+    shares = [recipe.stage_budget(0, 1, 3), recipe.stage_budget(1, 2, 3)]
+    assert sum(images for images, _ in shares) == recipe.samples
+
+
+def test_a_budget_below_one_batch_is_refused() -> None:
+    with pytest.raises(GraftkdError, match="less than one batch"):
+        Recipe(samples=10, batch_size=64)
+    with pytest.raises(GraftkdError, match="ema decay"):
+        Recipe(ema=1.0)
+
+
+def test_weight_average_golden_values() -> None:
+    layer = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+    average = WeightAverage(layer, decay=0.5)
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        average.update()
+    # decays min(0.5, (1+t)/(10+t)) = 0.1, 0.1818.., 0.25 for t = 0, 1, 2
+    expected = 0.0
+    for t, value in enumerate((1.0, 2.0, 3.0)):
+        d = min(0.5, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * value
+    average.copy_to_module()
+    assert layer.weight.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_ema_hands_back_the_averaged_weights_and_resumes_them(tmp_path) -> None:
+    recipe = Recipe(samples=8 * 8, batch_size=8, steps_per_chunk=2, recalibrate_bn=False, ema=0.9)
+    plain = build_method("kd").run(_task(Recipe(**{**recipe.to_dict(), "ema": 0.0})))
+    averaged = build_method("kd").run(_task(recipe))
+    assert averaged.extra["weight_average"] == {"decay": 0.9, "updates": recipe.steps}
+    a, b = plain.student.state_dict(), averaged.student.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].dtype.is_floating_point)
+    # stopped after two chunks, then resumed: the same averaged student as one uninterrupted run
+    from graftkd.engine import loop
+
+    calls = {"n": 0}
+    original = loop._save
+
+    def stop_after_two(checkpointer, task, *args, **kw):
+        original(checkpointer, task, *args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    loop._save = stop_after_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_method("kd").run(_task(recipe, run_dir=tmp_path))
+    finally:
+        loop._save = original
+    resumed = build_method("kd").run(_task(recipe, run_dir=tmp_path))
+    assert resumed.extra["resumed"] is not None
+    c = resumed.student.state_dict()
+    assert all(torch.equal(b[k], c[k]) for k in b)
