@@ -257,3 +257,26 @@ def test_unit_feature_pairs_map_each_kept_unit_to_the_teacher_stream_where_the_n
         mine = [t for s, t in pairs if s.startswith(f"{path}.")]
         assert mine[-1].endswith(f".{record.depth.lengths[path] - 1}")
         assert [int(t.rsplit(".", 1)[1]) for t in mine[:-1]] == [c - 1 for c in chosen[1:]]
+
+
+def test_repair_on_augmented_views_regresses_on_more_rows_and_is_recorded() -> None:
+    from graftkd.data import load_dataset
+    from graftkd.graft import GraftConfig
+    from graftkd.workflows import DeriveOptions, LoadedModel, distill
+
+    torch.manual_seed(0)
+    teacher = build_model("digits_cnn").eval()
+    fewshot = load_dataset("digits", "train").subset(list(range(20))).drop_labels()
+    students = {}
+    for views in (0, 3):
+        payload = distill(teacher=LoadedModel(teacher, "digits_cnn", (0.0,), (1.0,), "test"),
+                          student_arch="digits_cnn_half", fewshot=fewshot, test=None,
+                          config=GraftConfig(shots=2, seed=0, precision="fp32"), device="cpu", out=None,
+                          progress=False, derive=DeriveOptions(init="derived", refine="none", repair=True,
+                                                               repair_views=views))
+        assert payload["repair"]["applied"] and payload["repair"]["images"] == 20 * (1 + views)
+        assert payload["derive"]["repair_views"] == views
+        students[views] = payload
+    assert students[0]["repair"]["per_layer"] != students[3]["repair"]["per_layer"]
+    with pytest.raises(Exception, match="repair views and ridge"):
+        DeriveOptions(repair=True, repair_views=-1)

@@ -87,6 +87,14 @@ CONFIGS = {
     "vh-kd-64k": ("vgg16bn-cifar10", "vgg16_half_bn", {}, {"freeze_bn": True, "samples": 64_000}),
     "vg-derived-only": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none"}, {}),
     "vg-kd-64k": ("vgg16bn-cifar10", "vgg16_graft_bn", {}, {"freeze_bn": True, "samples": 64_000}),
+    # the repair's regression on more rows (augmented copies) and with another ridge (vgg16-graft, no training)
+    "vg-repair-only-v4": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none", "repair": True, "repair_views": 4}, {}),
+    "vg-repair-only-v16": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none", "repair": True, "repair_views": 16},
+                           {}),
+    "vg-repair-only-r1e3": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none", "repair": True,
+                                                                  "repair_ridge": 1e-3}, {}),
+    "vg-repair-only-r1e2": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none", "repair": True,
+                                                                  "repair_ridge": 1e-2}, {}),
     # fresh students (issue: patient recipe): "method" runs that registered method on a fresh student with the
     # patient recipe (`graftkd distill --method kd --recipe patient`) instead of deriving one
     "r20-fresh-50k-auto": ("resnet56-cifar10", "resnet20", {"method": "kd"}, {"samples": 50_000}, {"precision": "auto"}),

@@ -101,7 +101,8 @@ def part_patient_curve(args, budget: Budget, out: Path) -> dict:
         key = f"{pair}/{CURVE_ROW}/k{k}-s{seed}"
         manifest = payload / "fewshot" / f"k{k}-s{seed}.json"
         cell = out / "results" / "cifar10-patient" / "cells" / pair / CURVE_ROW / f"k{k}-s{seed}.json"
-        if cell.exists() or (ROOT / "results" / "cifar10-patient" / "cells" / pair / CURVE_ROW / cell.name).exists():
+        committed = ROOT / "results" / "cifar10-patient" / "cells" / pair / CURVE_ROW / cell.name
+        if cell.exists() or (committed.exists() and not args.dry_run):
             done[key] = "done before"
             continue
         if not manifest.exists() or not any((payload / "teachers").glob(f"{teacher.split('-')[0]}*")):

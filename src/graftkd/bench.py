@@ -306,15 +306,10 @@ class GridRunner:
         return self.out / "cells" / f"{cell.key}.json"
 
     def _finished(self, cell: Cell) -> bool:
-        path = self.cell_path(cell)
-        if not path.is_file():
-            return False
-        import json
+        from graftkd.files import read_json
 
-        try:
-            return json.loads(path.read_text()).get("status") in ("ok", "unsupported")
-        except (OSError, ValueError):
-            return False  # a damaged file is recomputed
+        cell_file = read_json(self.cell_path(cell))  # None: missing or damaged, so recomputed
+        return isinstance(cell_file, dict) and cell_file.get("status") in ("ok", "unsupported")
 
     def _write_grid_file(self, cells: list[Cell], slice_cells: list[Cell]) -> None:
         """grid.json describes the whole grid of the config file, and which slice this invocation ran."""
@@ -349,7 +344,7 @@ class GridRunner:
         return record
 
     def _run(self, cell: Cell, method) -> dict:
-        from graftkd.data import Augment, default_augment
+        from graftkd.data import resolve_augment
         from graftkd.distill.base import FewShotTask
         from graftkd.engine.evaluate import accuracy, predict_logits
         from graftkd.graft import ScheduleConfig
@@ -365,15 +360,13 @@ class GridRunner:
         labeled = manifest.materialize_with_labels()  # labels: diagnostics (few-shot accuracy) only
         images = labeled.images.to(self.device)
         normalize = normalizer(teacher.mean, teacher.std).to(self.device)
-        defaults = default_augment(config.data)
-        padding = config.padding if config.padding is not None else defaults.padding
-        flip = config.flip if config.flip is not None else defaults.flip
-        augment = Augment(padding, flip) if config.augment and (padding or flip) else None
+        chosen = resolve_augment(config.data, config.padding, config.flip)
+        padding, flip = chosen.padding, chosen.flip
+        augment = chosen if config.augment and not chosen.is_identity() else None
 
         generator = seed_everything(cell.seed)
         student = build_model(config.student, num_classes=test.num_classes).to(self.device)
-        schedule = ScheduleConfig(config.preset, config.block_lr, config.net_lr, config.block_epochs, config.net_epochs,
-                                  config.block_adapter_lr_scale, config.net_lr_batch_scaled)
+        schedule = ScheduleConfig.from_fields(config)
         batch_size = batch_size_for(cell.shots, len(images))
         epochs, lr = paper_budget(teacher.model, student, tuple(images.shape[1:]), schedule, batch_size,
                                   config.inherit, config.baseline_lr)
@@ -430,7 +423,9 @@ def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_roo
     if jobs < 1:
         raise GraftkdError(f"--jobs {jobs}: run at least 1 cell at a time")
     raw = _read_yaml(Path(config_path))
-    if isinstance(raw, dict) and raw.get("kind") == "fulldata":  # pairs x distillers x modes on full data
+    from graftkd.fullbench import CONFIG_KIND
+
+    if isinstance(raw, dict) and raw.get("kind") == CONFIG_KIND:  # pairs x distillers x modes on full data
         from graftkd.fullbench import FullGridConfig, run_full_grid
 
         if only or shots or seeds or curves_only or jobs > 1:

@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="derived students: patient KD (default), grafting stages (paper recipe), or no training")
     p.add_argument("--repair", action="store_true",
                    help="derived students: closed-form least-squares 1x1 corrections before any step (FSKD's)")
+    p.add_argument("--repair-views", type=int, default=0, metavar="N",
+                   help="--repair: also regress on N crop-and-flip copies of every few-shot image (default 0)")
+    p.add_argument("--repair-ridge", type=float, default=1e-4,
+                   help="--repair: ridge towards the identity, relative to the Gram matrix's mean diagonal (default 1e-4)")
     p.add_argument("--refine-loss", default="kd", choices=["kd", "feature_kd", "fitnet"],
                    help="derived students, --refine kd: KD on logits (kd), KD plus the teacher's feature maps "
                         "(feature_kd), or FitNet's hint stage then KD (fitnet)")
@@ -273,7 +277,7 @@ def _check_out_dir(out: str | None) -> None:
 
 
 def _cmd_distill(args) -> None:
-    from graftkd.data import default_augment, load_dataset
+    from graftkd.data import load_dataset, resolve_augment
     from graftkd.data.fewshot import FewShotManifest, make_manifest
     from graftkd.graft import GraftConfig, ScheduleConfig
     from graftkd.workflows import distill, load_teacher, summary_table
@@ -321,6 +325,7 @@ def _cmd_distill(args) -> None:
             init, reason = "fresh", f"grafting options given ({', '.join(grafting)}): the paper's grafting"
     derive = DeriveOptions(init=init, reason=reason, depth_rule=args.depth_rule, width_rule=args.width_rule,
                            bn_start=args.bn_start, refine=args.refine, repair=args.repair, loss=args.refine_loss,
+                           repair_views=args.repair_views, repair_ridge=args.repair_ridge,
                            unit_features=args.unit_features,
                            recipe=Recipe(lr=args.refine_lr, ema=args.ema,
                                          **({"samples": args.samples} if args.samples is not None else {})))  # bad values fail before any work
@@ -364,16 +369,17 @@ def _cmd_distill(args) -> None:
 
         channels = getattr(teacher.model, "input_shape", (3,))[0]
         fewshot = load_unlabeled_folder(args.unlabeled, grayscale=channels == 1, on_bad_image=args.on_bad_image)
-    augment = default_augment(getattr(test, "dataset", None) or (manifest.source if manifest else None))
+    augment = resolve_augment(getattr(test, "dataset", None) or (manifest.source if manifest else None),
+                              args.padding, False if args.no_flip else None)
     config = GraftConfig(
         shots=args.k,
         batch_size=args.batch_size,
-        schedule=ScheduleConfig(args.preset, args.block_lr, args.net_lr, args.block_epochs, args.net_epochs),
+        schedule=ScheduleConfig.from_fields(args),
         inherit=args.inherit,
         inherit_trainable=args.inherit_trainable,
         augment=not args.no_augment,
-        padding=args.padding if args.padding is not None else augment.padding,
-        flip=augment.flip and not args.no_flip,
+        padding=augment.padding,
+        flip=augment.flip,
         mixup=args.mixup,
         seed=args.seed,
         precision=args.precision,

@@ -48,6 +48,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The JSON in ``path``, or None when it is missing or damaged (a grid recomputes such a cell)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     """``torch.save`` through memory so the file on disk is either the old one or the complete new one."""
     buffer = io.BytesIO()

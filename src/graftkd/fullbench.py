@@ -18,10 +18,12 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from graftkd.files import atomic_write_json, atomic_write_text
+from graftkd.files import atomic_write_json, atomic_write_text, read_json
 from graftkd.engine.runtime import resolve_device, run_facts
 from graftkd.errors import GraftkdError, Interrupted
 
+CONFIG_KIND = "fulldata"  # a config file's kind: graftkd bench runs it with this module
+GRID_KIND = "fulldata-grid"  # the kind of the grid.json it writes: graftkd report reads it with this module
 MODES = {"standard": "none", "sakd": "sakd", "anti": "anti"}
 MODE_LABELS = {"standard": "Stan.", "sakd": "Adap.", "anti": "Anti"}
 
@@ -35,7 +37,7 @@ class PairSpec:
 
 @dataclass
 class FullGridConfig:
-    kind: Literal["fulldata"]
+    kind: Literal["fulldata"]  # CONFIG_KIND
     name: str
     data: str
     pairs: list[dict[str, Any]]
@@ -109,7 +111,7 @@ def run_full_grid(config: FullGridConfig, config_path: str, out_root: str | Path
         keep = training_subset(labels, config.limit_train)
         images, labels = images[keep], labels[keep]
     cells = [(p, d, m, s) for p in config.pairs for d in config.distillers for m in config.modes for s in config.seeds]
-    atomic_write_json(out / "grid.json", {**run_facts(device_), "kind": "fulldata-grid", "config_file": config_path,
+    atomic_write_json(out / "grid.json", {**run_facts(device_), "kind": GRID_KIND, "config_file": config_path,
                                           "config": asdict(config), "cells": [cell_key(*c) for c in cells]})
     teachers: dict[str, Any] = {}
     counts = {"ok": 0, "skipped": 0, "failed": 0, "unsupported": 0}
@@ -117,7 +119,8 @@ def run_full_grid(config: FullGridConfig, config_path: str, out_root: str | Path
     for pair, distiller, mode, seed in cells:
         key = cell_key(pair, distiller, mode, seed)
         path = out / "cells" / f"{key}.json"
-        if path.is_file() and json.loads(path.read_text()).get("status") == "ok":
+        finished = read_json(path)  # None: missing or damaged, so recomputed (as graftkd bench does)
+        if isinstance(finished, dict) and finished.get("status") == "ok":
             counts["skipped"] += 1
             bar.update(1)
             continue
@@ -169,7 +172,7 @@ def write_full_report(results_dir: str | Path) -> dict:
     results_dir = Path(results_dir)
     grid = json.loads((results_dir / "grid.json").read_text())
     config = grid["config"]
-    cells = [json.loads(p.read_text()) for p in sorted((results_dir / "cells").glob("*.json"))]
+    cells = [c for c in (read_json(p) for p in sorted((results_dir / "cells").glob("*.json"))) if isinstance(c, dict)]
     ok = [c for c in cells if c.get("status") == "ok"]
     modes = config["modes"]
     lines = [f"# {config.get('title') or config['name']}", ""]

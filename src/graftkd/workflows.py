@@ -392,6 +392,9 @@ class DeriveOptions:
     bn_start: str = "auto"  # teacher | reestimate (on the images) | auto (the smaller few-shot logit error)
     refine: str = "kd"  # kd (patient recipe) | graft (block then network stages, paper recipe) | none
     repair: bool = False  # closed-form least-squares 1x1 corrections before any step (FSKD, generalised)
+    # the repair's regression also sees this many augmented copies (crop + flip) of every few-shot image
+    repair_views: int = 0
+    repair_ridge: float = 1e-4  # ridge towards the identity, relative to the Gram matrix's mean diagonal
     loss: str = "kd"  # kd | feature_kd (KD plus the teacher's feature maps at every block boundary) | fitnet
     unit_features: bool = False  # feature_kd: also match every kept unit's output to the teacher's stream
     loss_options: dict = field(default_factory=dict)  # the loss method's own options, e.g. {"temperature": 1.0}
@@ -407,10 +410,13 @@ class DeriveOptions:
                                      ("loss", self.loss, ("kd", "feature_kd", "fitnet"))):
             if value not in allowed:
                 raise GraftkdError(f"unknown {name} '{value}': use one of {', '.join(allowed)}")
+        if self.repair_views < 0 or self.repair_ridge < 0:
+            raise GraftkdError(f"repair views and ridge must be >= 0 (got {self.repair_views}, {self.repair_ridge})")
 
     def to_dict(self) -> dict:
         return {"init": self.init, "reason": self.reason, "depth_rule": self.depth_rule, "width_rule": self.width_rule,
                 "bn_start": self.bn_start, "repair": self.repair, "refine": self.refine, "loss": self.loss,
+                **({"repair_views": self.repair_views, "repair_ridge": self.repair_ridge} if self.repair else {}),
                 "unit_features": self.unit_features, "loss_options": dict(self.loss_options),
                 "recipe": self.recipe.to_dict()}
 
@@ -488,7 +494,16 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
         # the corrections make each layer's pre-norm output the teacher's, so the norms keep the teacher's statistics
         from graftkd.derive.repair import repair
 
-        facts["repair"] = repair(teacher.model, student, record, inputs, progress=progress)
+        rows = inputs
+        if options.repair_views > 0:  # more rows for the least squares: crop-and-flip copies, seeded by the run
+            from graftkd.data import resolve_augment
+
+            views = resolve_augment(fewshot.dataset, config.padding, config.flip)
+            generator = torch.Generator().manual_seed(int(config.seed) + 104_729)
+            rows = torch.cat([inputs] + [norm(views(images.cpu(), generator).to(device)).float()
+                                         for _ in range(options.repair_views)])
+        facts["repair"] = {**repair(teacher.model, student, record, rows, ridge=options.repair_ridge, progress=progress),
+                           "images": len(rows), "augmented_views": options.repair_views}
         facts["bn_start"] = {"rule": "teacher (repair)", "used": "teacher"}
     else:
         facts["bn_start"] = _bn_start(teacher.model, student, record, inputs, options.bn_start)

@@ -4,7 +4,14 @@ Entry points: ``load_dataset(spec, split)`` for labeled data, ``load_unlabeled_f
 folder of images without classes, ``make_manifest`` / ``FewShotManifest`` for reproducible few-shot
 subsets, ``Normalizer`` and ``random_crop_flip`` for on-device preprocessing.
 """
-from graftkd.data.augment import Augment, apply_crop_flip, crop_flip_params, default_augment, random_crop_flip
+from graftkd.data.augment import (
+    Augment,
+    apply_crop_flip,
+    crop_flip_params,
+    default_augment,
+    random_crop_flip,
+    resolve_augment,
+)
 from graftkd.data.cache import cache_dir, file_sha256
 from graftkd.data.dataset import ImageSet
 from graftkd.data.fewshot import (
@@ -41,6 +48,7 @@ __all__ = [
     "crop_flip_params",
     "data_roots",
     "default_augment",
+    "resolve_augment",
     "download_cifar",
     "file_sha256",
     "load_cifar_python",

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from graftkd.errors import GraftkdError
 
-__all__ = ["random_crop_flip", "crop_flip_params", "apply_crop_flip", "random_resized_crop", "Augment", "default_augment"]
+__all__ = ["random_crop_flip", "crop_flip_params", "apply_crop_flip", "random_resized_crop", "Augment", "default_augment",
+           "resolve_augment"]
 
 
 def _check_batch(x: torch.Tensor) -> None:
@@ -137,6 +138,14 @@ def default_augment(dataset_name: str | None, image_size: int | None = None) -> 
     if image_size is not None:
         return Augment(padding=max(1, round(int(image_size) / 8)), flip=True)
     return Augment(padding=4, flip=True)
+
+
+def resolve_augment(dataset_name: str | None, padding: int | None = None, flip: bool | None = None,
+                    image_size: int | None = None) -> Augment:
+    """The crop-and-flip a run uses: what was asked for, else the dataset's default (:func:`default_augment`)."""
+    defaults = default_augment(dataset_name, image_size)
+    return Augment(padding=defaults.padding if padding is None else int(padding),
+                   flip=defaults.flip if flip is None else bool(flip))
 
 
 def random_resized_crop(

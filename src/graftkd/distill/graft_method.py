@@ -15,15 +15,18 @@ class Graft(FewShotMethod):
 
     def graft(self, task: FewShotTask, init_adapters: Callable | None = None) -> MethodOutcome:
         """Run :func:`graftkd.graft.graft` on the task; subclasses may start the adapters elsewhere."""
+        from dataclasses import fields
+
         from graftkd.graft import GraftConfig, graft
 
-        config = GraftConfig(
-            shots=task.shots, batch_size=task.batch_size, schedule=task.schedule, inherit=task.inherit,
-            inherit_trainable=self.options["inherit_trainable"], augment=task.augment is not None,
-            padding=task.padding, flip=task.flip, mixup=task.mixup, seed=task.seed, precision=task.precision,
-            checkpoint_every_s=task.checkpoint_every_s, log_every=task.log_every, eval_every=task.eval_every,
-            freeze_norm_stats=self.options["freeze_norm_stats"],
-        )
+        # the task's settings under the same names; the two that differ in kind are said here: the task holds
+        # the augmentation itself (the config a switch), and the task's channels_last is a run's resolved
+        # choice for the shared loop, while grafting resolves its own (None: per device)
+        differ = {"augment", "channels_last"}
+        shared = {f.name for f in fields(GraftConfig)} & {f.name for f in fields(FewShotTask)} - differ
+        config = GraftConfig(**{name: getattr(task, name) for name in shared}, augment=task.augment is not None,
+                             inherit_trainable=self.options["inherit_trainable"],
+                             freeze_norm_stats=self.options["freeze_norm_stats"])
         result = graft(task.teacher, task.student, task.images, normalize=task.normalize, config=config,
                        device=task.device, run_dir=task.run_dir, progress=task.progress, eval_hook=task.eval_hook,
                        init_adapters=init_adapters)

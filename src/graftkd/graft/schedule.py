@@ -69,6 +69,14 @@ class ScheduleConfig:
     block_adapter_lr_scale: float | None = None
     net_lr_batch_scaled: bool | None = None
 
+    @classmethod
+    def from_fields(cls, source) -> "ScheduleConfig":
+        """The schedule named by ``source``'s attributes of the same names (a grid config, parsed command-line
+        arguments); an attribute it lacks takes the preset's value."""
+        from dataclasses import fields
+
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if getattr(source, f.name, None) is not None})
+
     def resolved(self) -> dict:
         if self.preset not in PRESETS:
             raise GraftkdError(f"unknown preset '{self.preset}': choose one of {', '.join(PRESETS)}")

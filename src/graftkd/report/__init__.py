@@ -18,7 +18,9 @@ def write_any_report(folder) -> dict:
 
     folder = Path(folder)
     grid = folder / "grid.json"
-    if grid.is_file() and json.loads(grid.read_text()).get("kind") == "fulldata-grid":
+    from graftkd.fullbench import GRID_KIND
+
+    if grid.is_file() and json.loads(grid.read_text()).get("kind") == GRID_KIND:
         from graftkd.fullbench import write_full_report
 
         return write_full_report(folder)

@@ -46,8 +46,9 @@ class FitNet(Distiller):
     def hint_stage(self, epochs: int) -> InitStage:
         """FitNet's original first stage: student + regressor trained on the hint loss alone.
 
-        Not returned by :meth:`init_stages` (the benchmark trains hint + KD jointly); the training loop
-        asks for it when the two-stage recipe is wanted.
+        Not returned by :meth:`init_stages`: the CIFAR-100 benchmark trains hint + KD jointly, and no
+        command asks for the two-stage recipe. It is here for a caller that wants it, as an
+        :class:`InitStage` the full-data trainer runs like the other distillers' pre-training stages.
         """
         return InitStage(name="fitnet-hint", epochs=int(epochs), modules=[self.regressors], loss=self.forward,
                          train_student=True)
