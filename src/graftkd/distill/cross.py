@@ -10,7 +10,7 @@ unit is a grafting block: for each non-inherited block l, in order, scion l (the
 
 where x_t is the teacher's input to block l and x_s the input produced by the student chain already
 trained (scions 1..l−1, inherited blocks as the teacher's), both from the same augmented batch. The
-last block (logits) uses the same plain MSE on logits. A term whose weight is 0 is not computed, and
+last block (logits) uses the same plain MSE on logits. The recorded loss terms are the weighted ones. A term whose weight is 0 is not computed, and
 when every earlier block is inherited x_s = x_t, so one pass suffices.
 
 BatchNorm: both passes run the scion in train mode (batch statistics); the running statistics follow
@@ -19,32 +19,36 @@ inherited blocks run in eval mode.
 
 Budget: ``task.epochs`` split evenly over the trained blocks (the first blocks take the remainder), so
 the total number of optimisation steps equals the other methods'. Batches, augmentation and mixup are
-the shared loop's (:func:`few_shot_batches`, :func:`few_shot_input`). At the end the adapters are
-folded exactly (``plan.merge``) and the plain student is returned. No checkpoints or resume: a stopped
-run starts again from scratch.
+the shared loop's, and so are checkpoints and resume: each trained block is one stage of
+:mod:`graftkd.engine.loop`, this class supplies the step (``step_terms``) and the modes. At the end the
+adapters are folded exactly (``plan.merge``) and the plain student is returned.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graftkd.distill.base import FewShotMethod, FewShotTask, MethodOutcome, register_method
-from graftkd.engine.loop import few_shot_batches, few_shot_input
-from graftkd.engine.runtime import Timer, autocast
+from dataclasses import replace
+
+from graftkd.distill.base import FewShotTask, LossMethod, LossStage, MethodOutcome, register_method
+from graftkd.engine.loop import run_loss_method
+from graftkd.engine.runtime import autocast
 from graftkd.errors import GraftkdError
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @register_method("cross")
-class Cross(FewShotMethod):
+class Cross(LossMethod):
+    """Each trained block is one stage of the shared loop, which owns batches, optimiser, records and resume;
+    this class owns the step (the block's two inputs and its target) and which modules train."""
+
     defaults = {"mu": 0.6}
 
-    def run(self, task: FewShotTask) -> MethodOutcome:
+    def setup(self, task: FewShotTask) -> None:
         from graftkd.graft.plan import build_plan
 
         mu = float(self.options["mu"])
@@ -59,84 +63,65 @@ class Cross(FewShotMethod):
                 f"method 'cross' needs at least one epoch per trained block: budget {task.epochs} < "
                 f"{len(trained)} blocks ({', '.join(plan.names[i] for i in trained)}); raise the epochs"
             )
-        share, remainder = divmod(task.epochs, len(trained))
-        timer = Timer(task.device)
-        task.teacher.eval()
-        records = []
-        for order, block in enumerate(trained):
-            epochs = share + (1 if order < remainder else 0)
-            records.append(self._train_block(task, plan, block, epochs, mu))
-        probe = task.normalize(task.images[: min(len(task.images), 32)])
-        difference = plan.merge(probe)
-        task.student.eval()
-        extra = {"mu": mu, "blocks": plan.describe(), "inherited_blocks": [i + 1 for i in plan.inherited],
-                 "merge_max_abs_diff": difference, "seconds": timer.elapsed(),
-                 "last_block_loss": "mse on logits"}
-        return MethodOutcome(student=task.student, stages=records, extra=extra)
+        self.mu, self.plan, self.trained, self.task = mu, plan, trained, task
+        self.block_of: dict[str, int] = {}
+        self.weights: dict[int, dict[str, float]] = {}
+        for block in trained:
+            self.block_of[plan.names[block]] = block
+            same_input = all(j in plan.inherited for j in range(block))  # then x_s == x_t
+            self.weights[block] = {"teacher_input": 1.0 if same_input else mu,
+                                   "student_input": 0.0 if same_input else 1.0 - mu}
 
-    def _train_block(self, task: FewShotTask, plan, block: int, epochs: int, mu: float) -> dict:
-        """Train scion ``block`` for ``epochs`` passes; return its stage record."""
-        scion = plan.scions[block]
-        params = [p for p in scion.parameters() if p.requires_grad]
-        if not params:
-            raise GraftkdError(f"block {block + 1} ('{plan.names[block]}') has nothing to train")
-        optimizer = torch.optim.Adam(params, lr=task.lr, betas=(0.9, 0.999), weight_decay=0.0)
-        same_input = all(j in plan.inherited for j in range(block))  # then x_s == x_t
-        weights = {"teacher_input": 1.0 if same_input else mu, "student_input": 0.0 if same_input else 1.0 - mu}
-        stats_from = "student_input" if weights["student_input"] > 0 else "teacher_input"
-        record = {"name": plan.names[block], "kind": "cross", "block": block + 1, "epochs": epochs, "lr": task.lr,
-                  "mu": mu, "steps": 0, "images": 0, "seconds": 0.0, "final_loss": float("nan"),
-                  "loss_terms": {}, "loss_curve": []}
-        timer = Timer(task.device)
-        self._set_modes(plan, block)
-        for epoch in range(epochs):
-            running = {k: torch.zeros((), device=task.device) for k, w in weights.items() if w > 0}
-            steps = 0
-            for indices in few_shot_batches(len(task.images), task.batch_size, task.generator, task.device):
-                x = few_shot_input(task, indices)
-                with torch.no_grad(), autocast(task.device, task.precision):
-                    x_t = _chain(plan.teacher_blocks[:block], x)
-                    target = plan.teacher_blocks[block](x_t).float()
-                    x_s = None if same_input else _student_prefix(plan, block, x)
-                terms = {}
-                with autocast(task.device, task.precision):
-                    for key, source in (("teacher_input", x_t), ("student_input", x_s)):
-                        if weights[key] <= 0:
-                            continue
-                        with _frozen_statistics(scion, key != stats_from):
-                            terms[key] = F.mse_loss(scion(source).float(), target)
-                loss = sum(weights[k] * v for k, v in terms.items())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for key, value in terms.items():
-                    running[key] += value.detach()
-                steps += 1
-                record["images"] += len(indices)
-            record["steps"] += steps
-            means = {k: float(v) / max(steps, 1) for k, v in running.items()}  # one host sync per epoch
-            total = sum(weights[k] * v for k, v in means.items())
-            if not math.isfinite(total):
-                raise GraftkdError(
-                    f"loss became {total} in block {block + 1} ('{plan.names[block]}') of 'cross' at epoch "
-                    f"{epoch + 1}: lower the learning rate"
-                )
-            record["final_loss"] = total
-            record["loss_terms"] = means
-            record["loss_curve"].append([epoch + 1, total])
-        scion.eval()
-        record["seconds"] = timer.elapsed()
-        record["images_per_second"] = record["images"] / record["seconds"] if record["seconds"] > 0 else float("nan")
-        return record
+    def extra_modules(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"scions": self.plan.scions})
 
-    @staticmethod
-    def _set_modes(plan, block: int) -> None:
+    def stages(self, task: FewShotTask) -> list[LossStage]:
+        share, remainder = divmod(task.epochs, len(self.trained))
+        return [LossStage(self.plan.names[block], share + (1 if order < remainder else 0), task.lr,
+                          [self.plan.scions[block]])
+                for order, block in enumerate(self.trained)]
+
+    def set_modes(self, stage: LossStage) -> None:
         """Only the scion being trained is in train mode; teacher, inherited and earlier blocks are frozen."""
+        plan, block = self.plan, self.block_of[stage.name]
         plan.teacher.eval()
         plan.scions.eval()
         for i in plan.inherited:
             plan.student_blocks[i].eval()
         plan.scions[block].train()
+
+    def step_terms(self, stage: LossStage, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        plan, task, block = self.plan, self.task, self.block_of[stage.name]
+        weights = self.weights[block]
+        scion = plan.scions[block]
+        stats_from = "student_input" if weights["student_input"] > 0 else "teacher_input"
+        with torch.no_grad(), autocast(task.device, task.precision):
+            x_t = _chain(plan.teacher_blocks[:block], x)
+            target = plan.teacher_blocks[block](x_t).float()
+            x_s = None if weights["student_input"] <= 0 else _student_prefix(plan, block, x)
+        terms = {}
+        with autocast(task.device, task.precision):
+            for key, source in (("teacher_input", x_t), ("student_input", x_s)):
+                if weights[key] <= 0:
+                    continue
+                with _frozen_statistics(scion, key != stats_from):
+                    terms[key] = weights[key] * F.mse_loss(scion(source).float(), target)
+        return terms
+
+    def run(self, task: FewShotTask) -> MethodOutcome:
+        # a loss point per epoch (blocks train for a few epochs each); no evaluation mid-run: the student is
+        # only whole after the merge
+        task = replace(task, log_every=1, eval_every=0)
+        outcome = run_loss_method(self, task)
+        for record, block in zip(outcome.stages, self.trained):
+            record.update(block=block + 1, mu=self.mu)
+        probe = task.normalize(task.images[: min(len(task.images), 32)])
+        difference = self.plan.merge(probe)
+        task.student.eval()
+        extra = {**outcome.extra, "mu": self.mu, "blocks": self.plan.describe(),
+                 "inherited_blocks": [i + 1 for i in self.plan.inherited], "merge_max_abs_diff": difference,
+                 "last_block_loss": "mse on logits"}
+        return MethodOutcome(student=task.student, stages=outcome.stages, extra=extra)
 
 
 def _chain(blocks: list[nn.Module], x: torch.Tensor) -> torch.Tensor:

@@ -305,7 +305,17 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
 
     frozen = list(getattr(method, "frozen", []))
 
+    # a method may own its step (cross distillation: a block's own inputs and targets) and its modules' modes;
+    # the loop still owns the batches, the optimiser, the schedule, the NaN guard, the records and resume
+    own_step = getattr(method, "step_terms", None)
+    own_modes = getattr(method, "set_modes", None)
+    if own_step is not None and task.world is not None and task.world.size > 1:
+        raise GraftkdError(f"method '{method.name}' steps on its own modules: it runs in one process, not under torchrun")
+
     def set_modes() -> None:
+        if own_modes is not None:
+            own_modes(stage)
+            return
         student.train(stage.train_student and not (recipe is not None and recipe.freeze_bn))
         for module in frozen:  # inherited teacher blocks keep the teacher's BatchNorm statistics
             module.eval()
@@ -337,6 +347,16 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 x = few_shot_input(task, indices)
                 if sharded:  # every process drew the same global batch; each trains on its share
                     x = x[world.rank::world.size]
+                if own_step is not None:
+                    terms = own_step(stage, x)
+                    loss = sum(terms.values())
+                    _optimise(loss, optimizer, params, recipe, task)
+                    for key, value in terms.items():
+                        running[key] = running.get(key, torch.zeros((), device=task.device)) + value.detach().float()
+                    running_steps += 1
+                    record["steps"] += 1
+                    record["images"] += len(indices)
+                    continue
                 with torch.no_grad(), autocast(task.device, task.precision):
                     teacher_logits = teacher(x).float()
                 if recipe is not None and recipe.adversarial > 0:
@@ -353,13 +373,7 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                     return sum(terms.values()), terms
 
                 loss, terms = step_module(forward_loss) if sharded else forward_loss()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if recipe is not None and recipe.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
-                optimizer.step()
-                if task.average is not None:
-                    task.average.update()
+                _optimise(loss, optimizer, params, recipe, task)
                 for key, value in terms.items():
                     running[key] = running.get(key, torch.zeros((), device=task.device)) + value.detach().float()
                 running_steps += 1
@@ -409,6 +423,16 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
         tqdm.write(f"{method.name}:{stage.name}: {stage.epochs} epochs, loss {record['final_loss']:.4f}, "
                    f"{record['images_per_second']:.1f} img/s, {record['seconds']:.1f} s")
     _save(checkpointer, task, extra, index + 1, 0, None, records)
+
+
+def _optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, recipe, task) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if recipe is not None and recipe.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
+    optimizer.step()
+    if task.average is not None:
+        task.average.update()
 
 
 def _epoch_batches(task, recipe, done_steps: int, budget: int | None, images_left: int | None):
