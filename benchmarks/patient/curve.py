@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
     out = ROOT / "results" / config["name"]
     report(out, config)
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/*.json"))]
+    # cells of the same recipe committed by another grid (config key ``also``: pair -> cell files), marked
+    borrowed = []
+    for pair, files in (config.get("also") or {}).items():
+        for name in files:
+            cell = json.loads((ROOT / name).read_text())
+            borrowed.append(name)
+            cells.append({**cell, "pair": pair, "borrowed_from": name})
     curves: dict[tuple[str, int], list[dict]] = {}
     for c in cells:
         curves.setdefault((c["pair"], c["fewshot"]["shots"]), []).append(c)
@@ -88,7 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "points": [{"samples": s, "accuracies": [c["student"]["test_acc"] for c in group],
                                  "agreement": [c["label_free"]["agreement"] for c in group],
                                  "wall_seconds": [c["wall_seconds"] for c in group],
-                                 "devices": sorted({c["device"] for c in group})}
+                                 "devices": sorted({c["device"] for c in group}),
+                                 "precision": sorted({str(((c.get("refine") or {}).get("speed") or {}).get("chosen"))
+                                                      for c in group}),
+                                 "from": sorted({c.get("borrowed_from", f"cells/{c['pair']}/{c['row']}") for c in group})}
                                 for s, group in sorted(by_budget.items())]})
     (out / "curve.json").write_text(json.dumps({"target": TARGET, "curves": rows}, indent=1))
     _plot(rows, out / "curve.png")
@@ -96,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
              f"Last-epoch test accuracy against the samples seen (`curve.png`), and a line acc = a + b·log10(samples) "
              f"fitted per pair and K over every cell: b is the gain per tenfold budget, and the budget where the line "
              f"reaches {TARGET:.0f} % is an extrapolation, with a 68 % interval from the fit's covariance where there "
-             "are more cells than parameters. Written by `python benchmarks/patient/curve.py`.", "",
+             "are more cells than parameters. Written by `python benchmarks/patient/curve.py`."
+             + (f" Also in the fits, from another grid with the same recipe: {', '.join(f'`{b}`' for b in borrowed)} "
+                "(its device and precision are in `curve.json`)." if borrowed else ""), "",
              "| Pair | K | samples: test acc. (n) | label-free agreement | gain per 10x | budget for 85 % (68 % interval) |",
              "|---|---|---|---|---|---|"]
     for r in rows:

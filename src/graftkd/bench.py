@@ -362,7 +362,7 @@ class GridRunner:
         normalize = normalizer(teacher.mean, teacher.std).to(self.device)
         chosen = resolve_augment(config.data, config.padding, config.flip)
         padding, flip = chosen.padding, chosen.flip
-        augment = chosen if config.augment and not chosen.is_identity() else None
+        augment = chosen if config.augment and not chosen.is_identity else None
 
         generator = seed_everything(cell.seed)
         student = build_model(config.student, num_classes=test.num_classes).to(self.device)
