@@ -25,3 +25,28 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def stop_after_saves(monkeypatch):
+    """``stop_after_saves(n)``: the shared loop raises KeyboardInterrupt right after its n-th checkpoint, as a
+    Ctrl-C would land there; ``stop_after_saves(None)`` puts the loop back."""
+    from graftkd.engine import loop
+
+    original = loop._save
+
+    def arm(n):
+        if n is None:
+            monkeypatch.setattr(loop, "_save", original)
+            return
+        saves = {"n": 0}
+
+        def save_then_stop(*args, **kw):
+            original(*args, **kw)
+            saves["n"] += 1
+            if saves["n"] == n:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(loop, "_save", save_then_stop)
+
+    return arm

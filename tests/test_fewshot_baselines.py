@@ -230,7 +230,7 @@ def test_fskd_without_corrections_is_the_plainly_pruned_teacher():
     assert outcome.extra["logit_rel_error_corrected"] == outcome.extra["logit_rel_error_pruned"] > 0
 
 
-def test_cross_distillation_runs_in_the_shared_loop_and_resumes_bit_identically(tmp_path, monkeypatch) -> None:
+def test_cross_distillation_runs_in_the_shared_loop_and_resumes_bit_identically(tmp_path, stop_after_saves) -> None:
     """Cross distillation's blocks are stages of the shared loop: a run stopped mid-way and started again ends
     with the same weights as an uninterrupted one (it used to start again from scratch)."""
     import sys
@@ -240,23 +240,13 @@ def test_cross_distillation_runs_in_the_shared_loop_and_resumes_bit_identically(
     from test_distill import _task
 
     from graftkd.distill.base import build_method
-    from graftkd.engine import loop
 
     whole = build_method("cross").run(_task(epochs=6))
     assert [r["block"] for r in whole.stages] == [1, 2, 3, 4] and whole.extra["merge_max_abs_diff"] < 1e-4
-    saves = {"n": 0}
-    original = loop._save
-
-    def stop_in_the_second_block(checkpointer, task, *args, **kw):
-        original(checkpointer, task, *args, **kw)
-        saves["n"] += 1
-        if saves["n"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "_save", stop_in_the_second_block)
+    stop_after_saves(3)  # in the second block
     with pytest.raises(KeyboardInterrupt):
         build_method("cross").run(_task(tmp_path, epochs=6))
-    monkeypatch.setattr(loop, "_save", original)
+    stop_after_saves(None)
     resumed = build_method("cross").run(_task(tmp_path, epochs=6))
     assert resumed.extra["resumed"] is not None
     a, b = whole.student.state_dict(), resumed.student.state_dict()

@@ -94,7 +94,7 @@ def test_weight_average_golden_values() -> None:
     assert layer.weight.item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_ema_hands_back_the_averaged_weights_and_resumes_them(tmp_path) -> None:
+def test_ema_hands_back_the_averaged_weights_and_resumes_them(tmp_path, stop_after_saves) -> None:
     recipe = Recipe(samples=8 * 8, batch_size=8, steps_per_chunk=2, recalibrate_bn=False, ema=0.9)
     plain = build_method("kd").run(_task(Recipe(**{**recipe.to_dict(), "ema": 0.0})))
     averaged = build_method("kd").run(_task(recipe))
@@ -102,23 +102,10 @@ def test_ema_hands_back_the_averaged_weights_and_resumes_them(tmp_path) -> None:
     a, b = plain.student.state_dict(), averaged.student.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].dtype.is_floating_point)
     # stopped after two chunks, then resumed: the same averaged student as one uninterrupted run
-    from graftkd.engine import loop
-
-    calls = {"n": 0}
-    original = loop._save
-
-    def stop_after_two(checkpointer, task, *args, **kw):
-        original(checkpointer, task, *args, **kw)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    loop._save = stop_after_two
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            build_method("kd").run(_task(recipe, run_dir=tmp_path))
-    finally:
-        loop._save = original
+    stop_after_saves(2)
+    with pytest.raises(KeyboardInterrupt):
+        build_method("kd").run(_task(recipe, run_dir=tmp_path))
+    stop_after_saves(None)
     resumed = build_method("kd").run(_task(recipe, run_dir=tmp_path))
     assert resumed.extra["resumed"] is not None
     c = resumed.student.state_dict()

@@ -350,29 +350,8 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 if own_step is not None:
                     terms = own_step(stage, x)
                     loss = sum(terms.values())
-                    _optimise(loss, optimizer, params, recipe, task)
-                    for key, value in terms.items():
-                        running[key] = running.get(key, torch.zeros((), device=task.device)) + value.detach().float()
-                    running_steps += 1
-                    record["steps"] += 1
-                    record["images"] += len(indices)
-                    continue
-                with torch.no_grad(), autocast(task.device, task.precision):
-                    teacher_logits = teacher(x).float()
-                if recipe is not None and recipe.adversarial > 0:
-                    x = disagreement_step(student, x, teacher_logits, recipe.adversarial, task.precision)
-                    with torch.no_grad(), autocast(task.device, task.precision):
-                        teacher_logits = teacher(x).float()
-                teacher_features = {k: v.detach().float() for k, v in t_tap.features.items()}
-
-                def forward_loss(x=x, teacher_logits=teacher_logits, teacher_features=teacher_features):
-                    with autocast(task.device, task.precision):
-                        student_logits = student(x)
-                    terms = method.loss(stage, student_logits.float(), teacher_logits, s_tap.features,
-                                        teacher_features)
-                    return sum(terms.values()), terms
-
-                loss, terms = step_module(forward_loss) if sharded else forward_loss()
+                else:
+                    loss, terms = _default_step(method, stage, task, x, t_tap, s_tap, step_module if sharded else None)
                 _optimise(loss, optimizer, params, recipe, task)
                 for key, value in terms.items():
                     running[key] = running.get(key, torch.zeros((), device=task.device)) + value.detach().float()
@@ -423,6 +402,27 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
         tqdm.write(f"{method.name}:{stage.name}: {stage.epochs} epochs, loss {record['final_loss']:.4f}, "
                    f"{record['images_per_second']:.1f} img/s, {record['seconds']:.1f} s")
     _save(checkpointer, task, extra, index + 1, 0, None, records)
+
+
+def _default_step(method, stage, task, x: torch.Tensor, t_tap: FeatureTap, s_tap: FeatureTap, wrapped=None):
+    """The teacher's pass (no gradient; taps its features), then the student's and the method's loss terms;
+    under DDP the student's part runs through ``wrapped``."""
+    recipe = getattr(task, "recipe", None)
+    with torch.no_grad(), autocast(task.device, task.precision):
+        teacher_logits = task.teacher(x).float()
+    if recipe is not None and recipe.adversarial > 0:
+        x = disagreement_step(task.student, x, teacher_logits, recipe.adversarial, task.precision)
+        with torch.no_grad(), autocast(task.device, task.precision):
+            teacher_logits = task.teacher(x).float()
+    teacher_features = {k: v.detach().float() for k, v in t_tap.features.items()}
+
+    def forward_loss():
+        with autocast(task.device, task.precision):
+            student_logits = task.student(x)
+        terms = method.loss(stage, student_logits.float(), teacher_logits, s_tap.features, teacher_features)
+        return sum(terms.values()), terms
+
+    return wrapped(forward_loss) if wrapped is not None else forward_loss()
 
 
 def _optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, recipe, task) -> None:
