@@ -105,7 +105,7 @@ def part_patient_curve(args, budget: Budget, out: Path) -> dict:
         if cell.exists() or (committed.exists() and not args.dry_run):
             done[key] = "done before"
             continue
-        if not manifest.exists() or not any((payload / "teachers").glob(f"{teacher.split('-')[0]}*")):
+        if not manifest.exists() or not _has_teacher(teacher, payload / "teachers"):
             done[key] = f"skipped: {payload} lacks its draw or its teacher (pack.py --teachers {teacher})"
             continue
         if budget.left() < 60:
@@ -131,6 +131,17 @@ def part_patient_curve(args, budget: Budget, out: Path) -> dict:
                                     "command": " ".join(command)}, indent=1))
         done[key] = f"test {result['student']['test_acc']:.2f} in {time.perf_counter() - started:.0f} s"
     return done
+
+
+def _has_teacher(name: str, folder: Path) -> bool:
+    """Whether the payload carries the registered file of teacher ``name`` (the registry's own lookup)."""
+    from graftkd.errors import GraftkdError
+    from graftkd.models.teacher_registry import find_teacher_file, load_registry
+
+    try:
+        return find_teacher_file(load_registry().get(name), folder).parent == folder
+    except GraftkdError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> dict:
