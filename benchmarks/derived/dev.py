@@ -87,6 +87,8 @@ CONFIGS = {
     "vh-kd-64k": ("vgg16bn-cifar10", "vgg16_half_bn", {}, {"freeze_bn": True, "samples": 64_000}),
     "vg-derived-only": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none"}, {}),
     "vg-kd-64k": ("vgg16bn-cifar10", "vgg16_graft_bn", {}, {"freeze_bn": True, "samples": 64_000}),
+    # grafting's block and network stages (paper recipe) from the derived start, instead of patient KD
+    "r20-graft": ("resnet56-cifar10", "resnet20", {"refine": "graft"}, {}),
     # the repair's regression on more rows (augmented copies) and with another ridge (vgg16-graft, no training)
     "vg-repair-only-v4": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none", "repair": True, "repair_views": 4}, {}),
     "vg-repair-only-v16": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none", "repair": True, "repair_views": 16},
