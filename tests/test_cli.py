@@ -58,10 +58,15 @@ def test_default_distill_derives_the_student_and_records_how(tmp_path, digits_te
                  "digits_cnn_half", "--data", "digits", "--k", "2", "--samples", "640", "--device", "cpu",
                  "--no-progress", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
-    assert result["init"]["used"] == "derived" and result["method"] == "derived+kd"
+    assert result["init"]["used"] == "derived" and result["derive"]["refine"] == "auto"
     assert all(row["status"] == "channels chosen" for row in result["derivation"]["blocks"])
-    assert result["derive"]["recipe"]["samples"] == 640 and result["refine"]["stages"][0]["steps"] == 10
-    assert result["refine"]["bn_recalibrated"]["norms"] > 0 and result["bn_start"]["used"] in ("teacher", "reestimate")
+    # channels chosen: the resolver repairs first, then trains only if the repaired student is not close enough
+    resolved = result["resolved"]
+    assert resolved["repair"] and result["repair"]["applied"] and result["bn_start"]["used"] == "teacher"
+    assert resolved["why"].startswith("channels chosen") and 0 <= resolved["agreement_after_repair"] <= 100
+    trained = resolved["agreement_after_repair"] < resolved["stop_at"]
+    assert result["method"] == ("derived+kd" if trained else "derived+none") and resolved["refine"] == (
+        "kd" if trained else "none")
     assert 0 <= result["label_free"]["agreement"] <= 100 and result["label_free"]["views"] == 2 * 8 * 20
     saved = torch.load(out / "student.pt", weights_only=True)
     build_model(saved["arch"], num_classes=10).load_state_dict(saved["state_dict"], strict=True)
@@ -70,6 +75,34 @@ def test_default_distill_derives_the_student_and_records_how(tmp_path, digits_te
                  "digits_cnn_half", "--data", "digits", "--k", "2", "--samples", "640", "--device", "cpu",
                  "--no-progress", "--out", str(again)]) == 0
     assert json.loads((again / "result.json").read_text())["student"]["test_acc"] == result["student"]["test_acc"]
+
+
+@pytest.mark.parametrize("threshold, method", [(0.0, "derived+none"), (101.0, "derived+kd")])
+def test_the_resolver_stops_after_the_repair_only_when_the_student_is_close_enough(
+        tmp_path, digits_teacher, monkeypatch, threshold, method):
+    import graftkd.workflows as workflows
+
+    monkeypatch.setattr(workflows, "REPAIRED_ENOUGH", threshold)
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
+                 "digits_cnn_half", "--data", "digits", "--k", "1", "--samples", "640", "--device", "cpu",
+                 "--no-progress", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == method and result["resolved"]["stop_at"] == threshold
+    if method == "derived+kd":  # trained: KD plus the teacher's feature maps, the whole budget
+        assert result["resolved"]["loss"] == "feature_kd" and result["refine"]["stages"][0]["steps"] == 10
+        assert result["refine"]["bn_recalibrated"]["norms"] > 0
+    else:
+        assert result["refine"] is None
+
+
+def test_explicit_refinement_options_switch_the_resolver_off(tmp_path, digits_teacher):
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
+                 "digits_cnn_half", "--data", "digits", "--k", "1", "--samples", "640", "--refine-loss", "kd",
+                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert "resolved" not in result and result["method"] == "derived+kd" and not result["derive"]["repair"]
 
 
 def test_init_derived_on_a_pair_that_does_not_fit_is_one_clear_line(tmp_path, digits_teacher, capsys):

@@ -280,3 +280,21 @@ def test_repair_on_augmented_views_regresses_on_more_rows_and_is_recorded() -> N
     assert students[0]["repair"]["per_layer"] != students[3]["repair"]["per_layer"]
     with pytest.raises(Exception, match="repair views and ridge"):
         DeriveOptions(repair=True, repair_views=-1)
+
+
+def test_the_refinement_resolver_follows_the_derivation():
+    from types import SimpleNamespace
+
+    from graftkd.workflows import REPAIRED_ENOUGH, resolve_refinement
+
+    def record(*statuses, whole=True):
+        return SimpleNamespace(whole=whole, blocks=[{"block": i + 1, "status": s} for i, s in enumerate(statuses)])
+
+    depth = resolve_refinement(record("units chosen", "units chosen"))
+    assert (depth["repair"], depth["loss"], depth["stop_at"]) == (False, "kd", None)
+    width = resolve_refinement(record("inherited", "channels chosen", "units and channels chosen"))
+    assert (width["repair"], width["loss"], width["stop_at"]) == (True, "feature_kd", REPAIRED_ENOUGH)
+    fresh = resolve_refinement(record("channels chosen", "fresh"))
+    assert (fresh["repair"], fresh["loss"]) == (False, "kd") and "2" in fresh["why"]
+    per_block = resolve_refinement(record("channels chosen", whole=False))  # the repair needs one whole derivation
+    assert not per_block["repair"]

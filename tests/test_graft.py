@@ -95,7 +95,7 @@ def test_custom_pair_grafts_through_the_api_with_a_block_list():
     assert [s.name for s in result.stages] == [
         "block 1 (stem)", "block 2 (body)", "block 3 (head)", "net 1-2", "net 1-3"
     ]
-    assert all(r.steps > 0 and r.final_loss == r.final_loss for r in result.records)
+    assert all(r["steps"] > 0 and r["final_loss"] == r["final_loss"] for r in result.records)
     assert result.merge_max_abs_diff <= 1e-4
     fresh = CustomNet(6)
     fresh.load_state_dict(result.student.state_dict(), strict=True)
@@ -275,10 +275,10 @@ def _run(tmp_path, interrupt_at: int | None):
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    from graftkd.graft.train import GraftInterrupted
+    from graftkd.engine.loop import MethodInterrupted
 
     reference = _run(tmp_path / "a", None).student.state_dict()
-    with pytest.raises(GraftInterrupted, match="re-run the same command"):
+    with pytest.raises(MethodInterrupted, match="re-run the same command"):
         _run(tmp_path / "b", interrupt_at=5)  # mid-way through stage 3
     assert (tmp_path / "b" / "checkpoint.pt").is_file()
     resumed = _run(tmp_path / "b", None).student.state_dict()

@@ -60,7 +60,7 @@ def main() -> None:
             run_dir = ROOT / "runs" / name / pair / row / f"k{k}-s{seed}"
             command = ["graftkd", "distill", "--teacher", spec["teacher"], "--student-arch", spec["student"],
                        "--data", config["data"], "--k", str(k), "--seed", str(seed), "--test-data", config["data"],
-                       "--precision", "fp32", "--device", "cpu", "--no-progress", "--out", str(run_dir.relative_to(ROOT)),
+                       "--precision", "fp32", "--compile", "off", "--device", "cpu", "--no-progress", "--out", str(run_dir.relative_to(ROOT)),
                        *config["rows"][row]]
             started = time.perf_counter()
             print(f"[{index}/{len(cells)}] {pair} {row} K={k} seed {seed}: {' '.join(command)}", flush=True)

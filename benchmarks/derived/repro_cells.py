@@ -39,6 +39,8 @@ def main() -> None:
         if cell.get("refine") and recipe.get("samples") and "--samples" not in words:
             # the budget the cell records, made explicit: the default has changed since some cells were made
             words += ["--samples", str(recipe["samples"])]
+        if "--compile" not in words:  # made before the option existed: eagerly (its default is auto now)
+            words += ["--compile", "off"]
         out_at = words.index("--out")
         with tempfile.TemporaryDirectory() as tmp:
             words[out_at + 1] = tmp

@@ -94,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--padding", type=int, help="crop padding (default: 4, digits 1)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips (always off for digits)")
     p.add_argument("--mixup", action="store_true", help="blend pairs of few-shot images (not in the paper)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto (default): the loop times fp32/bf16 x memory formats on this machine and takes the fastest")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the teacher and student of KD-like training: auto (default) where the run is "
+                        "long enough to pay the compilation back (2,000 steps), on, or off (eager, as the committed "
+                        "grids ran)")
     p.add_argument("--on-bad-image", default="error", choices=["error", "skip"])
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
     p.add_argument("--checkpoint-every-s", type=float, default=60.0,
@@ -117,17 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-start", default="auto", choices=["auto", "teacher", "reestimate"],
                    help="derived students' BatchNorm statistics: the teacher's, re-estimated on the images, or auto "
                         "(whichever gives the smaller few-shot logit error)")
-    p.add_argument("--refine", default="kd", choices=["kd", "graft", "none"],
-                   help="derived students: patient KD (default), grafting stages (paper recipe), or no training")
+    p.add_argument("--refine", default=None, choices=["auto", "kd", "graft", "none"],
+                   help="derived students: auto (the default with --init auto when neither --repair nor "
+                        "--refine-loss is given: repair, training and loss chosen from the derivation, recorded in "
+                        "result.json), patient KD (the default otherwise), grafting stages (paper recipe), or no "
+                        "training")
     p.add_argument("--repair", action="store_true",
                    help="derived students: closed-form least-squares 1x1 corrections before any step (FSKD's)")
     p.add_argument("--repair-views", type=int, default=0, metavar="N",
                    help="--repair: also regress on N crop-and-flip copies of every few-shot image (default 0)")
     p.add_argument("--repair-ridge", type=float, default=1e-4,
                    help="--repair: ridge towards the identity, relative to the Gram matrix's mean diagonal (default 1e-4)")
-    p.add_argument("--refine-loss", default="kd", choices=["kd", "feature_kd", "fitnet"],
-                   help="derived students, --refine kd: KD on logits (kd), KD plus the teacher's feature maps "
-                        "(feature_kd), or FitNet's hint stage then KD (fitnet)")
+    p.add_argument("--refine-loss", default=None, choices=["kd", "feature_kd", "fitnet"],
+                   help="derived students, --refine kd: KD on logits (kd, the default), KD plus the teacher's "
+                        "feature maps (feature_kd), or FitNet's hint stage then KD (fitnet)")
     p.add_argument("--unit-features", action="store_true",
                    help="--refine-loss feature_kd after a depth derivation: also match every kept unit's output")
     p.add_argument("--samples", type=int, default=None,
@@ -314,6 +322,9 @@ def _cmd_distill(args) -> None:
         ("--block-lr", args.block_lr is not None), ("--net-lr", args.net_lr is not None),
         ("--batch-size", args.batch_size is not None), ("--inherit", args.inherit != "auto"),
         ("--inherit-trainable", args.inherit_trainable), ("--mixup", args.mixup)) if given]
+    if args.refine is None:  # the resolver decides only what the user left open
+        args.refine = "auto" if args.init == "auto" and not args.repair and args.refine_loss is None else "kd"
+    args.refine_loss = args.refine_loss or "kd"
     init, reason = args.init, ""
     if method is not None:  # grafting's options are then the method's budget
         init, reason = "fresh", f"--method {method}"
@@ -383,6 +394,7 @@ def _cmd_distill(args) -> None:
         mixup=args.mixup,
         seed=args.seed,
         precision=args.precision,
+        compile=args.compile,
         checkpoint_every_s=args.checkpoint_every_s,
     )
     payload = distill(

@@ -1,4 +1,4 @@
-"""The one training loop every gradient few-shot method runs in (KD, FitNet, "whole", ...).
+"""The one training loop every gradient few-shot method runs in (KD, FitNet, "whole", cross, grafting).
 
 Per step: one batch drawn from the few-shot set on the device, augmented in one tensor op; one teacher
 forward under ``no_grad`` (its features taken by hooks); one student forward/backward. Loss terms are
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from graftkd.engine import compiled
 from graftkd.engine.checkpoint import Checkpointer, fingerprint
 from graftkd.data.augment import random_resized_crop
 from graftkd.engine.bn import reestimate_batchnorm
@@ -100,8 +101,15 @@ def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     return params
 
 
-def run_loss_method(method, task):
-    """Run ``method``'s stages on ``task``; return a MethodOutcome with the trained student."""
+def run_loss_method(method, task, checkpointer: Checkpointer | None = None):
+    """Run ``method``'s stages on ``task``; return a MethodOutcome with the trained student.
+
+    The loop owns batches, optimiser, schedule, NaN guard, records, progress, checkpoints and resume. A
+    method may own, besides its stages and loss: ``batch_input(stage, indices)`` (what its step gets;
+    default: the augmented, normalised batch), ``step_terms(stage, batch)`` (its own forward passes),
+    ``set_modes(stage)``, ``make_optimizer(stage, params)`` and ``eval_forward(stage)`` (the function an
+    evaluation curve scores). ``checkpointer``: the method's own fingerprint (default: one of the method's
+    description, the images and the stages)."""
     method.setup(task)
     extra = method.extra_modules().to(task.device)
     stages = method.stages(task)
@@ -116,7 +124,9 @@ def run_loss_method(method, task):
         keyed["recipe"] = recipe.to_dict()
         keyed["precision"] = task.precision  # as requested ("auto" resumes with the setting it chose)
         keyed["start"] = float(sum(float(p.detach().double().sum()) for p in student.parameters()))
-    checkpointer = Checkpointer(task.run_dir, fingerprint(keyed), f"method:{method.name}")
+    if task.compile != "off":  # compiled kernels round differently: a resumed run must compile (or not) alike
+        keyed["compile"] = task.compile
+    checkpointer = checkpointer or Checkpointer(task.run_dir, fingerprint(keyed), f"method:{method.name}")
     records: list[dict] = []
     start_stage, start_epoch = 0, 0
     state = checkpointer.load()
@@ -132,6 +142,13 @@ def run_loss_method(method, task):
         student.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
     task.average = WeightAverage(student, recipe.ema) if recipe is not None and recipe.ema > 0 else None
+    plain = (getattr(method, "step_terms", None) is None and not (recipe is not None and recipe.adversarial > 0)
+             and not any(method.teacher_paths(s) or method.student_paths(s) for s in stages)
+             and (task.world is None or task.world.size <= 1))
+    batch = recipe.batch_size if recipe is not None else task.batch_size
+    steps = recipe.steps if recipe is not None else sum(s.epochs for s in stages) * math.ceil(len(task.images) / batch)
+    compile_facts = compiled.decide(task.compile, steps, plain_step=plain, device=task.device)
+    forwards = compiled.CompiledPair(teacher, student, batch) if compile_facts["used"] else None
     if state is not None:
         student.load_state_dict(state["student"])
         extra.load_state_dict(state["extra"])
@@ -151,7 +168,7 @@ def run_loss_method(method, task):
             for index in range(start_stage, len(stages)):
                 stage = stages[index]
                 resume = state if (state is not None and index == start_stage and start_epoch > 0) else None
-                _run_stage(method, task, extra, stages, index, resume, records, checkpointer, bar, stop)
+                _run_stage(method, task, extra, stages, index, resume, records, checkpointer, bar, stop, forwards)
                 state = None
                 if stop.requested and index + 1 < len(stages):
                     raise _interrupted(stop, f"after stage '{stage.name}'", checkpointer)
@@ -160,7 +177,9 @@ def run_loss_method(method, task):
     if task.channels_last:  # hand back plain tensors (merge, export, evaluation)
         student.to(memory_format=torch.contiguous_format)
         teacher.to(memory_format=torch.contiguous_format)
-    extra_facts = {"seconds": timer.elapsed(), "resumed": resumed, "speed": task.speed}
+    if forwards is not None and forwards.failed:
+        compile_facts = {**compile_facts, "used": False, "failed": forwards.failed}
+    extra_facts = {"seconds": timer.elapsed(), "resumed": resumed, "speed": task.speed, "compile": compile_facts}
     if task.average is not None:  # the averaged weights are the result; their BatchNorm statistics follow
         task.average.copy_to_module()
         extra_facts["weight_average"] = {"decay": recipe.ema, "updates": task.average.updates}
@@ -272,15 +291,19 @@ def _interrupted(stop: StopRequest, where: str, checkpointer: Checkpointer) -> M
 
 
 def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: dict | None, records: list[dict],
-               checkpointer: Checkpointer, bar: tqdm, stop: StopRequest) -> None:
+               checkpointer: Checkpointer, bar: tqdm, stop: StopRequest,
+               forwards: compiled.CompiledPair | None = None) -> None:
     stage = stages[index]
     student, teacher = task.student, task.teacher
     params = _unique_parameters(stage.modules)
     if not params:
         raise GraftkdError(f"stage '{stage.name}' of method '{method.name}' has nothing to train")
     recipe = getattr(task, "recipe", None)
-    if recipe is not None and recipe.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=recipe.momentum,
+    own_optimizer = getattr(method, "make_optimizer", None)
+    if own_optimizer is not None:
+        optimizer: torch.optim.Optimizer = own_optimizer(stage, params)
+    elif recipe is not None and recipe.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=recipe.momentum,
                                                            nesterov=recipe.momentum > 0,
                                                            weight_decay=recipe.weight_decay)
     else:
@@ -291,7 +314,7 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
         record = records[-1]
         first_epoch = int(resume["epoch"])
     else:
-        record = {"name": stage.name, "kind": method.name, "epochs": stage.epochs, "lr": stage.lr, "steps": 0,
+        record = {"name": stage.name, "kind": getattr(stage, "kind", "") or method.name, "epochs": stage.epochs, "lr": stage.lr, "steps": 0,
                   "images": 0, "seconds": 0.0, "final_loss": float("nan"), "loss_terms": {}, "loss_curve": [],
                   "eval_curve": []}
         records.append(record)
@@ -309,6 +332,8 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
     # the loop still owns the batches, the optimiser, the schedule, the NaN guard, the records and resume
     own_step = getattr(method, "step_terms", None)
     own_modes = getattr(method, "set_modes", None)
+    own_input = getattr(method, "batch_input", None)
+    own_eval = getattr(method, "eval_forward", None)
     if own_step is not None and task.world is not None and task.world.size > 1:
         raise GraftkdError(f"method '{method.name}' steps on its own modules: it runs in one process, not under torchrun")
 
@@ -344,14 +369,15 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 if recipe is not None:
                     for group in optimizer.param_groups:
                         group["lr"] = stage.lr * recipe.lr_factor(record["steps"], budget)
-                x = few_shot_input(task, indices)
+                x = own_input(stage, indices) if own_input is not None else few_shot_input(task, indices)
                 if sharded:  # every process drew the same global batch; each trains on its share
                     x = x[world.rank::world.size]
                 if own_step is not None:
                     terms = own_step(stage, x)
                     loss = sum(terms.values())
                 else:
-                    loss, terms = _default_step(method, stage, task, x, t_tap, s_tap, step_module if sharded else None)
+                    loss, terms = _default_step(method, stage, task, x, t_tap, s_tap, step_module if sharded else None,
+                                                forwards)
                 _optimise(loss, optimizer, params, recipe, task)
                 for key, value in terms.items():
                     running[key] = running.get(key, torch.zeros((), device=task.device)) + value.detach().float()
@@ -379,7 +405,7 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images'] / max(seconds, 1e-9):.0f}")
             if task.eval_hook is not None and task.eval_every and completed % task.eval_every == 0:
                 student.eval()  # evaluation must not update BatchNorm statistics
-                record["eval_curve"].append((completed, task.eval_hook(student)))
+                record["eval_curve"].append((completed, task.eval_hook(own_eval(stage) if own_eval else student)))
                 set_modes()
             if completed == stage.epochs:
                 break
@@ -404,12 +430,14 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
     _save(checkpointer, task, extra, index + 1, 0, None, records)
 
 
-def _default_step(method, stage, task, x: torch.Tensor, t_tap: FeatureTap, s_tap: FeatureTap, wrapped=None):
+def _default_step(method, stage, task, x: torch.Tensor, t_tap: FeatureTap, s_tap: FeatureTap, wrapped=None,
+                  forwards: compiled.CompiledPair | None = None):
     """The teacher's pass (no gradient; taps its features), then the student's and the method's loss terms;
-    under DDP the student's part runs through ``wrapped``."""
+    under DDP the student's part runs through ``wrapped``; ``forwards``: the compiled pair, when compiling."""
     recipe = getattr(task, "recipe", None)
+    teacher, student = (forwards.teacher, forwards.student) if forwards is not None else (task.teacher, task.student)
     with torch.no_grad(), autocast(task.device, task.precision):
-        teacher_logits = task.teacher(x).float()
+        teacher_logits = teacher(x).float()
     if recipe is not None and recipe.adversarial > 0:
         x = disagreement_step(task.student, x, teacher_logits, recipe.adversarial, task.precision)
         with torch.no_grad(), autocast(task.device, task.precision):
@@ -418,7 +446,7 @@ def _default_step(method, stage, task, x: torch.Tensor, t_tap: FeatureTap, s_tap
 
     def forward_loss():
         with autocast(task.device, task.precision):
-            student_logits = task.student(x)
+            student_logits = student(x)
         terms = method.loss(stage, student_logits.float(), teacher_logits, s_tap.features, teacher_features)
         return sum(terms.values()), terms
 

@@ -14,11 +14,11 @@ from graftkd.errors import GraftkdError
 from graftkd.graft.blocks import BlockList
 from graftkd.graft.plan import GraftPlan, InheritSpec, build_plan
 from graftkd.graft.schedule import ScheduleConfig, StageSpec, batch_size_for, build_schedule
-from graftkd.graft.train import EvalHook, GraftRunner, StageRecord
+from graftkd.graft.train import EvalHook, GraftRunner
 
 
 # How often to save or log does not change the result: a run may resume with other values for these.
-_NOT_IN_FINGERPRINT = ("checkpoint_every_s", "log_every")
+_NOT_IN_FINGERPRINT = ("checkpoint_every_s", "log_every", "compile")  # grafting's own step is not compiled
 
 
 @dataclass
@@ -37,6 +37,7 @@ class GraftConfig:
     seed: int = 0
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool | None = None  # None → on when the precision is bf16 (CUDA by default)
+    compile: str = "off"  # torch.compile in the one loop's plain step (kd-like methods): off | on | auto
     checkpoint_every_s: float = 60.0
     log_every: int = 10
     eval_every: int = 0  # epochs between optional evaluation-curve points; 0 = off (the default)
@@ -59,7 +60,7 @@ class GraftResult:
     plan: GraftPlan
     blocks: list[dict]  # the plan as it was grafted (adapters included), for reports
     stages: list[StageSpec]
-    records: list[StageRecord]
+    records: list[dict]  # one per stage, as the one loop writes them
     batch_size: int
     shots: int
     merge_max_abs_diff: float
@@ -73,8 +74,7 @@ class GraftResult:
             "inherited_blocks": [i + 1 for i in self.plan.inherited],
             "blocks": self.blocks,
             "stages": [
-                {**stage.to_dict(), **{k: v for k, v in vars(rec).items() if k not in ("name", "kind", "epochs", "lr")},
-                 "images_per_second": rec.images_per_second}
+                {**stage.to_dict(), **{k: v for k, v in rec.items() if k not in ("name", "kind", "epochs", "lr")}}
                 for stage, rec in zip(self.stages, self.records)
             ],
             "merge_max_abs_diff": self.merge_max_abs_diff,
@@ -149,7 +149,7 @@ def graft(
     run_fingerprint = fingerprint(
         {"config": {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT},
          "images": list(images.shape), "stages": [s.to_dict() for s in stages],
-         "checksum": int(images[:, :, ::7, ::7].sum())}
+         "checksum": int(images[:, :, ::7, ::7].sum()), "state": "loop"}  # the one loop's checkpoint layout
     )
     runner = GraftRunner(
         plan,

@@ -1,4 +1,7 @@
-"""Run a grafting schedule: stage 1 then stage 2, resumable, with the teacher prefix computed once.
+"""Grafting's own part of training: the hybrid networks, the shared teacher pass, the precompute, the step.
+
+The stages run in the one training loop (:mod:`graftkd.engine.loop`), which owns batches, optimiser
+steps, the NaN guard, records, progress, checkpoints and resume, as for every other method.
 
 Per step the work is the irreducible minimum: one forward of the frozen teacher prefix (shared by the
 teacher target and the grafted net), one forward of the teacher suffix for the target, and one
@@ -7,20 +10,16 @@ outputs and the targets are constant, so they are computed once per stage for th
 """
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from graftkd.engine.checkpoint import Checkpointer
-from graftkd.engine.loop import few_shot_batches, resume_note, few_shot_input
-from graftkd.engine.runtime import Timer, autocast
-from graftkd.engine.signals import StopRequest
-from graftkd.errors import GraftkdError, Interrupted
+from graftkd.engine.loop import few_shot_input, run_loss_method
+from graftkd.engine.runtime import autocast
+from graftkd.engine.task import FewShotTask, LossStage
+from graftkd.errors import GraftkdError
 from graftkd.graft.loss import normalized_logit_loss
 from graftkd.graft.plan import GraftPlan
 from graftkd.graft.schedule import StageSpec
@@ -29,26 +28,9 @@ Augmenter = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 EvalHook = Callable[[Callable[[torch.Tensor], torch.Tensor]], float]
 
 
-class GraftInterrupted(Interrupted):
-    """Raised after a SIGINT/SIGTERM once the state is saved, so the CLI can say how to resume."""
-
-
-@dataclass
-class StageRecord:
-    name: str
-    kind: str
-    epochs: int
-    lr: float
-    steps: int = 0
-    images: int = 0
-    seconds: float = 0.0
-    final_loss: float = float("nan")
-    loss_curve: list[tuple[int, float]] = field(default_factory=list)
-    eval_curve: list[tuple[int, float]] = field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else float("nan")
+def _spec(stage: StageSpec | LossStage) -> StageSpec:
+    """The StageSpec behind a loop stage (the loop hands its hooks the LossStage it was given)."""
+    return stage.spec if isinstance(stage, LossStage) else stage
 
 
 class GraftRunner:
@@ -94,7 +76,8 @@ class GraftRunner:
         self.eval_every = eval_every
         self.eval_hook = eval_hook
         self.progress = progress
-        self.records: list[StageRecord] = []
+        self.records: list[dict] = []
+        self._cache: tuple[str, tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     # ----------------------------------------------------------------- the hybrid network of a stage
     def prefix_length(self, stage: StageSpec) -> int:
@@ -118,8 +101,11 @@ class GraftRunner:
 
     def _teacher_pass(self, indices: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One teacher forward: the frozen prefix output (shared with the grafted net) and the target logits."""
+        return self._teacher_pass_on(self._batch_input(indices), prefix)
+
+    def _teacher_pass_on(self, x: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad(), autocast(self.device, self.precision):
-            features = self._batch_input(indices)
+            features = x
             for index in range(prefix):
                 features = self.plan.teacher_blocks[index](features)
             return features, self._run_from(features, prefix, set()).float()
@@ -147,24 +133,27 @@ class GraftRunner:
         target, the scions + teacher blocks after them forward and backward. With ``cached`` (no
         augmentation) the first two are table lookups.
         """
-        if cached is not None:
-            features, target = cached[0][indices], cached[1][indices]
-        else:
-            features, target = self._teacher_pass(indices, prefix)
-        with autocast(self.device, self.precision):
-            output = self._run_from(features, prefix, replaced)
-        loss = normalized_logit_loss(output, target)
+        batch = (cached[0][indices], cached[1][indices]) if cached is not None else self._batch_input(indices)
+        loss = self._loss(batch, prefix, replaced)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return loss.detach()
 
-    def make_optimizer(self, stage: StageSpec) -> torch.optim.Optimizer:
+    def _loss(self, batch, prefix: int, replaced: set[int]) -> torch.Tensor:
+        """The grafting loss of one batch: normalised images, or (prefix output, target) from the precompute."""
+        features, target = batch if isinstance(batch, tuple) else self._teacher_pass_on(batch, prefix)
+        with autocast(self.device, self.precision):
+            output = self._run_from(features, prefix, replaced)
+        return normalized_logit_loss(output, target)
+
+    def make_optimizer(self, stage: StageSpec | LossStage, params=None) -> torch.optim.Optimizer:
         """Adam as in the paper (betas 0.9/0.999, no weight decay) over the stage's trainable scions.
 
         When the stage gives adapters their own rate (the reference code's block stages), they form a
         second parameter group.
         """
+        stage = _spec(stage)
         params = self._parameters(stage)
         if stage.adapter_lr is None:
             return torch.optim.Adam(params, lr=stage.lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -175,7 +164,8 @@ class GraftRunner:
                   {"params": [p for p in params if id(p) in adapter_ids], "lr": stage.adapter_lr}]
         return torch.optim.Adam([g for g in groups if g["params"]], betas=(0.9, 0.999), weight_decay=0.0)
 
-    def set_modes(self, stage: StageSpec) -> None:
+    def set_modes(self, stage: StageSpec | LossStage) -> None:
+        stage = _spec(stage)
         self.plan.teacher.eval()
         self.plan.scions.eval()
         for index in stage.trainable:  # inherited frozen blocks are never trainable: they stay in eval
@@ -191,124 +181,57 @@ class GraftRunner:
             raise GraftkdError(f"stage '{stage.name}' has nothing to train (all its blocks are frozen)")
         return params
 
-    def _batches(self, count: int) -> list[torch.Tensor]:
-        return few_shot_batches(count, self.batch_size, self.generator, self.device)
-
+    # --------------------------------------------------- what the one loop asks of grafting
+    name = "graft"
     resumed: dict | None = None
 
-    def run(self, stages: list[StageSpec]) -> list[StageRecord]:
-        state = self.checkpointer.load()
-        start_stage, start_epoch = 0, 0
-        if state is not None:
-            self.plan.scions.load_state_dict(state["scions"])
-            self.generator.set_state(state["generator"])
-            start_stage, start_epoch = int(state["stage"]), int(state["epoch"])
-            self.records = [StageRecord(**r) for r in state["records"]]
-            self.resumed = resume_note(stages, start_stage, start_epoch, self.checkpointer.path)
-        total_epochs = sum(s.epochs for s in stages)
-        done_epochs = sum(s.epochs for s in stages[:start_stage]) + start_epoch
-        bar = tqdm(total=total_epochs, initial=done_epochs, unit="ep", disable=not self.progress, dynamic_ncols=True)
-        try:
-            with StopRequest() as stop:
-                for stage_index in range(start_stage, len(stages)):
-                    resume = state if (state is not None and stage_index == start_stage) else None
-                    self._run_stage(stage_index, stages[stage_index], resume, start_epoch if resume else 0, bar, stop)
-                    state = None
-                    if stop.requested and stage_index + 1 < len(stages):
-                        raise self._interrupted(stop, f"after stage '{stages[stage_index].name}'")
-        finally:
-            bar.close()
+    def describe(self) -> dict:
+        return {"method": self.name}
+
+    def setup(self, task: FewShotTask) -> None:
+        pass
+
+    def extra_modules(self) -> nn.ModuleDict:
+        return nn.ModuleDict()  # the scions (student blocks and adapters) are the task's student
+
+    def stages(self, task: FewShotTask) -> list[LossStage]:
+        return [LossStage(s.name, s.epochs, s.lr, [self.plan.scions[i] for i in s.trainable], kind=s.kind, spec=s)
+                for s in self._specs]
+
+    def teacher_paths(self, stage: LossStage) -> list[str]:
+        return []
+
+    student_paths = teacher_paths
+
+    def batch_input(self, stage: LossStage, indices: torch.Tensor):
+        """The step's batch: (prefix output, target) looked up in the stage's precompute when the inputs are
+        constant (no augmentation, no mixing), else the augmented, normalised images."""
+        spec = stage.spec
+        if self._cache is None or self._cache[0] != spec.name:
+            constant = self.augment is None and not self.mixup
+            self._cache = (spec.name, self.precompute(self.prefix_length(spec)) if constant else None)
+        cached = self._cache[1]
+        return (cached[0][indices], cached[1][indices]) if cached is not None else self._batch_input(indices)
+
+    def step_terms(self, stage: LossStage, batch) -> dict[str, torch.Tensor]:
+        spec = stage.spec
+        return {"loss": self._loss(batch, self.prefix_length(spec), set(spec.replaced))}
+
+    def eval_forward(self, stage: LossStage) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.hybrid_forward(stage.spec)
+
+    def run(self, stages: list[StageSpec]) -> list[dict]:
+        """Train ``stages`` in order in the one loop (resumable); returns one record per stage."""
+        self._specs, self._cache = list(stages), None
+        num_classes = self.plan.teacher_out[-1].channels
+        task = FewShotTask(
+            teacher=self.plan.teacher, student=self.plan.scions, images=self.images, normalize=self.normalize,
+            device=self.device, generator=self.generator, batch_size=self.batch_size,
+            epochs=sum(s.epochs for s in stages), lr=stages[0].lr if stages else 0.0,
+            shots=max(1, len(self.images) // num_classes), num_classes=num_classes, augment=self.augment,
+            mixup=self.mixup, precision=self.precision, checkpoint_every_s=self.checkpoint_every_s,
+            log_every=self.log_every, progress=self.progress, eval_hook=self.eval_hook, eval_every=self.eval_every,
+            run_dir=self.checkpointer.run_dir)
+        outcome = run_loss_method(self, task, self.checkpointer)
+        self.records, self.resumed = outcome.stages, outcome.extra["resumed"]
         return self.records
-
-    def _interrupted(self, stop: StopRequest, where: str) -> GraftInterrupted:
-        saved = (
-            f"state saved to {self.checkpointer.path}: re-run the same command to resume"
-            if self.checkpointer.path
-            else "no --out directory was given, so nothing was saved"
-        )
-        return GraftInterrupted(f"stopped by {stop.signal_name} {where}; {saved}")
-
-    def _non_finite(self, value: float, stage: StageSpec, completed: int, record: StageRecord) -> GraftkdError:
-        where = self.checkpointer.last_good()
-        return GraftkdError(
-            f"loss became {value} in stage '{stage.name}' by epoch {completed} (step {record.steps}); "
-            f"last good checkpoint: {where}. Lower the learning rate or check the teacher and the inputs"
-        )
-
-    def _save(self, stage_index: int, epoch: int, optimizer: torch.optim.Optimizer | None) -> None:
-        self.checkpointer.save(
-            {
-                "stage": stage_index,
-                "epoch": epoch,
-                "scions": self.plan.scions.state_dict(),
-                "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "generator": self.generator.get_state(),
-                "records": [vars(r) for r in self.records],
-            }
-        )
-
-    def _run_stage(
-        self,
-        stage_index: int,
-        stage: StageSpec,
-        resume: dict | None,
-        first_epoch: int,
-        bar: tqdm,
-        stop: StopRequest,
-    ) -> None:
-        optimizer = self.make_optimizer(stage)
-        if resume is not None and resume.get("optimizer") is not None:
-            optimizer.load_state_dict(resume["optimizer"])
-            record = self.records[-1]
-        else:
-            record = StageRecord(stage.name, stage.kind, stage.epochs, stage.lr)
-            self.records.append(record)
-        replaced = set(stage.replaced)
-        prefix = self.prefix_length(stage)
-        cached = self.precompute(prefix) if self.augment is None and not self.mixup else None
-        self.set_modes(stage)
-        bar.set_description(stage.name)
-        timer = Timer(self.device)
-        base_seconds = record.seconds
-        last_save = time.perf_counter()
-        running = torch.zeros((), device=self.device)
-        running_steps = 0
-        for epoch in range(first_epoch, stage.epochs):
-            for indices in self._batches(len(self.images)):
-                running += self.train_step(indices, prefix, replaced, optimizer, cached)
-                running_steps += 1
-                record.steps += 1
-                record.images += len(indices)
-            completed = epoch + 1
-            bar.update(1)
-            if completed % self.log_every == 0 or completed == stage.epochs:
-                mean_loss = float(running) / max(1, running_steps)  # the only host sync, at log intervals
-                running.zero_()
-                running_steps = 0
-                if not math.isfinite(mean_loss):
-                    raise self._non_finite(mean_loss, stage, completed, record)
-                record.final_loss = mean_loss
-                record.loss_curve.append((completed, mean_loss))
-                seconds = base_seconds + timer.elapsed()
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record.images / max(seconds, 1e-9):.0f}")
-            if self.eval_hook is not None and self.eval_every and completed % self.eval_every == 0:
-                self.plan.scions.eval()  # evaluation must not update BatchNorm statistics
-                record.eval_curve.append((completed, self.eval_hook(self.hybrid_forward(stage))))
-                self.set_modes(stage)
-            if completed == stage.epochs:
-                break
-            now = time.perf_counter()
-            if stop.requested or (self.checkpointer.path and now - last_save >= self.checkpoint_every_s):
-                # never overwrite the last good checkpoint with weights a non-finite loss has touched
-                if running_steps and not math.isfinite(float(running)):
-                    raise self._non_finite(float(running), stage, completed, record)
-                record.seconds = base_seconds + (now - timer.start)
-                self._save(stage_index, completed, optimizer)
-                last_save = now
-            if stop.requested:
-                raise self._interrupted(stop, f"stage '{stage.name}' after epoch {completed}")
-        record.seconds = base_seconds + timer.elapsed()
-        if not self.progress:  # one line per stage in logs (the bar shows the same live)
-            tqdm.write(f"{stage.name}: {stage.epochs} epochs, loss {record.final_loss:.4f}, "
-                       f"{record.images_per_second:.1f} img/s, {record.seconds:.1f} s")
-        self._save(stage_index + 1, 0, None)
