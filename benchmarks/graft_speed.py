@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     payload["run"] = {
         "schedule": "reference (preset cifar10)" if epochs_scale == 1.0 else f"reference x {epochs_scale}",
         "epochs": epochs, "seconds": round(result.seconds, 2),
-        "stages": [{"stage": s.name, "epochs": s.epochs, "images": r.images, "seconds": round(r.seconds, 2),
+        "stages": [{"stage": s.name, "epochs": s.epochs, "images": r["images"], "seconds": round(r["seconds"], 2),
                     "images_per_second": round(r["images_per_second"], 1)} for s, r in zip(result.stages, result.records)],
     }
     print(f"  full run: {epochs} epochs in {result.seconds:.1f} s", flush=True)

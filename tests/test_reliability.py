@@ -70,9 +70,12 @@ def _distill(teacher: Path, out: Path) -> list[str]:
 
 
 def _distill_derived(teacher: Path, out: Path) -> list[str]:
-    """The default path: a derived student refined by the patient recipe (chunks of 50 steps)."""
+    """A derived student refined by the patient recipe (chunks of 50 steps); ``--refine kd`` because the default
+    resolver may find the repaired digits student close enough to leave it untrained, and fp32 because ``auto``
+    times the memory formats, and on a busy machine two runs may find different ones fastest."""
     return [sys.executable, "-m", "graftkd.cli", "distill", "--teacher", str(teacher), "--teacher-arch", "digits_cnn",
             "--student-arch", "digits_cnn_half", "--data", "digits", "--k", "2", "--samples", str(64 * 600),
+            "--refine", "kd", "--precision", "fp32",  # auto may time another memory format fastest in each run
             "--device", "cpu", "--no-progress", "--checkpoint-every-s", "0", "--out", str(out)]
 
 

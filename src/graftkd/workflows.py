@@ -521,7 +521,7 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
         resolved["agreement_after_repair"] = estimate["agreement"]
         if estimate["agreement"] >= resolved["stop_at"]:
             options = with_changes(options, refine="none")
-            resolved["refine"] = "none"
+            resolved["refine"], resolved["loss"] = "none", None
             resolved["why"] += (f"; the repaired student agrees with the teacher on {estimate['agreement']:.1f} % of "
                                 f"the held-out views (>= {resolved['stop_at']:g} %): no training")
         else:

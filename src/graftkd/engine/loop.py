@@ -101,7 +101,7 @@ def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     return params
 
 
-def run_loss_method(method, task, checkpointer: Checkpointer | None = None):
+def run_loss_method(method, task, checkpointer: Checkpointer | None = None, *, empty_ok: bool = False):
     """Run ``method``'s stages on ``task``; return a MethodOutcome with the trained student.
 
     The loop owns batches, optimiser, schedule, NaN guard, records, progress, checkpoints and resume. A
@@ -109,11 +109,12 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None):
     default: the augmented, normalised batch), ``step_terms(stage, batch)`` (its own forward passes),
     ``set_modes(stage)``, ``make_optimizer(stage, params)`` and ``eval_forward(stage)`` (the function an
     evaluation curve scores). ``checkpointer``: the method's own fingerprint (default: one of the method's
-    description, the images and the stages)."""
+    description, the images and the stages). ``empty_ok``: stages without epochs are records, not an error
+    (grafting with zero epochs merges the adapters' starting point)."""
     method.setup(task)
     extra = method.extra_modules().to(task.device)
     stages = method.stages(task)
-    if not stages or all(s.epochs <= 0 for s in stages):
+    if not empty_ok and (not stages or all(s.epochs <= 0 for s in stages)):
         raise GraftkdError(f"method '{method.name}' got no epochs to train: raise the budget")
     student, teacher = task.student, task.teacher
     teacher.eval()
@@ -141,7 +142,7 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None):
     if task.channels_last:
         student.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
-    task.average = WeightAverage(student, recipe.ema) if recipe is not None and recipe.ema > 0 else None
+    average = WeightAverage(student, recipe.ema) if recipe is not None and recipe.ema > 0 else None
     plain = (getattr(method, "step_terms", None) is None and not (recipe is not None and recipe.adversarial > 0)
              and not any(method.teacher_paths(s) or method.student_paths(s) for s in stages)
              and (task.world is None or task.world.size <= 1))
@@ -152,8 +153,8 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None):
     if state is not None:
         student.load_state_dict(state["student"])
         extra.load_state_dict(state["extra"])
-        if task.average is not None:
-            task.average.load_state_dict(state["average"])
+        if average is not None:
+            average.load_state_dict(state["average"])
         task.generator.set_state(state["generator"])
         start_stage, start_epoch, records = int(state["stage"]), int(state["epoch"]), list(state["records"])
         resumed = resume_note(stages, start_stage, start_epoch, checkpointer.path)
@@ -168,7 +169,8 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None):
             for index in range(start_stage, len(stages)):
                 stage = stages[index]
                 resume = state if (state is not None and index == start_stage and start_epoch > 0) else None
-                _run_stage(method, task, extra, stages, index, resume, records, checkpointer, bar, stop, forwards)
+                _run_stage(method, task, extra, stages, index, resume, records, checkpointer, bar, stop, forwards,
+                           average)
                 state = None
                 if stop.requested and index + 1 < len(stages):
                     raise _interrupted(stop, f"after stage '{stage.name}'", checkpointer)
@@ -180,9 +182,9 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None):
     if forwards is not None and forwards.failed:
         compile_facts = {**compile_facts, "used": False, "failed": forwards.failed}
     extra_facts = {"seconds": timer.elapsed(), "resumed": resumed, "speed": task.speed, "compile": compile_facts}
-    if task.average is not None:  # the averaged weights are the result; their BatchNorm statistics follow
-        task.average.copy_to_module()
-        extra_facts["weight_average"] = {"decay": recipe.ema, "updates": task.average.updates}
+    if average is not None:  # the averaged weights are the result; their BatchNorm statistics follow
+        average.copy_to_module()
+        extra_facts["weight_average"] = {"decay": recipe.ema, "updates": average.updates}
     if recipe is not None and recipe.recalibrate_bn:
         extra_facts["bn_recalibrated"] = recalibrate(task, recipe.recalibrate_views)
     student.eval()
@@ -292,7 +294,7 @@ def _interrupted(stop: StopRequest, where: str, checkpointer: Checkpointer) -> M
 
 def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: dict | None, records: list[dict],
                checkpointer: Checkpointer, bar: tqdm, stop: StopRequest,
-               forwards: compiled.CompiledPair | None = None) -> None:
+               forwards: compiled.CompiledPair | None = None, average: WeightAverage | None = None) -> None:
     stage = stages[index]
     student, teacher = task.student, task.teacher
     params = _unique_parameters(stage.modules)
@@ -378,7 +380,7 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 else:
                     loss, terms = _default_step(method, stage, task, x, t_tap, s_tap, step_module if sharded else None,
                                                 forwards)
-                _optimise(loss, optimizer, params, recipe, task)
+                _optimise(loss, optimizer, params, recipe, average)
                 for key, value in terms.items():
                     running[key] = running.get(key, torch.zeros((), device=task.device)) + value.detach().float()
                 running_steps += 1
@@ -396,7 +398,8 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                     where = checkpointer.last_good()
                     raise GraftkdError(
                         f"loss became {mean_loss} in stage '{stage.name}' of '{method.name}' by epoch {completed} "
-                        f"(step {record['steps']}); last good checkpoint: {where}. Lower the learning rate"
+                        f"(step {record['steps']}); last good checkpoint: {where}. Lower the learning rate or check the "
+                        "teacher and the inputs"
                     )
                 record["final_loss"] = mean_loss
                 record["loss_terms"] = means
@@ -415,10 +418,11 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 if not math.isfinite(pending):  # keep the last good checkpoint as it is
                     raise GraftkdError(
                         f"loss became {pending} in stage '{stage.name}' of '{method.name}' by epoch {completed} "
-                        f"(step {record['steps']}); last good checkpoint: {checkpointer.last_good()}. Lower the learning rate"
+                        f"(step {record['steps']}); last good checkpoint: {checkpointer.last_good()}. Lower the learning "
+                        "rate or check the teacher and the inputs"
                     )
                 record["seconds"] = base_seconds + (now - timer.start)
-                _save(checkpointer, task, extra, index, completed, optimizer, records)
+                _save(checkpointer, task, extra, index, completed, optimizer, records, average)
                 last_save = now
             if stop.requested:
                 raise _interrupted(stop, f"in stage '{stage.name}' after epoch {completed}", checkpointer)
@@ -427,7 +431,7 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
     if not task.progress:  # one line per stage in logs (the bar shows the same live)
         tqdm.write(f"{method.name}:{stage.name}: {stage.epochs} epochs, loss {record['final_loss']:.4f}, "
                    f"{record['images_per_second']:.1f} img/s, {record['seconds']:.1f} s")
-    _save(checkpointer, task, extra, index + 1, 0, None, records)
+    _save(checkpointer, task, extra, index + 1, 0, None, records, average)
 
 
 def _default_step(method, stage, task, x: torch.Tensor, t_tap: FeatureTap, s_tap: FeatureTap, wrapped=None,
@@ -453,14 +457,15 @@ def _default_step(method, stage, task, x: torch.Tensor, t_tap: FeatureTap, s_tap
     return wrapped(forward_loss) if wrapped is not None else forward_loss()
 
 
-def _optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, recipe, task) -> None:
+def _optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, recipe,
+              average: WeightAverage | None) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if recipe is not None and recipe.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
     optimizer.step()
-    if task.average is not None:
-        task.average.update()
+    if average is not None:
+        average.update()
 
 
 def _epoch_batches(task, recipe, done_steps: int, budget: int | None, images_left: int | None):
@@ -477,11 +482,11 @@ def _epoch_batches(task, recipe, done_steps: int, budget: int | None, images_lef
 
 
 def _save(checkpointer: Checkpointer, task, extra: nn.ModuleDict, stage: int, epoch: int,
-          optimizer: torch.optim.Optimizer | None, records: list[dict]) -> None:
+          optimizer: torch.optim.Optimizer | None, records: list[dict], average: WeightAverage | None) -> None:
     if not _main(task):
         return  # one writer: every process holds the same state
     checkpointer.save({"stage": stage, "epoch": epoch, "speed": task.speed,
                        "student": task.student.state_dict(),
                        "extra": extra.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
                        "generator": task.generator.get_state(), "records": records,
-                       "average": task.average.state_dict() if task.average is not None else None})
+                       "average": average.state_dict() if average is not None else None})

@@ -50,7 +50,6 @@ class FewShotTask:
     recipe: Any = None  # graftkd.engine.recipe.Recipe for the patient recipe; None: the paper's (epochs, Adam)
     channels_last: bool = False  # the loop's memory format (the patient recipe with precision "auto" times it)
     speed: dict | None = None  # what the timing of the candidate settings found, when it ran
-    average: Any = None  # the weight average the patient recipe keeps when it asks for one (engine.recipe.WeightAverage)
     world: Any = None  # graftkd.engine.distributed.World under torchrun (the loop shards each batch); None: one process
 
 

@@ -232,6 +232,6 @@ class GraftRunner:
             mixup=self.mixup, precision=self.precision, checkpoint_every_s=self.checkpoint_every_s,
             log_every=self.log_every, progress=self.progress, eval_hook=self.eval_hook, eval_every=self.eval_every,
             run_dir=self.checkpointer.run_dir)
-        outcome = run_loss_method(self, task, self.checkpointer)
+        outcome = run_loss_method(self, task, self.checkpointer, empty_ok=True)
         self.records, self.resumed = outcome.stages, outcome.extra["resumed"]
         return self.records
