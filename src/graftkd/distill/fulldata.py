@@ -414,10 +414,9 @@ def _build_adaptive(recipe, student, teacher, distiller, s_paths, t_paths, sampl
     t_shapes = _spot_shapes(teacher, [t_all[j] for _, j in routing], sample)
     (s_dim,), (t_dim,) = _spot_shapes(student, [s_all[-1]], sample)[0], _spot_shapes(teacher, [t_all[-1]], sample)[0]
     homo = recipe.homo if recipe.homo is not None else same_family(teacher_arch, student_arch)
+    first = t_paths.index(t_all[routing[0][1]]) if routing and t_all[routing[0][1]] in t_paths else None
     agent = SpotAdaptive(routing, s_shapes, t_shapes, s_dim, t_dim, homo, recipe.tau, recipe.agent_gamma,
-                         anti=recipe.adaptive == "anti").to(device)
-    # where the routing pass's first teacher segment can be read from the loop's teacher taps
-    agent.first_teacher_spot = t_paths.index(t_all[routing[0][1]]) if routing and t_all[routing[0][1]] in t_paths else None
+                         anti=recipe.adaptive == "anti", first_teacher_spot=first).to(device)
     # the loop taps the distiller's spots and, last, both embeddings (the policy's input)
     return agent, s_paths + [s_all[-1]], t_paths + [t_all[-1]]
 

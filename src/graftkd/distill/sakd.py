@@ -110,12 +110,15 @@ class SpotAdaptive(nn.Module):
     """The agent (policy + routing adapters) and the masking of the student's losses."""
 
     def __init__(self, spots: list[tuple[int, int]], student_shapes, teacher_shapes, student_dim: int,
-                 teacher_dim: int, homo: bool, tau: float = 5.0, gamma: float = 1.0, anti: bool = False) -> None:
+                 teacher_dim: int, homo: bool, tau: float = 5.0, gamma: float = 1.0, anti: bool = False,
+                 first_teacher_spot: int | None = None) -> None:
         super().__init__()
         self.policy = SpotPolicy(teacher_dim, student_dim, len(spots) + 1, homo)
         self.router = RoutingNetwork(spots, student_shapes, teacher_shapes)
         self.tau, self.gamma, self.anti = tau, gamma, anti
-        self.first_teacher_spot: int | None = None  # index into the loop's teacher taps, set by the trainer
+        # where the routing pass's first teacher segment can be read from the step's own teacher taps (an index
+        # into them); None: the routing pass computes it
+        self.first_teacher_spot = first_teacher_spot
 
     def agent_step(self, x: torch.Tensor, y: torch.Tensor, student: nn.Module, teacher: nn.Module,
                    student_logits: torch.Tensor, student_embedding: torch.Tensor, teacher_embedding: torch.Tensor,
