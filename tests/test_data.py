@@ -361,7 +361,8 @@ def test_cifar_python_refuses_code_pickles(tmp_path):
 def test_download_cifar_verifies_checksum(tmp_path, monkeypatch):
     import hashlib
 
-    from graftkd.data import download_cifar, readers
+    from graftkd.data import download_cifar
+    from graftkd.data.readers import cifar as readers
 
     src = tmp_path / "src"
     _write_cifar10_python(src)
