@@ -285,3 +285,28 @@ def test_a_method_can_train_with_the_patient_recipe(tmp_path, digits_teacher, ca
     assert result["refine"]["stages"][0]["images"] == 640
     assert main([*args, "--method", "fskd"]) == 2
     assert "--recipe paper" in capsys.readouterr().err
+
+
+def test_any_zoo_distiller_runs_as_a_few_shot_method(tmp_path, digits_teacher):
+    out = tmp_path / "pkt"
+    assert main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
+                 "digits_cnn_half", "--data", "digits", "--k", "2", "--method", "zoo", "--method-option",
+                 "distiller=pkt", "--method-option", "beta=2.5", "--preset", "digits", "--block-epochs", "2",
+                 "--net-epochs", "1", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == "zoo" and result["method_options"]["distiller"] == "pkt"
+    stage = result["refine"]["stages"][0]  # KD plus the distiller's term, both recorded
+    assert set(stage["loss_terms"]) == {"kd", "pkt"} and stage["steps"] > 0
+    saved = torch.load(out / "student.pt", weights_only=True)
+    build_model(saved["arch"], num_classes=10).load_state_dict(saved["state_dict"], strict=True)
+
+
+def test_method_options_are_checked_before_any_work(tmp_path, digits_teacher, capsys):
+    for extra, says in ((["--method", "zoo", "--method-option", "distiller=nope"], "unknown distiller 'nope'"),
+                        (["--method", "zoo", "--method-option", "colour=red"], "has no option colour"),
+                        (["--method-option", "x=1"], "goes with --method NAME"),
+                        (["--method", "zoo", "--method-option", "distiller=ab"], "pre-training stages")):
+        code = main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
+                     "digits_cnn_half", "--data", "digits", "--k", "1", "--device", "cpu", "--no-progress",
+                     "--out", str(tmp_path / "x"), *extra])
+        assert code == 2 and says in capsys.readouterr().err, extra

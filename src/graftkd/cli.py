@@ -20,6 +20,19 @@ def _float_list(text: str) -> list[float] | float:
     return parts[0] if len(parts) == 1 else parts
 
 
+def _method_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings as a dict; values read as YAML scalars (0.5, true, pkt)."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise GraftkdError(f"--method-option {pair!r}: write KEY=VALUE, e.g. distiller=pkt")
+        options[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return options
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
@@ -108,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): a derived student refined by patient KD where the student fits inside the "
                         "teacher, else the paper's grafting; or any method `graftkd methods` lists (kd, fitnet, "
                         "fskd, ...), run on a fresh student with a grid cell's budget")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of --method's (repeatable; `graftkd methods` lists them), e.g. "
+                        "--method zoo --method-option distiller=pkt")
     p.add_argument("--recipe", default="paper", choices=["paper", "patient"],
                    help="with --method: paper (default) gives the method a grid cell's epochs; patient trains it "
                         "in the shared loop with the patient recipe (mixed views, --samples budget, warm-up + "
@@ -303,13 +319,16 @@ def _cmd_distill(args) -> None:
         raise GraftkdError("--block-epochs and --net-epochs are all 0: nothing would be trained; give at least one "
                            "stage some epochs (or --refine none on a derived student for no training)")
     method = None if args.method == "auto" else args.method.strip().lower()
+    method_options = _method_options(args.method_option)
+    if method_options and method is None:
+        raise GraftkdError("--method-option goes with --method NAME (the options are that method's)")
     if args.recipe == "patient" and method is None:
         raise GraftkdError("--recipe patient goes with --method NAME (a derived student always gets the patient "
                            "recipe; set its budget with --samples)")
     if method is not None:
         from graftkd.distill.base import build_method
 
-        build_method(method)  # an unknown name fails here, naming the closest ones
+        build_method(method, method_options)  # an unknown name or option fails here, naming the closest ones
         if args.recipe == "patient" and method in ("graft", "fskd", "cross", "graft_fskd"):
             raise GraftkdError(f"--recipe patient needs a method that trains in the shared loop (kd, fitnet, "
                                f"whole, feature_kd); '{method}' has its own schedule: use --recipe paper")
@@ -402,7 +421,7 @@ def _cmd_distill(args) -> None:
         device=args.device, out=args.out, progress=not args.no_progress,
         manifest=manifest.to_dict() if manifest is not None else None,
         replace=([args.replace] if isinstance(args.replace, int) else args.replace) if args.replace else None,
-        derive=derive, measure_teacher=args.measure_teacher, method=method,
+        derive=derive, measure_teacher=args.measure_teacher, method=method, method_options=method_options,
         method_recipe=derive.recipe if method is not None and args.recipe == "patient" else None,
         student_reason=student_reason,
     )

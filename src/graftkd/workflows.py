@@ -243,6 +243,7 @@ def distill(
     derive: DeriveOptions | None = None,
     measure_teacher: bool = False,
     method: str | None = None,
+    method_options: dict | None = None,
     student_reason: str | None = None,
     method_recipe: Recipe | None = None,
 ) -> dict:
@@ -302,7 +303,7 @@ def distill(
     if method is not None:
         from graftkd.distill.base import build_method
 
-        own = build_method(method).own_student
+        own = build_method(method, method_options).own_student
         init = {"requested": derive.init, "used": "method's own" if own else "fresh",
                 "why": f"--method {method} builds its student from the teacher" if own else f"--method {method}"}
     elif derive.init != "fresh" and not replace:
@@ -318,7 +319,7 @@ def distill(
                            "patient KD (the default), or --method kd|fitnet|whole|feature_kd --recipe patient")
     if method is not None and method != "graft":
         result, derived_facts = _run_method(method, teacher, student, student_arch, fewshot, norm, config, device_,
-                                            out_dir, progress, method_recipe, world)
+                                            out_dir, progress, method_recipe, world, method_options)
     elif record is not None:
         result, derived_facts = _refine_derived(teacher, student, record, fewshot, norm, config, derive, device_,
                                                 out_dir, progress, world)
@@ -668,13 +669,14 @@ def _few_shot_task(teacher: LoadedModel, student: nn.Module, images: torch.Tenso
 
 def _run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arch: str, fewshot, norm: nn.Module,
                 config: GraftConfig, device: torch.device, out_dir: Path | None, progress: bool,
-                recipe: Recipe | None = None, world=None):
+                recipe: Recipe | None = None, world=None, options: dict | None = None):
     """A registered few-shot method on ``student`` with a grid cell's budget (``recipe``: the patient recipe's
-    sample budget instead, for methods that train in the shared loop); returns the result and its facts."""
+    sample budget instead, for methods that train in the shared loop); returns the result and its facts.
+    ``options``: the method's own (``--method-option KEY=VALUE``)."""
     from graftkd.distill.base import LossMethod, build_method
     from graftkd.graft.schedule import batch_size_for, paper_budget
 
-    runner = build_method(name)
+    runner = build_method(name, options)
     images = fewshot.images.to(device)
     num_classes = _num_outputs(teacher.model, images.shape[1:])
     shots = config.shots or max(1, len(images) // num_classes)

@@ -126,6 +126,20 @@ def _features(model: nn.Module) -> list[str]:
     return paths()
 
 
+def spot_distiller(name: str, student: nn.Module, teacher: nn.Module, sample: torch.Tensor,
+                   options: dict | None = None):
+    """A zoo distiller between two zoo models, with the student and teacher feature paths it reads (at the
+    spots its ``spot_kind`` names; shapes from one probe ``sample``)."""
+    from graftkd.distill.zoo import build_distiller, resolve_spots
+
+    s_all, t_all = _features(student), _features(teacher)
+    spots = resolve_spots(_spot_kind(name), len(s_all), len(t_all))
+    s_paths, t_paths = [s_all[i] for i, _ in spots], [t_all[j] for _, j in spots]
+    distiller = build_distiller(name, _spot_shapes(student, s_paths, sample), _spot_shapes(teacher, t_paths, sample),
+                                **(options or {}))
+    return distiller, s_paths, t_paths
+
+
 def _spot_shapes(model: nn.Module, paths: list[str], sample: torch.Tensor) -> list[tuple[int, ...]]:
     was = model.training
     model.eval()
@@ -187,14 +201,9 @@ def train_kd(
 
     distiller, s_paths, t_paths = None, [], []
     if recipe.distiller:
-        from graftkd.distill.zoo import build_distiller, resolve_spots
-
-        s_all, t_all = _features(student), _features(teacher)
-        spots = resolve_spots(_spot_kind(recipe.distiller), len(s_all), len(t_all))
-        s_paths, t_paths = [s_all[i] for i, _ in spots], [t_all[j] for _, j in spots]
-        sample = normalize(images[:2])
-        distiller = build_distiller(recipe.distiller, _spot_shapes(student, s_paths, sample),
-                                    _spot_shapes(teacher, t_paths, sample), **recipe.distiller_options).to(device)
+        distiller, s_paths, t_paths = spot_distiller(recipe.distiller, student, teacher, normalize(images[:2]),
+                                                     recipe.distiller_options)
+        distiller.to(device)
     beta = (recipe.distiller_weight if recipe.distiller_weight is not None
             else (type(distiller).weight if distiller is not None else 0.0))
     adaptive, agent_opt, agent_sched, gumbel = None, None, None, None
