@@ -89,6 +89,8 @@ CONFIGS = {
     "vg-kd-64k": ("vgg16bn-cifar10", "vgg16_graft_bn", {}, {"freeze_bn": True, "samples": 64_000}),
     # grafting's block and network stages (paper recipe) from the derived start, instead of patient KD
     "r20-graft": ("resnet56-cifar10", "resnet20", {"refine": "graft"}, {}),
+    # the patient recipe's optional weight average, on the derived start (horizon ~200 of the 500 steps)
+    "r20-kd-32k-tb-ema": ("resnet56-cifar10", "resnet20", {}, {"samples": 32_000, "ema": 0.995}),
     # the repair's regression on more rows (augmented copies) and with another ridge (vgg16-graft, no training)
     "vg-repair-only-v4": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none", "repair": True, "repair_views": 4}, {}),
     "vg-repair-only-v16": ("vgg16bn-cifar10", "vgg16_graft_bn", {"refine": "none", "repair": True, "repair_views": 16},
