@@ -10,7 +10,8 @@ from graftkd.derive.depth import apply_depth, plan_depth
 from graftkd.derive.width import plan_width
 from graftkd.engine.agreement import agreement, agreement_pool
 from graftkd.engine.bn import reestimate_batchnorm
-from graftkd.engine.recipe import Recipe, mix_batch, repeated_batch
+from graftkd.data.batcher import mix_batch, repeated_batch
+from graftkd.engine.recipe import Recipe
 from graftkd.models import build_model
 
 

@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from graftkd.engine import compiled
 from graftkd.engine.checkpoint import Checkpointer, fingerprint
-from graftkd.data.augment import random_resized_crop
+from graftkd.data.batcher import FewShotBatcher
 from graftkd.engine.bn import reestimate_batchnorm
 from graftkd.engine.hooks import FeatureTap
-from graftkd.engine.recipe import WeightAverage, mix_batch, repeated_batch
+from graftkd.engine.recipe import WeightAverage
 from graftkd.engine.runtime import Timer, autocast
 from graftkd.engine.signals import StopRequest
 from graftkd.errors import GraftkdError, Interrupted
@@ -39,32 +39,16 @@ class MethodOutcome:
     extra: dict = field(default_factory=dict)  # method-specific facts for result.json
 
 
-def few_shot_batches(count: int, batch_size: int, generator: torch.Generator, device: torch.device) -> list[torch.Tensor]:
-    """A shuffled epoch of index batches; a lone trailing image joins the previous batch (BatchNorm needs 2)."""
-    order = torch.randperm(count, generator=generator).to(device)
-    batches = list(order.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2] = torch.cat([batches[-2], batches.pop()])
-    return batches
-
-
-def few_shot_input(task, indices: torch.Tensor) -> torch.Tensor:
-    """Augmented, normalised (and optionally mixed) batch; teacher and student see the same tensor."""
-    x = task.images[indices]
+def batcher_for(task) -> FewShotBatcher:
+    """The task's images as batches: the patient recipe's crops and mixing when it has one, else the paper's
+    crop-and-flip and optional pair mixup."""
     recipe = getattr(task, "recipe", None)
-    if recipe is not None and recipe.crop == "resized":
-        x = random_resized_crop(x, scale=(recipe.crop_scale, 1.0), flip=task.flip, generator=task.generator)
-    elif task.augment is not None:
-        x = task.augment(x, task.generator)
-    x = task.normalize(x)
-    if recipe is not None:
-        x = mix_batch(x, recipe.mix, recipe.alpha, task.generator)
-        return x.contiguous(memory_format=torch.channels_last) if task.channels_last else x
-    if task.mixup and len(indices) > 1:
-        weight = torch.rand((len(x), 1, 1, 1), generator=task.generator).to(x.device, x.dtype)
-        partner = torch.randperm(len(x), generator=task.generator).to(x.device)
-        x = torch.lerp(x[partner], x, weight)
-    return x
+    if recipe is None:
+        return FewShotBatcher(task.images, task.normalize, task.generator, task.device, augment=task.augment,
+                              pair_mixup=task.mixup)
+    return FewShotBatcher(task.images, task.normalize, task.generator, task.device, augment=task.augment,
+                          mix=recipe.mix, alpha=recipe.alpha, flip=task.flip, channels_last=task.channels_last,
+                          resized_crop=recipe.crop_scale if recipe.crop == "resized" else None)
 
 
 def disagreement_step(student: nn.Module, x: torch.Tensor, teacher_logits: torch.Tensor, size: float,
@@ -143,6 +127,7 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None, *, e
         student.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
     average = WeightAverage(student, recipe.ema) if recipe is not None and recipe.ema > 0 else None
+    batcher = batcher_for(task)
     plain = (getattr(method, "step_terms", None) is None and not (recipe is not None and recipe.adversarial > 0)
              and not any(method.teacher_paths(s) or method.student_paths(s) for s in stages)
              and (task.world is None or task.world.size <= 1))
@@ -170,7 +155,7 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None, *, e
                 stage = stages[index]
                 resume = state if (state is not None and index == start_stage and start_epoch > 0) else None
                 _run_stage(method, task, extra, stages, index, resume, records, checkpointer, bar, stop, forwards,
-                           average)
+                           average, batcher)
                 state = None
                 if stop.requested and index + 1 < len(stages):
                     raise _interrupted(stop, f"after stage '{stage.name}'", checkpointer)
@@ -294,7 +279,9 @@ def _interrupted(stop: StopRequest, where: str, checkpointer: Checkpointer) -> M
 
 def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: dict | None, records: list[dict],
                checkpointer: Checkpointer, bar: tqdm, stop: StopRequest,
-               forwards: compiled.CompiledPair | None = None, average: WeightAverage | None = None) -> None:
+               forwards: compiled.CompiledPair | None = None, average: WeightAverage | None = None,
+               batcher: FewShotBatcher | None = None) -> None:
+    batcher = batcher or batcher_for(task)
     stage = stages[index]
     student, teacher = task.student, task.teacher
     params = _unique_parameters(stage.modules)
@@ -366,12 +353,12 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                                                     sum(s.epochs for s in stages))
     with FeatureTap(teacher, method.teacher_paths(stage)) as t_tap, FeatureTap(student, method.student_paths(stage)) as s_tap:
         for epoch in range(first_epoch, stage.epochs):
-            for indices in _epoch_batches(task, recipe, record["steps"], budget, images_budget - record["images"]
+            for indices in _epoch_batches(batcher, task, recipe, record["steps"], budget, images_budget - record["images"]
                                           if images_budget is not None else None):
                 if recipe is not None:
                     for group in optimizer.param_groups:
                         group["lr"] = stage.lr * recipe.lr_factor(record["steps"], budget)
-                x = own_input(stage, indices) if own_input is not None else few_shot_input(task, indices)
+                x = own_input(stage, indices) if own_input is not None else batcher.view(indices)
                 if sharded:  # every process drew the same global batch; each trains on its share
                     x = x[world.rank::world.size]
                 if own_step is not None:
@@ -468,17 +455,18 @@ def _optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, reci
         average.update()
 
 
-def _epoch_batches(task, recipe, done_steps: int, budget: int | None, images_left: int | None):
+def _epoch_batches(batcher: FewShotBatcher, task, recipe, done_steps: int, budget: int | None,
+                   images_left: int | None):
     """The paper recipe: one shuffled pass over the images. The patient one: a chunk of fixed-size batches of
     repeated images; the last chunk stops at the stage's share of the sample budget, and its last batch holds
     what is left of it, so the images seen equal the budget."""
     if recipe is None:
-        yield from few_shot_batches(len(task.images), task.batch_size, task.generator, task.device)
+        yield from batcher.epoch(task.batch_size)
         return
     for _ in range(min(recipe.steps_per_chunk, budget - done_steps)):
         size = min(recipe.batch_size, images_left)
         images_left -= size
-        yield repeated_batch(len(task.images), size, task.generator, task.device)
+        yield batcher.repeated(size)
 
 
 def _save(checkpointer: Checkpointer, task, extra: nn.ModuleDict, stage: int, epoch: int,

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from graftkd.engine.checkpoint import Checkpointer
-from graftkd.engine.loop import few_shot_input, run_loss_method
+from graftkd.data.batcher import FewShotBatcher
+from graftkd.engine.loop import run_loss_method
 from graftkd.engine.runtime import autocast
 from graftkd.engine.task import FewShotTask, LossStage
 from graftkd.errors import GraftkdError
@@ -70,6 +71,8 @@ class GraftRunner:
         self.generator = generator
         self.precision = precision
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.batcher = FewShotBatcher(self.images, self.normalize, generator, device, augment=augment,
+                                      pair_mixup=mixup, channels_last=channels_last)
         self.checkpointer = checkpointer or Checkpointer(None, "", "graft")
         self.checkpoint_every_s = checkpoint_every_s
         self.log_every = max(1, log_every)
@@ -97,7 +100,7 @@ class GraftRunner:
 
     def _batch_input(self, indices: torch.Tensor) -> torch.Tensor:
         # Label-free mixup (optional): teacher and grafted net see the same blend of two few-shot images.
-        return few_shot_input(self, indices).contiguous(memory_format=self.memory_format)
+        return self.batcher.view(indices)
 
     def _teacher_pass(self, indices: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One teacher forward: the frozen prefix output (shared with the grafted net) and the target logits."""
