@@ -121,7 +121,7 @@ class GraftRunner:
         ]
         return torch.cat([f for f, _ in chunks]), torch.cat([t for _, t in chunks])
 
-    # ------------------------------------------------------------------------------ the loop
+    # ------------------------------------------- one step on its own (the speed benchmark and the step audit)
     def train_step(
         self,
         indices: torch.Tensor,
