@@ -279,9 +279,8 @@ def _interrupted(stop: StopRequest, where: str, checkpointer: Checkpointer) -> M
 
 def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: dict | None, records: list[dict],
                checkpointer: Checkpointer, bar: tqdm, stop: StopRequest,
-               forwards: compiled.CompiledPair | None = None, average: WeightAverage | None = None,
-               batcher: FewShotBatcher | None = None) -> None:
-    batcher = batcher or batcher_for(task)
+               forwards: compiled.CompiledPair | None, average: WeightAverage | None,
+               batcher: FewShotBatcher) -> None:
     stage = stages[index]
     student, teacher = task.student, task.teacher
     params = _unique_parameters(stage.modules)
