@@ -27,6 +27,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _settings_file(tmp_path_factory):
+    """Tests remember their timed fastest settings in a file of their own, never in the user's cache."""
+    from graftkd.engine import loop
+
+    path = tmp_path_factory.mktemp("settings") / "fastest_settings.json"
+    original = loop.settings_path
+    loop.settings_path = lambda: path
+    yield path
+    loop.settings_path = original
+
+
 @pytest.fixture
 def stop_after_saves(monkeypatch):
     """``stop_after_saves(n)``: the shared loop raises KeyboardInterrupt right after its n-th checkpoint, as a

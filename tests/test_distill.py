@@ -113,10 +113,12 @@ def test_evaluation_curves_do_not_change_the_result() -> None:
     assert all(torch.equal(plain[k], v) for k, v in curved.student.state_dict().items())
 
 
-def test_patient_recipe_with_precision_auto_times_the_settings_without_changing_the_run(monkeypatch) -> None:
+def test_patient_recipe_with_precision_auto_times_the_settings_without_changing_the_run(monkeypatch, tmp_path) -> None:
     """precision "auto" times each candidate setting on the real stage; the probe leaves the student and the
     run's generator as they were, so a run whose choice is fp32/contiguous equals a pinned fp32 run."""
     from graftkd.engine import loop
+
+    monkeypatch.setattr(loop, "settings_path", lambda: tmp_path / f"settings-{len(list(tmp_path.iterdir()))}.json")
     from graftkd.engine.recipe import Recipe
 
     recipe = Recipe(samples=8 * 20, batch_size=8, steps_per_chunk=10, recalibrate_bn=False)
@@ -139,3 +141,26 @@ def test_patient_recipe_with_precision_auto_times_the_settings_without_changing_
     cl = build_method("kd").run(_task(recipe=recipe, precision="auto", epochs=recipe.chunks))
     assert all(v.is_contiguous() for v in cl.student.state_dict().values())
     assert all(torch.allclose(a[k].float(), v.float(), atol=1e-3) for k, v in cl.student.state_dict().items())
+    assert cl.extra["speed"]["chosen"] == chosen
+
+
+def test_precision_auto_remembers_its_choice_so_a_rerun_trains_alike(monkeypatch, tmp_path) -> None:
+    """Timings of a few steps are noisy: a second run of the same task must not time again (it could pick
+    another memory format and so another student); it takes the remembered choice, and says where from."""
+    from graftkd.engine import loop
+    from graftkd.engine.recipe import Recipe
+
+    monkeypatch.setattr(loop, "settings_path", lambda: tmp_path / "settings.json")
+    picks = iter([{"precision": "fp32", "channels_last": True}, {"precision": "fp32", "channels_last": False}])
+    monkeypatch.setattr(loop, "fastest_setting", lambda *a: {"candidates": [], "chosen": next(picks)})
+    recipe = Recipe(samples=8 * 20, batch_size=8, steps_per_chunk=10, recalibrate_bn=False)
+    first = build_method("kd").run(_task(recipe=recipe, precision="auto", epochs=recipe.chunks))
+    second = build_method("kd").run(_task(recipe=recipe, precision="auto", epochs=recipe.chunks))
+    assert first.extra["speed"]["chosen"] == second.extra["speed"]["chosen"] == {"precision": "fp32",
+                                                                                 "channels_last": True}
+    assert second.extra["speed"]["remembered"] == str(tmp_path / "settings.json")
+    a, b = first.student.state_dict(), second.student.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    (tmp_path / "settings.json").unlink()  # deleting the file times again
+    third = build_method("kd").run(_task(recipe=recipe, precision="auto", epochs=recipe.chunks))
+    assert third.extra["speed"]["chosen"] == {"precision": "fp32", "channels_last": False}

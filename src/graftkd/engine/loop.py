@@ -7,6 +7,7 @@ re-run with the same settings continues where the last one stopped and ends bit-
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ from graftkd.engine.hooks import FeatureTap
 from graftkd.engine.recipe import WeightAverage
 from graftkd.engine.runtime import Timer, autocast
 from graftkd.engine.signals import StopRequest
+from graftkd.data.cache import cache_dir
 from graftkd.errors import GraftkdError, Interrupted
+from graftkd.files import atomic_write_json, read_json
 
 
 class MethodInterrupted(Interrupted):
@@ -119,7 +122,7 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None, *, e
         # a resumed run keeps the setting it started with; a new one times the candidates on this machine
         # (under torchrun the first process times them and every process takes its choice)
         task.speed = state["speed"] if state is not None and state.get("speed") else (
-            fastest_setting(method, task, stages[0]) if _main(task) else None)
+            remembered_setting(method, task, stages[0]) if _main(task) else None)
         task.speed = _broadcast(task, task.speed)
         task.precision = task.speed["chosen"]["precision"]
         task.channels_last = task.speed["chosen"]["channels_last"]
@@ -245,6 +248,53 @@ def fastest_setting(method, task, stage, steps: int = 3) -> dict:
                            for r in rows) + ")")
     return {"rule": f"fastest of {len(rows)} settings over {steps} timed steps of the first stage",
             "candidates": rows, "chosen": {"precision": chosen["precision"], "channels_last": chosen["channels_last"]}}
+
+
+def settings_path():
+    """Where the fastest settings timed on this machine are remembered."""
+    return cache_dir() / "fastest_settings.json"
+
+
+def setting_key(method, task, stage) -> str:
+    """What the timing depends on: the machine, torch, both networks, the method's stage and the batch."""
+    from graftkd.engine.runtime import device_description
+
+    def net(model):
+        return f"{type(model).__name__}:{sum(p.numel() for p in model.parameters())}"
+
+    return json.dumps({"device": device_description(task.device), "torch": torch.__version__,
+                       "teacher": net(task.teacher), "student": net(task.student), "method": method.name,
+                       "stage": stage.name, "batch": task.recipe.batch_size,
+                       "image": list(task.images.shape[1:])}, sort_keys=True)
+
+
+def remembered_setting(method, task, stage) -> dict:
+    """The fastest setting for this machine and run, timed once and remembered in the graftkd cache.
+
+    Timings of a few steps are noisy, and the settings round differently: re-timing on every run would let
+    two runs of the same command on the same machine train in different settings and end with different
+    students. So the first run times the candidates (``fastest_setting``) and stores its choice under
+    ``$GRAFTKD_CACHE``; later runs with the same key take it. Deleting the file times again."""
+    path = settings_path()
+    key = setting_key(method, task, stage)
+    table = read_json(path) if path.is_file() else None
+    table = table if isinstance(table, dict) else {}
+    if isinstance(table.get(key), dict) and isinstance(table[key].get("chosen"), dict):
+        speed = dict(table[key], remembered=str(path))
+        chosen = speed["chosen"]
+        tqdm.write(f"fastest setting here: {chosen['precision']}, "
+                   f"{'channels_last' if chosen['channels_last'] else 'contiguous'} (timed by an earlier run, "
+                   f"remembered in {path}; delete it to time again)")
+        return speed
+    speed = fastest_setting(method, task, stage)
+    table[key] = speed
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, table)
+        speed = dict(speed, remembered=str(path))
+    except OSError as exc:  # a read-only cache costs reproducibility across runs, not this run
+        tqdm.write(f"could not remember the fastest setting in {path} ({exc}); set GRAFTKD_CACHE to a writable folder")
+    return speed
 
 
 def resume_note(stages, stage: int, epoch: int, path) -> dict:
