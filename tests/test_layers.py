@@ -1,4 +1,5 @@
-"""The import contract: layers import downward only, lazily or not.
+"""The import contract: layers import downward only, lazily or not (an AST check here, and the same layers as
+import-linter contracts in pyproject.toml, run by `lint-imports`).
 
     errors, files, schema            (shared leaves)
     models, data                     (the bottom: neither imports the other's layer or anything above)
@@ -47,3 +48,41 @@ def test_the_contract_sees_lazy_imports(tmp_path) -> None:
     module = tmp_path / "m.py"
     module.write_text("import os\n\ndef f():\n    from graftkd.distill.base import FewShotTask\n    import graftkd.engine.loop\n")
     assert list(_imports(module)) == [("graftkd.distill.base", 4), ("graftkd.engine.loop", 5)]
+
+
+def _lint_imports(config: Path, cwd: Path, pythonpath: Path | None = None):
+    import os
+    import shutil
+    import subprocess
+
+    tool = shutil.which("lint-imports") or str(Path(__import__("sys").executable).parent / "lint-imports")
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([tool, "--config", str(config), "--no-cache"], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_import_linter_contracts_hold() -> None:
+    """The same layers as import-linter contracts (pyproject.toml: [tool.importlinter]), kept by `lint-imports`."""
+    root = PACKAGE.parents[1]
+    done = _lint_imports(root / "pyproject.toml", root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "3 kept, 0 broken" in done.stdout
+
+
+def test_import_linter_sees_a_lazy_upward_import(tmp_path) -> None:
+    """The contracts are not vacuous: an engine that imports a method inside a function breaks them."""
+    package = tmp_path / "src" / "fakekd"
+    for sub in ("engine", "distill"):
+        (package / sub).mkdir(parents=True)
+        (package / sub / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "engine" / "loop.py").write_text("def run():\n    from fakekd.distill import kd\n")
+    (package / "distill" / "kd.py").write_text("import fakekd.engine.loop\n")
+    config = tmp_path / "contracts.toml"
+    config.write_text('[tool.importlinter]\nroot_package = "fakekd"\n\n[[tool.importlinter.contracts]]\n'
+                      'name = "engine below distill"\ntype = "forbidden"\nsource_modules = ["fakekd.engine"]\n'
+                      'forbidden_modules = ["fakekd.distill"]\n')
+    done = _lint_imports(config, tmp_path, pythonpath=tmp_path / "src")
+    assert done.returncode == 1 and "fakekd.engine.loop -> fakekd.distill" in done.stdout, done.stdout + done.stderr
