@@ -310,3 +310,51 @@ def test_method_options_are_checked_before_any_work(tmp_path, digits_teacher, ca
                      "digits_cnn_half", "--data", "digits", "--k", "1", "--device", "cpu", "--no-progress",
                      "--out", str(tmp_path / "x"), *extra])
         assert code == 2 and says in capsys.readouterr().err, extra
+
+
+def test_config_file_and_set_reach_the_run_and_the_command_line_wins(tmp_path, digits_teacher):
+    """`--config FILE` takes a grid row's tokens or a mapping of options; `--set PATH=VALUE` overrides any field
+    of the nested settings; options on the command line win over the file's."""
+    config = tmp_path / "run.yaml"
+    config.write_text("teacher-arch: digits_cnn\nstudent_arch: digits_cnn_half\ndata: digits\nk: 2\nsamples: 1280\n"
+                      "init: derived\nrefine-loss: kd\nno-progress: true\nprecision: fp32\n"
+                      "set: [derive.recipe.warmup=0.2, graft.log_every=5]\n")
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(digits_teacher), "--config", str(config), "--samples", "640",
+                 "--set", "derive.recipe.mix=cutmix", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    recipe = result["derive"]["recipe"]
+    assert recipe["samples"] == 640 and recipe["warmup"] == 0.2 and recipe["mix"] == "cutmix"
+    assert result["student"]["arch"] == "digits_cnn_half" and result["config"]["log_every"] == 5
+    row = tmp_path / "row.yaml"  # the grid row format: a list of tokens
+    row.write_text('[--init, derived, --refine, none, --repair]\n')
+    again = tmp_path / "row"
+    assert main(["distill", "--config", str(row), "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn",
+                 "--student-arch", "digits_cnn_half", "--data", "digits", "--k", "2", "--device", "cpu",
+                 "--no-progress", "--out", str(again)]) == 0
+    result = json.loads((again / "result.json").read_text())
+    assert result["method"] == "derived+none" and result["repair"]["applied"]
+
+
+@pytest.mark.parametrize("extra, file_text, message", [
+    (["--set", "derive.recipe.sampels=10"], None, "unknown key 'derive.recipe.sampels' (did you mean 'samples'?)"),
+    (["--set", "derive.recipe.samples=many"], None, "derive.recipe.samples must be an integer, got 'many'"),
+    (["--set", "derive.loss=l2"], None, "--set derive.loss=l2: unknown loss 'l2'"),
+    (["--set", "graf.seed=1"], None, "unknown group 'graf' (did you mean 'graft'?)"),
+    (["--set", "derive.recipe"], None, "write PATH=VALUE"),
+    ([], "sampels: 10\n", "unknown option 'sampels' (did you mean 'samples'?)"),
+    ([], "[--sampels, '10']\n", "unknown option '--sampels'"),
+    ([], "samples: [1, 2\n", "not valid YAML"),
+    ([], "3\n", "must be a list of option tokens or a mapping"),
+])
+def test_bad_config_or_set_fails_in_one_line_before_any_work(tmp_path, capsys, extra, file_text, message):
+    args = ["distill", "--teacher", "resnet56-cifar10", "--student-arch", "resnet20", "--data", "digits", "--k", "1",
+            "--out", str(tmp_path / "o"),
+            *extra]
+    if file_text is not None:
+        (tmp_path / "c.yaml").write_text(file_text)
+        args += ["--config", str(tmp_path / "c.yaml")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

@@ -167,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "test data is the one it was measured on)")
     p.add_argument("--replace", type=_int_list,
                    help="partial grafting: replace only these teacher blocks (1-based, e.g. 2,3) by the student's")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
+                   help="override any field of the run's settings after the options above (repeatable): "
+                        "derive.* (DeriveOptions, e.g. derive.recipe.mix=cutmix, derive.recipe.warmup=0.1) or graft.* "
+                        "(GraftConfig, e.g. graft.schedule.block_lr=0.01); checked like a config file's values")
+    p.add_argument("--config", metavar="FILE",
+                   help="a YAML file of this command's options: a list of tokens, as a grid row gives them "
+                        "([--init, derived, --samples, \"64000\"]), or a mapping (samples: 64000, repair: true, "
+                        "set: [derive.loss=feature_kd]); options on the command line win")
     _add_common(p)
 
     p = sub.add_parser("train-kd", help="full-data distillation: CE + KD (+ a feature distiller); torchrun for many processes")
@@ -359,6 +367,12 @@ def _cmd_distill(args) -> None:
                            unit_features=args.unit_features,
                            recipe=Recipe(lr=args.refine_lr, ema=args.ema,
                                          **({"samples": args.samples} if args.samples is not None else {})))  # bad values fail before any work
+    from graftkd.schema import with_overrides
+
+    # --set: checked here, against the defaults, before any work; applied to the run's own settings below
+    overrides = {group: [a for a in args.overrides if a.split(".", 1)[0].strip() == group] for group in ("derive", "graft")}
+    with_overrides({"derive": derive, "graft": GraftConfig()}, args.overrides)
+    derive = with_overrides({"derive": derive}, overrides["derive"])["derive"]
     if not (args.fewshot or args.data or args.unlabeled):
         from graftkd.models.teacher_registry import load_registry
 
@@ -416,6 +430,7 @@ def _cmd_distill(args) -> None:
         compile=args.compile,
         checkpoint_every_s=args.checkpoint_every_s,
     )
+    config = with_overrides({"graft": config}, overrides["graft"])["graft"]
     payload = distill(
         teacher=teacher, student_arch=args.student_arch, fewshot=fewshot, test=test, config=config,
         device=args.device, out=args.out, progress=not args.no_progress,
@@ -616,7 +631,90 @@ COMMANDS = {
 }
 
 
+def config_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """A ``--config`` file's options as command-line tokens: a YAML list of tokens (a grid row), or a mapping of
+    option names to values (``true``: a switch; a list: several values, or a repeated option for ``set`` and
+    ``method-option``). Every name is checked against the command's options before any work."""
+    import difflib
+
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GraftkdError(f"--config {path}: cannot read it ({exc.__class__.__name__}: "
+                           f"{getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise GraftkdError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    known = {s for action in parser._actions for s in action.option_strings}
+    repeated = {s for action in parser._actions if isinstance(action, argparse._AppendAction) for s in action.option_strings}
+    if raw is None:
+        return []
+    if isinstance(raw, list):
+        tokens = [str(t) for t in raw]
+    elif isinstance(raw, dict):
+        tokens = []
+        for key, value in raw.items():
+            flag = "--" + str(key).lstrip("-").replace("_", "-")
+            if flag not in known:
+                close = difflib.get_close_matches(flag, sorted(known), n=1)
+                hint = f" (did you mean '{close[0].lstrip('-')}'?)" if close else ""
+                raise GraftkdError(f"--config {path}: unknown option '{key}'{hint}; `graftkd distill --help` lists them")
+            if value is True:
+                tokens.append(flag)
+            elif value is False or value is None:
+                continue
+            elif isinstance(value, list) and flag in repeated:
+                for item in value:
+                    tokens += [flag, str(item)]
+            elif isinstance(value, list):
+                tokens += [flag, ",".join(str(v) for v in value)]
+            else:
+                tokens += [flag, str(value)]
+    else:
+        raise GraftkdError(f"--config {path}: must be a list of option tokens or a mapping of options to values")
+    for token in tokens:
+        name = token.split("=", 1)[0]
+        if token.startswith("--") and name not in known:
+            raise GraftkdError(f"--config {path}: unknown option '{name}'; `graftkd distill --help` lists them")
+        if name == "--config":
+            raise GraftkdError(f"--config {path}: a config file cannot name another --config")
+    return tokens
+
+
+def _expand_config(argv: list[str]) -> list[str]:
+    """Put a ``distill --config FILE``'s tokens right after the command, so options given on the command line
+    (parsed later) win over the file's."""
+    if not argv or argv[0] != "distill":
+        return argv
+    rest, path = [], None
+    i = 1
+    while i < len(argv):
+        token = argv[i]
+        if token == "--config" and i + 1 < len(argv):
+            path, i = argv[i + 1], i + 2
+            continue
+        if token.startswith("--config="):
+            path = token.split("=", 1)[1]
+        else:
+            rest.append(token)
+        i += 1
+    if path is None:
+        return argv
+    parser = build_parser()
+    distill_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["distill"]
+    return ["distill", *config_tokens(path, distill_parser), *rest]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _expand_config(argv)
+    except GraftkdError as exc:
+        print(f"graftkd: error: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

@@ -137,3 +137,65 @@ def schema_lines(cls: type, prefix: str = "") -> list[str]:
 
 
 
+
+
+def _parsed(raw: str) -> Any:
+    """A ``--set`` value as YAML reads it (``64000``, ``true``, ``[1, 2]``, ``{a: 1}``); ``1e-3`` as a float."""
+    import yaml
+
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") and value.lower() not in ("nan", "inf") else value
+        except ValueError:
+            return value
+    return value
+
+
+def with_overrides(roots: dict[str, Any], assignments: list[str], where: str = "--set") -> dict[str, Any]:
+    """Apply ``PATH=VALUE`` assignments to named dataclass instances, e.g. ``derive.recipe.samples=64000`` to
+    ``{"derive": DeriveOptions(...), "graft": GraftConfig(...)}``; returns the new instances (the old ones are
+    not changed). Each value is checked against its field's annotation as a config file's would be, an unknown
+    name gets the closest valid one, and the dataclasses' own checks (``__post_init__``) run on the result."""
+    roots = dict(roots)
+    for text in assignments:
+        path, sep, raw = text.partition("=")
+        path = path.strip()
+        if not sep or not path:
+            raise GraftkdError(f"{where} '{text}': write PATH=VALUE, e.g. {next(iter(roots), 'derive')}.recipe.samples=64000")
+        parts = path.split(".")
+        if parts[0] not in roots:
+            close = difflib.get_close_matches(parts[0], list(roots), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise GraftkdError(f"{where} {path}: unknown group '{parts[0]}'{hint}; the groups are {', '.join(roots)}")
+        try:
+            roots[parts[0]] = _replace_at(roots[parts[0]], parts[1:], _parsed(raw), parts[0], where)
+        except GraftkdError as exc:
+            message = str(exc)
+            raise GraftkdError(message if message.startswith(where) else f"{where} {text.strip()}: {message}") from None
+    return roots
+
+
+def _replace_at(obj: Any, parts: list[str], value: Any, path: str, where: str) -> Any:
+    if isinstance(obj, dict) and len(parts) == 1:  # a free-form options mapping, e.g. derive.loss_options.temperature
+        return {**obj, parts[0]: value}
+    if not dataclasses.is_dataclass(obj):
+        raise GraftkdError(f"{where} {path}.{'.'.join(parts)}: {path} is a single setting, not a group")
+    fields = {f.name: f for f in dataclasses.fields(obj) if f.init}
+    if not parts:
+        raise GraftkdError(f"{where} {path}: a group of settings; name one of its keys: {', '.join(fields)}")
+    name = parts[0]
+    if name not in fields:
+        close = difflib.get_close_matches(name, list(fields), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise GraftkdError(f"{where}: unknown key '{path}.{name}'{hint}; valid keys: {', '.join(fields)}")
+    here = f"{path}.{name}"
+    current = getattr(obj, name)
+    if len(parts) > 1:
+        new = _replace_at(current, parts[1:], value, here, where)
+    elif dataclasses.is_dataclass(current):
+        raise GraftkdError(f"{where} {here}: a group of settings; set one of its keys, e.g. {here}."
+                           f"{dataclasses.fields(current)[0].name}=...")
+    else:
+        new = _check(value, get_type_hints(type(obj))[name], here, where)
+    return dataclasses.replace(obj, **{name: new})
