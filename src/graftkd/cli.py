@@ -369,10 +369,9 @@ def _cmd_distill(args) -> None:
                                          **({"samples": args.samples} if args.samples is not None else {})))  # bad values fail before any work
     from graftkd.schema import with_overrides
 
-    # --set: checked here, against the defaults, before any work; applied to the run's own settings below
-    overrides = {group: [a for a in args.overrides if a.split(".", 1)[0].strip() == group] for group in ("derive", "graft")}
-    with_overrides({"derive": derive, "graft": GraftConfig()}, args.overrides)
-    derive = with_overrides({"derive": derive}, overrides["derive"])["derive"]
+    # --set: every assignment is checked here, before any work (graft.* against the defaults); graft.* is applied
+    # to the run's own GraftConfig once it is built below
+    derive = with_overrides({"derive": derive, "graft": GraftConfig()}, args.overrides)["derive"]
     if not (args.fewshot or args.data or args.unlabeled):
         from graftkd.models.teacher_registry import load_registry
 
@@ -430,7 +429,7 @@ def _cmd_distill(args) -> None:
         compile=args.compile,
         checkpoint_every_s=args.checkpoint_every_s,
     )
-    config = with_overrides({"graft": config}, overrides["graft"])["graft"]
+    config = with_overrides({"derive": derive, "graft": config}, args.overrides)["graft"]
     payload = distill(
         teacher=teacher, student_arch=args.student_arch, fewshot=fewshot, test=test, config=config,
         device=args.device, out=args.out, progress=not args.no_progress,
@@ -684,7 +683,7 @@ def config_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
     return tokens
 
 
-def _expand_config(argv: list[str]) -> list[str]:
+def _expand_config(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """Put a ``distill --config FILE``'s tokens right after the command, so options given on the command line
     (parsed later) win over the file's."""
     if not argv or argv[0] != "distill":
@@ -703,19 +702,19 @@ def _expand_config(argv: list[str]) -> list[str]:
         i += 1
     if path is None:
         return argv
-    parser = build_parser()
     distill_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["distill"]
     return ["distill", *config_tokens(path, distill_parser), *rest]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
-        argv = _expand_config(argv)
+        argv = _expand_config(argv, parser)
     except GraftkdError as exc:
         print(f"graftkd: error: {exc}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         COMMANDS[args.command](args)
     except Interrupted as exc:  # the state is saved: not a failure

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -144,11 +145,8 @@ def _parsed(raw: str) -> Any:
     import yaml
 
     value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value.lower() for c in ".e") and value.lower() not in ("nan", "inf") else value
-        except ValueError:
-            return value
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        return float(value)  # YAML 1.1 reads an exponent without a dot (1e-3) as a string
     return value
 
 

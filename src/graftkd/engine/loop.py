@@ -242,12 +242,15 @@ def fastest_setting(method, task, stage, steps: int = 3) -> dict:
         student.zero_grad(set_to_none=True)
         student.train(was_training)
     chosen = max(rows, key=lambda r: r["images_per_second"])
-    tqdm.write(f"fastest setting here: {chosen['precision']}, "
-               f"{'channels_last' if chosen['channels_last'] else 'contiguous'} ({chosen['images_per_second']:.0f} img/s; "
+    tqdm.write(f"fastest setting here: {_setting_name(chosen)} ({chosen['images_per_second']:.0f} img/s; "
                + ", ".join(f"{r['precision']}/{'cl' if r['channels_last'] else 'contig'} {r['images_per_second']:.0f}"
                            for r in rows) + ")")
     return {"rule": f"fastest of {len(rows)} settings over {steps} timed steps of the first stage",
             "candidates": rows, "chosen": {"precision": chosen["precision"], "channels_last": chosen["channels_last"]}}
+
+
+def _setting_name(chosen: dict) -> str:
+    return f"{chosen['precision']}, {'channels_last' if chosen['channels_last'] else 'contiguous'}"
 
 
 def settings_path():
@@ -281,10 +284,8 @@ def remembered_setting(method, task, stage) -> dict:
     table = table if isinstance(table, dict) else {}
     if isinstance(table.get(key), dict) and isinstance(table[key].get("chosen"), dict):
         speed = dict(table[key], remembered=str(path))
-        chosen = speed["chosen"]
-        tqdm.write(f"fastest setting here: {chosen['precision']}, "
-                   f"{'channels_last' if chosen['channels_last'] else 'contiguous'} (timed by an earlier run, "
-                   f"remembered in {path}; delete it to time again)")
+        tqdm.write(f"fastest setting here: {_setting_name(speed['chosen'])} (timed by an earlier run, remembered in "
+                   f"{path}; delete it to time again)")
         return speed
     speed = fastest_setting(method, task, stage)
     table[key] = speed
