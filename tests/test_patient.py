@@ -8,7 +8,7 @@ from torch import nn
 
 from graftkd.data.normalize import Normalizer
 from graftkd.distill.base import FewShotTask, build_method
-from graftkd.engine.recipe import Recipe, WeightAverage
+from graftkd.engine.recipe import Recipe, StartAnchor, WeightAverage
 from graftkd.errors import GraftkdError
 from graftkd.models import build_model
 
@@ -110,3 +110,41 @@ def test_ema_hands_back_the_averaged_weights_and_resumes_them(tmp_path, stop_aft
     assert resumed.extra["resumed"] is not None
     c = resumed.student.state_dict()
     assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_start_anchor_adds_the_l2sp_gradient() -> None:
+    layer = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0]]))
+    anchor = StartAnchor(layer, strength=0.5)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 0.0]]))
+    loss = (layer.weight ** 2).sum()  # gradient 2 w = [6, 0]
+    loss.backward()
+    anchor.pull()
+    # plus the gradient of 0.5 / 2 * ||w - w0||^2 = 0.5 * ([3, 0] - [1, -2]) = [1, 1]
+    assert layer.weight.grad.tolist() == [[7.0, 1.0]]
+    with pytest.raises(GraftkdError, match="anchor strength"):
+        Recipe(anchor=-1.0)
+
+
+def test_a_strong_anchor_holds_the_student_near_its_start_and_resumes_alike(tmp_path, stop_after_saves) -> None:
+    recipe = Recipe(samples=8 * 8, batch_size=8, steps_per_chunk=2, recalibrate_bn=False, anchor=50.0)
+    torch.manual_seed(0)
+    start = {k: v.clone() for k, v in build_model("digits_cnn_half").state_dict().items()}
+
+    def drift(outcome) -> float:
+        return sum(float((v - start[k]).abs().sum()) for k, v in outcome.student.state_dict().items()
+                   if v.dtype.is_floating_point and "running" not in k)
+
+    free = build_method("kd").run(_task(Recipe(**{**recipe.to_dict(), "anchor": 0.0})))
+    held = build_method("kd").run(_task(recipe))
+    assert drift(held) < 0.5 * drift(free)
+    stop_after_saves(2)
+    with pytest.raises(KeyboardInterrupt):
+        build_method("kd").run(_task(recipe, run_dir=tmp_path))
+    stop_after_saves(None)
+    resumed = build_method("kd").run(_task(recipe, run_dir=tmp_path))
+    assert resumed.extra["resumed"] is not None
+    a, b = held.student.state_dict(), resumed.student.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

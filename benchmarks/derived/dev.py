@@ -120,6 +120,16 @@ CONFIGS = {
                                     {"samples": 50_000, "lr": 0.05, "ema": 0.999}, {"precision": "auto"}),
     "r20-fresh-50k-lr05-rrc-auto": ("resnet56-cifar10", "resnet20", {"method": "kd"},
                                     {"samples": 50_000, "lr": 0.05, "crop": "resized"}, {"precision": "auto"}),
+    # L2-SP: the gradient is pulled towards the derived start (Recipe.anchor); the gap between the student's
+    # agreement on the few-shot views (93-96 %) and its test accuracy says it overfits the few images
+    "r20-kd-32k-anchor001-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 32_000, "anchor": 0.01},
+                                  {"precision": "auto"}),
+    "r20-kd-32k-anchor01-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 32_000, "anchor": 0.1},
+                                 {"precision": "auto"}),
+    "r20-kd-32k-anchor1-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 32_000, "anchor": 1.0},
+                                {"precision": "auto"}),
+    "r20-kd-256k-anchor-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 256_000, "anchor": 0.1},
+                                {"precision": "auto"}),
 }
 
 

@@ -21,7 +21,7 @@ from graftkd.engine.checkpoint import Checkpointer, fingerprint
 from graftkd.data.batcher import FewShotBatcher
 from graftkd.engine.bn import reestimate_batchnorm
 from graftkd.engine.hooks import FeatureTap
-from graftkd.engine.recipe import WeightAverage
+from graftkd.engine.recipe import StartAnchor, WeightAverage
 from graftkd.engine.runtime import Timer, autocast
 from graftkd.engine.signals import StopRequest
 from graftkd.data.cache import cache_dir
@@ -130,6 +130,8 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None, *, e
         student.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
     average = WeightAverage(student, recipe.ema) if recipe is not None and recipe.ema > 0 else None
+    # the starting point is the student as built: a resumed run rebuilds the same one (the fingerprint's "start")
+    anchor = StartAnchor(student, recipe.anchor) if recipe is not None and recipe.anchor > 0 else None
     batcher = batcher_for(task)
     plain = (getattr(method, "step_terms", None) is None and not (recipe is not None and recipe.adversarial > 0)
              and not any(method.teacher_paths(s) or method.student_paths(s) for s in stages)
@@ -158,7 +160,7 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None, *, e
                 stage = stages[index]
                 resume = state if (state is not None and index == start_stage and start_epoch > 0) else None
                 _run_stage(method, task, extra, stages, index, resume, records, checkpointer, bar, stop, forwards,
-                           average, batcher)
+                           average, batcher, anchor)
                 state = None
                 if stop.requested and index + 1 < len(stages):
                     raise _interrupted(stop, f"after stage '{stage.name}'", checkpointer)
@@ -331,7 +333,7 @@ def _interrupted(stop: StopRequest, where: str, checkpointer: Checkpointer) -> M
 def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: dict | None, records: list[dict],
                checkpointer: Checkpointer, bar: tqdm, stop: StopRequest,
                forwards: compiled.CompiledPair | None, average: WeightAverage | None,
-               batcher: FewShotBatcher) -> None:
+               batcher: FewShotBatcher, anchor: StartAnchor | None = None) -> None:
     stage = stages[index]
     student, teacher = task.student, task.teacher
     params = _unique_parameters(stage.modules)
@@ -417,7 +419,7 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 else:
                     loss, terms = _default_step(method, stage, task, x, t_tap, s_tap, step_module if sharded else None,
                                                 forwards)
-                _optimise(loss, optimizer, params, recipe, average)
+                _optimise(loss, optimizer, params, recipe, average, anchor)
                 for key, value in terms.items():
                     running[key] = running.get(key, torch.zeros((), device=task.device)) + value.detach().float()
                 running_steps += 1
@@ -495,9 +497,11 @@ def _default_step(method, stage, task, x: torch.Tensor, t_tap: FeatureTap, s_tap
 
 
 def _optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, recipe,
-              average: WeightAverage | None) -> None:
+              average: WeightAverage | None, anchor: StartAnchor | None = None) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if anchor is not None:
+        anchor.pull()
     if recipe is not None and recipe.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
     optimizer.step()

@@ -44,6 +44,9 @@ class Recipe:
     # > 0: the student handed back is an exponential moving average of its weights with this decay per step
     # (bias-corrected early on: min(ema, (1 + t) / (10 + t))); BatchNorm statistics are then recalibrated
     ema: float = 0.0
+    # > 0: L2-SP, a pull of the weights towards the run's starting point (the derived student): this strength
+    # times (w - w_start) is added to each gradient, as the loss term strength / 2 * ||w - w_start||^2 would
+    anchor: float = 0.0
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics at the end, on un-mixed augmented views
     recalibrate_views: int = 8
     clip_grad: float = 10.0  # gradient-norm clip: a derived start far from the teacher must not blow up
@@ -61,6 +64,8 @@ class Recipe:
             raise GraftkdError(f"adversarial step must be >= 0 (got {self.adversarial})")
         if not 0.0 <= self.ema < 1.0:
             raise GraftkdError(f"ema decay must be in [0, 1) (got {self.ema}); 0 turns it off")
+        if self.anchor < 0:
+            raise GraftkdError(f"anchor strength must be >= 0 (got {self.anchor}); 0 turns it off")
         if self.optimizer not in ("sgd", "adam"):
             raise GraftkdError(f"unknown optimizer '{self.optimizer}': use sgd or adam")
         if self.samples < self.batch_size:
@@ -97,6 +102,24 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class StartAnchor:
+    """The module's floating-point parameters as they were when built (L2-SP's reference point), and the pull
+    towards them that :meth:`pull` adds to the gradients."""
+
+    def __init__(self, module: torch.nn.Module, strength: float) -> None:
+        self.strength = strength
+        self.params = [p for p in module.parameters() if p.dtype.is_floating_point]
+        self.start = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def pull(self) -> None:
+        pairs = [(p, s) for p, s in zip(self.params, self.start) if p.grad is not None]
+        if pairs:
+            params, start = zip(*pairs)
+            torch._foreach_add_([p.grad for p in params], torch._foreach_sub(list(params), list(start)),
+                                alpha=self.strength)
 
 
 class WeightAverage:
