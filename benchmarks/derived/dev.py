@@ -128,6 +128,20 @@ CONFIGS = {
                                  {"precision": "auto"}),
     "r20-kd-32k-anchor1-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 32_000, "anchor": 1.0},
                                 {"precision": "auto"}),
+    # this machine (Xeon with AMX bf16, results/cifar10-derived/dev-amx): the 128k budget as a cheaper stand-in for
+    # 256k, with more input diversity (random-resized crops, photometric jitter, a mix per sample) or weight decay
+    "r20-kd-128k-wd5e4-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 128_000, "weight_decay": 5e-4},
+                               {"precision": "auto"}),
+    "r20-kd-128k-rrc-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 128_000, "crop": "resized"},
+                             {"precision": "auto"}),
+    "r20-kd-128k-rrc06-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 128_000, "crop": "resized",
+                                                                    "crop_scale": 0.6}, {"precision": "auto"}),
+    "r20-kd-128k-jit04-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 128_000, "jitter": 0.4},
+                               {"precision": "auto"}),
+    "r20-kd-128k-mps-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 128_000, "mix_per_sample": True},
+                             {"precision": "auto"}),
+    "r20-kd-128k-mps-jit04-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 128_000, "mix_per_sample": True,
+                                                                        "jitter": 0.4}, {"precision": "auto"}),
     "r20-kd-256k-anchor-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 256_000, "anchor": 0.1},
                                 {"precision": "auto"}),
 }
