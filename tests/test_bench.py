@@ -150,7 +150,7 @@ def test_a_row_may_run_another_method_with_other_options() -> None:
 def test_committed_configs_are_valid() -> None:
     import yaml
 
-    from graftkd.fullbench import FullGridConfig
+    from graftkd.bench.fulldata import FullGridConfig
 
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())

@@ -9,7 +9,7 @@ import torch.nn as nn
 from graftkd.models import build_model, check_block_contract, count_params, list_models
 from graftkd.models.base import check_stage_contract
 from graftkd.models.resnet_cifar import ResNetCifarA
-from graftkd.models.resnet_rd import ResNetRD
+from graftkd.models.resnet_repdistiller import ResNetRD
 from graftkd.models.shufflenet import ChannelShuffle
 
 NUM_CLASSES = 100

@@ -299,3 +299,55 @@ def test_the_refinement_resolver_follows_the_derivation():
     assert (fresh["repair"], fresh["loss"]) == (False, "kd") and "2" in fresh["why"]
     per_block = resolve_refinement(record("channels chosen", whole=False))  # the repair needs one whole derivation
     assert not per_block["repair"]
+
+
+@torch.no_grad()
+def test_fading_student_starts_as_the_teacher_and_ends_as_the_derived_student():
+    from graftkd.derive.fade import FadingStudent
+
+    torch.manual_seed(0)
+    teacher, student = _randomise_norms(build_model("resnet32")), build_model("resnet20")
+    record = derive_student(teacher, student, (3, 32, 32))
+    fading = FadingStudent(teacher, record.depth, steps=3).eval()
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(fading(x), teacher(x))  # a = 1: the whole teacher, exactly
+    assert len(fading.faded) == 3 * 2 and fading.alpha == 1.0
+    fading.train()
+    with torch.enable_grad():
+        for expected in (2 / 3, 1 / 3, 0.0):
+            fading(x).sum().backward()
+            assert fading.alpha == pytest.approx(expected)
+    fading.eval()
+    fading(x)  # evaluation does not advance the schedule
+    assert fading.seen == 3
+    plain = build_model("resnet20")
+    plain.load_state_dict(fading.student_state_dict(plain), strict=True)
+    torch.testing.assert_close(fading(x), plain.eval()(x))  # a = 0: the dropped units are gone
+    # the step count travels with the state (checkpoints, resume, the loop's timing probe)
+    again = FadingStudent(teacher, record.depth, steps=3)
+    again.load_state_dict(fading.state_dict())
+    assert again.seen == 3 and again.alpha == 0.0
+
+
+def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
+    from graftkd.data.dataset import ImageSet
+    from graftkd.engine.recipe import Recipe
+    from graftkd.graft import GraftConfig
+    from graftkd.workflows import DeriveOptions, LoadedModel, distill
+
+    torch.manual_seed(0)
+    teacher = _randomise_norms(build_model("resnet32"))
+    g = torch.Generator().manual_seed(1)
+    fewshot = ImageSet(torch.randint(0, 256, (10, 3, 32, 32), generator=g, dtype=torch.uint8),
+                       torch.arange(10), [str(i) for i in range(10)], "random", dataset="cifar10").drop_labels()
+    payload = distill(teacher=LoadedModel(teacher, "resnet32", (0.5,) * 3, (0.25,) * 3, "test"),
+                      student_arch="resnet20", fewshot=fewshot, test=None,
+                      config=GraftConfig(shots=1, seed=0, precision="fp32"), device="cpu", out=None, progress=False,
+                      derive=DeriveOptions(init="derived", refine="kd", fade=0.5,
+                                           recipe=Recipe(samples=8 * 4, batch_size=8, steps_per_chunk=2)))
+    assert payload["fade"]["steps"] == 2 and len(payload["fade"]["faded_units"]) == 6
+    assert payload["derive"]["fade"] == 0.5 and payload["bn_start"]["used"] == "teacher"
+    with pytest.raises(Exception, match="fade"):
+        DeriveOptions(fade=0.5, repair=True)
+    with pytest.raises(Exception, match="fade"):
+        DeriveOptions(fade=1.5)

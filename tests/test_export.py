@@ -71,7 +71,7 @@ def test_every_form_reloads_in_a_fresh_process_with_the_same_logits(tmp_path) ->
     rebuilt = _fresh(FRESH_STATE_DICT, [str(tmp_path / "export"), str(tmp_path / "x.pt")], tmp_path, True)
     assert (rebuilt["logits"] - expected).abs().max() <= 1e-4
     card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
-    assert "graftkd.models.small.digits_cnn_half(num_classes=10, in_channels=1)" in card
+    assert "graftkd.models.digits.digits_cnn_half(num_classes=10, in_channels=1)" in card
     assert "graftkd export (test)" in card and "torch.export.load('model.pt2')" in card
     onnx = report["formats"]["onnx"]
     assert onnx["status"] == "ok" or onnx["status"] == "skipped" and "not installed" in onnx["reason"]

@@ -8,7 +8,7 @@ import torch
 
 from graftkd.bench import run_grid
 from graftkd.errors import GraftkdError
-from graftkd.fullbench import write_full_report
+from graftkd.report.fulldata import write_full_report
 from graftkd.models import build_model
 
 GRID = """

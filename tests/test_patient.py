@@ -34,9 +34,10 @@ def _task(recipe: Recipe, seed: int = 0, run_dir=None, teacher: nn.Module | None
                        precision="fp32", **kw)
 
 
-@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
-def test_the_teacher_scores_the_exact_mixed_tensor_the_student_trains_on(mix: str) -> None:
-    recipe = Recipe(samples=8 * 6, batch_size=8, steps_per_chunk=3, mix=mix, recalibrate_bn=False)
+@pytest.mark.parametrize("mix, options", [("mixup", {}), ("cutmix", {}),
+                                          ("mixup+cutmix", {"mix_per_sample": True, "jitter": 0.4})])
+def test_the_teacher_scores_the_exact_mixed_tensor_the_student_trains_on(mix: str, options: dict) -> None:
+    recipe = Recipe(samples=8 * 6, batch_size=8, steps_per_chunk=3, mix=mix, recalibrate_bn=False, **options)
     torch.manual_seed(1)
     teacher, student = build_model("digits_cnn").eval(), build_model("digits_cnn_half")
     teacher_saw, student_saw = _spy(teacher), _spy(student)
@@ -148,3 +149,38 @@ def test_a_strong_anchor_holds_the_student_near_its_start_and_resumes_alike(tmp_
     assert resumed.extra["resumed"] is not None
     a, b = held.student.state_dict(), resumed.student.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_color_jitter_golden_values() -> None:
+    from graftkd.data.augment import color_jitter
+
+    gray = torch.full((2, 3, 4, 4), 100, dtype=torch.uint8)  # contrast and saturation leave a flat gray alone
+    out = color_jitter(gray, 0.5, torch.Generator().manual_seed(0))
+    brightness = 1.0 + 0.5 * (2.0 * torch.rand(2, generator=torch.Generator().manual_seed(0)) - 1.0)
+    torch.testing.assert_close(out, (100 / 255 * brightness).view(2, 1, 1, 1).expand(2, 3, 4, 4).clamp(0, 1))
+    colour = torch.rand(3, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(color_jitter(colour, 0.0), colour)
+    jittered = color_jitter(colour, 0.9, torch.Generator().manual_seed(2))
+    assert jittered.min() >= 0 and jittered.max() <= 1 and not torch.allclose(jittered, colour)
+    with pytest.raises(GraftkdError, match="jitter"):
+        Recipe(jitter=1.5)
+
+
+def test_mix_per_sample_golden_values() -> None:
+    """Mixup per image: image i is lam_i x_i + (1 - lam_i) x_partner(i), with the draws replayed from the
+    same seed; CutMix per image: every pixel is the image's own or its partner's, boxes of different sizes."""
+    from graftkd.data.batcher import _beta, mix_per_sample
+
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    mixed = mix_per_sample(x, "mixup", 1.0, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    partner = torch.randperm(6, generator=g)
+    lam = torch.tensor([_beta(1.0, g) for _ in range(6)]).view(6, 1, 1, 1)
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[partner])
+    assert len(set(lam.flatten().tolist())) == 6
+    cut = mix_per_sample(x, "cutmix", 1.0, torch.Generator().manual_seed(7))
+    own, theirs = cut == x, cut == x[partner]
+    assert bool((own | theirs).all())
+    taken = (~own).float().mean(dim=(1, 2, 3))
+    assert len(set(taken.tolist())) > 1  # not one box for the whole batch
+    assert torch.equal(mix_per_sample(x, "none", 1.0, torch.Generator()), x)

@@ -398,6 +398,9 @@ class DeriveOptions:
     repair_ridge: float = 1e-4  # ridge towards the identity, relative to the Gram matrix's mean diagonal
     loss: str = "kd"  # kd | feature_kd (KD plus the teacher's feature maps at every block boundary) | fitnet
     unit_features: bool = False  # feature_kd: also match every kept unit's output to the teacher's stream
+    # > 0 (depth derivations, patient KD on logits): the student starts as the whole teacher and the dropped units
+    # fade out linearly over this share of the budget's steps, instead of being cut before the first step
+    fade: float = 0.0
     loss_options: dict = field(default_factory=dict)  # the loss method's own options, e.g. {"temperature": 1.0}
     recipe: Recipe = field(default_factory=Recipe)
 
@@ -413,6 +416,12 @@ class DeriveOptions:
                 raise GraftkdError(f"unknown {name} '{value}': use one of {', '.join(allowed)}")
         if self.refine == "auto" and (self.repair or self.loss != "kd"):
             raise GraftkdError("refine 'auto' chooses the repair and the loss itself: give --refine kd|none to set them")
+        if not 0.0 <= self.fade <= 1.0:
+            raise GraftkdError(f"fade must be a share of the budget in [0, 1] (got {self.fade}); 0 cuts the dropped "
+                               "units before the first step")
+        if self.fade > 0 and (self.repair or self.refine not in ("kd", "auto") or self.loss != "kd"):
+            raise GraftkdError("fade trains the whole teacher while its dropped units fade out: it goes with the "
+                               "patient KD refinement on logits only (no --repair, --refine kd or auto, --refine-loss kd)")
         if self.repair_views < 0 or self.repair_ridge < 0:
             raise GraftkdError(f"repair views and ridge must be >= 0 (got {self.repair_views}, {self.repair_ridge})")
 
@@ -420,7 +429,7 @@ class DeriveOptions:
         return {"init": self.init, "reason": self.reason, "depth_rule": self.depth_rule, "width_rule": self.width_rule,
                 "bn_start": self.bn_start, "repair": self.repair, "refine": self.refine, "loss": self.loss,
                 **({"repair_views": self.repair_views, "repair_ridge": self.repair_ridge} if self.repair else {}),
-                "unit_features": self.unit_features, "loss_options": dict(self.loss_options),
+                "unit_features": self.unit_features, "fade": self.fade, "loss_options": dict(self.loss_options),
                 "recipe": self.recipe.to_dict()}
 
 
@@ -492,6 +501,10 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
 
     images = fewshot.images.to(device)
     facts: dict = {"derive": options.to_dict()}
+    if options.fade > 0 and not _units_chosen_only(record):
+        raise GraftkdError(f"fade {options.fade:g}: the dropped units fade out of the whole teacher, so every block "
+                           "must be derived by choosing units only; this derivation chose channels or left blocks "
+                           "fresh (see its record): leave fade at 0")
     resolved = None
     if options.refine == "auto":
         resolved = resolve_refinement(record)
@@ -514,6 +527,8 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
         facts["repair"] = {**repair(teacher.model, student, record, rows, ridge=options.repair_ridge, progress=progress),
                            "images": len(rows), "augmented_views": options.repair_views}
         facts["bn_start"] = {"rule": "teacher (repair)", "used": "teacher"}
+    elif options.fade > 0:
+        facts["bn_start"] = {"rule": "teacher (fade: the start is the whole teacher)", "used": "teacher"}
     else:
         facts["bn_start"] = _bn_start(teacher.model, student, record, inputs, options.bn_start)
     if resolved is not None and resolved["stop_at"] is not None:
@@ -540,7 +555,13 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
         return result, facts
     if options.refine == "kd":
         recipe = options.recipe
-        task = _few_shot_task(teacher, student, images, norm, config, device, out_dir, progress, world,
+        trained = student
+        if options.fade > 0:
+            from graftkd.derive.fade import FadingStudent
+
+            trained = FadingStudent(teacher.model, record.depth, round(options.fade * recipe.steps)).to(device)
+            facts["fade"] = {"share": options.fade, "steps": trained.steps, "faded_units": trained.faded}
+        task = _few_shot_task(teacher, trained, images, norm, config, device, out_dir, progress, world,
                               batch_size=recipe.batch_size, epochs=recipe.chunks, lr=recipe.lr, shots=shots,
                               num_classes=num_classes, recipe=recipe, inherit="none")
         method = build_method(options.loss, options.loss_options)
@@ -549,11 +570,19 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
             if options.unit_features:
                 method.pairs = _unit_pairs(record)
         outcome = method.run(task)
+        if trained is not student:
+            student.load_state_dict(trained.student_state_dict(student), strict=True)
         facts["refine"] = {"stages": outcome.stages, **outcome.extra}
     else:
         facts["refine"] = None
     student.eval()
     return _Refined(student, shots, time.perf_counter() - started), facts
+
+
+def _units_chosen_only(record) -> bool:
+    """True when the whole student came from the teacher by choosing units (no channel chosen, no block fresh)."""
+    return (record.whole and record.depth is not None and bool(record.depth.selections)
+            and not record.fresh_blocks and not any("channels" in row["status"] for row in record.blocks))
 
 
 #: the repaired student's label-free agreement (%) from which training it on the few images is left out

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from graftkd.errors import GraftkdError
 
-__all__ = ["random_crop_flip", "crop_flip_params", "apply_crop_flip", "random_resized_crop", "Augment", "default_augment",
+__all__ = ["random_crop_flip", "crop_flip_params", "apply_crop_flip", "random_resized_crop", "color_jitter", "Augment", "default_augment",
            "resolve_augment"]
 
 
@@ -181,3 +181,33 @@ def random_resized_crop(
     src = x.float() / 255.0 if x.dtype == torch.uint8 else x
     grid = F.affine_grid(theta.to(src.device, src.dtype), list(src.shape), align_corners=False)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image brightness, contrast and saturation, each a factor drawn from U(1 - s, 1 + s), on a float
+    batch in [0, 1] (uint8 is scaled first); the result is clamped to [0, 1] and stays float.
+
+    Draws, in order: brightness (N,), contrast (N,), saturation (N,) on the generator's device. Saturation
+    needs 3 channels; a 1-channel batch gets brightness and contrast only."""
+    _check_batch(x)
+    if not 0.0 <= strength < 1.0:
+        raise GraftkdError(f"jitter strength must be in [0, 1) (got {strength})")
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+    if strength == 0.0:
+        return x
+    n = x.shape[0]
+    where = generator.device if generator is not None else x.device
+
+    def factor() -> torch.Tensor:
+        u = torch.rand(n, generator=generator, device=where)
+        return (1.0 + strength * (2.0 * u - 1.0)).to(x.device, x.dtype).view(n, 1, 1, 1)
+
+    brightness, contrast, saturation = factor(), factor(), factor()
+    x = x * brightness
+    gray = x.mean(dim=1, keepdim=True) if x.shape[1] != 3 else (
+        0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = torch.lerp(gray.mean(dim=(2, 3), keepdim=True).expand_as(x), x, contrast)
+    if x.shape[1] == 3:
+        gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        x = torch.lerp(gray.expand_as(x), x, saturation)
+    return x.clamp_(0.0, 1.0)

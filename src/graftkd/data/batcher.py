@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graftkd.data.augment import random_resized_crop
+from graftkd.data.augment import color_jitter, random_resized_crop
 
 Augmenter = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -30,6 +30,8 @@ class FewShotBatcher:
     resized_crop: float | None = None  # random-resized crops of at least this area fraction, instead of ``augment``
     flip: bool = True  # with ``resized_crop``
     channels_last: bool = False
+    jitter: float = 0.0  # > 0: per-image brightness / contrast / saturation factors in 1 +- jitter
+    mix_per_sample: bool = False  # True: each image draws its own partner, weight and (mixup+cutmix) kind
 
     def epoch(self, batch_size: int) -> list[torch.Tensor]:
         """One shuffled pass over the images as index batches."""
@@ -46,7 +48,10 @@ class FewShotBatcher:
             x = random_resized_crop(x, scale=(self.resized_crop, 1.0), flip=self.flip, generator=self.generator)
         elif self.augment is not None:
             x = self.augment(x, self.generator)
-        x = mix_batch(self.normalize(x), self.mix, self.alpha, self.generator)
+        if self.jitter > 0:
+            x = color_jitter(x, self.jitter, self.generator)
+        mix = mix_per_sample if self.mix_per_sample else mix_batch
+        x = mix(self.normalize(x), self.mix, self.alpha, self.generator)
         if self.pair_mixup and len(indices) > 1:
             weight = torch.rand((len(x), 1, 1, 1), generator=self.generator).to(x.device, x.dtype)
             partner = torch.randperm(len(x), generator=self.generator).to(x.device)
@@ -89,6 +94,32 @@ def mix_batch(x: torch.Tensor, mix: str, alpha: float, generator: torch.Generato
     out = x.clone()
     out[..., y0:y1, x0:x1] = x[partner][..., y0:y1, x0:x1]
     return out
+
+
+def mix_per_sample(x: torch.Tensor, mix: str, alpha: float, generator: torch.Generator) -> torch.Tensor:
+    """Mixup or CutMix with a shuffled copy of the batch, drawn per image: each image has its own weight,
+    box and (for mixup+cutmix) kind, so one batch holds many kinds of mixture instead of one.
+
+    Draws, in order: the partner permutation, N Beta weights, the kinds (N,), box centres (N,) and (N,)."""
+    if mix == "none" or len(x) < 2:
+        return x
+    n, (h, w) = len(x), x.shape[-2:]
+    partner = torch.randperm(n, generator=generator).to(x.device)
+    lam = torch.tensor([_beta(alpha, generator) for _ in range(n)])
+    if mix == "mixup+cutmix":
+        cut = torch.rand(n, generator=generator) < 0.5
+    else:
+        cut = torch.full((n,), mix == "cutmix")
+    side = (1.0 - lam).sqrt()
+    ch, cw = (h * side).long(), (w * side).long()
+    cy = torch.randint(h, (n,), generator=generator)
+    cx = torch.randint(w, (n,), generator=generator)
+    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    box = ((rows >= (cy - ch // 2).clamp_min(0).view(n, 1, 1)) & (rows < (cy + ch // 2).clamp_max(h).view(n, 1, 1))
+           & (cols >= (cx - cw // 2).clamp_min(0).view(n, 1, 1)) & (cols < (cx + cw // 2).clamp_max(w).view(n, 1, 1)))
+    # per image: the weight of its own pixels (mixup: lam everywhere; cutmix: 0 inside the box, 1 outside)
+    own = torch.where(cut.view(n, 1, 1), (~box).float(), lam.view(n, 1, 1).expand(n, h, w))
+    return torch.lerp(x[partner], x, own.unsqueeze(1).to(x.device, x.dtype))
 
 
 def _beta(alpha: float, generator: torch.Generator) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graftkd.distill._common import block_output_path, inherit_blocks
+from graftkd.distill.inherit import block_output_path, inherit_blocks
 from graftkd.engine.hooks import FeatureTap
 from graftkd.distill.base import LossMethod, LossStage, register_method
 from graftkd.distill.losses import hint_loss, kd_loss

@@ -51,7 +51,8 @@ def batcher_for(task) -> FewShotBatcher:
                               pair_mixup=task.mixup)
     return FewShotBatcher(task.images, task.normalize, task.generator, task.device, augment=task.augment,
                           mix=recipe.mix, alpha=recipe.alpha, flip=task.flip, channels_last=task.channels_last,
-                          resized_crop=recipe.crop_scale if recipe.crop == "resized" else None)
+                          resized_crop=recipe.crop_scale if recipe.crop == "resized" else None,
+                          jitter=recipe.jitter, mix_per_sample=recipe.mix_per_sample)
 
 
 def disagreement_step(student: nn.Module, x: torch.Tensor, teacher_logits: torch.Tensor, size: float,

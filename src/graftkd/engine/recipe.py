@@ -33,6 +33,8 @@ class Recipe:
     warmup: float = 0.05  # fraction of the steps with a linear warm-up
     mix: str = "mixup+cutmix"  # per batch: mixup or CutMix with equal chance (Beta(alpha, alpha) weights)
     alpha: float = 1.0
+    mix_per_sample: bool = False  # True: each image of a batch draws its own partner, weight and mix kind
+    jitter: float = 0.0  # > 0: photometric jitter, brightness / contrast / saturation factors in 1 +- jitter
     crop: str = "pad"  # pad: the run's padded crop and flip; resized: a random box of crop_scale..1 of the area
     crop_scale: float = 0.35
     # > 0: each mixed batch takes one signed-gradient step of this size (normalised units) up the
@@ -60,6 +62,8 @@ class Recipe:
             raise GraftkdError(f"unknown crop '{self.crop}': use one of {', '.join(CROPS)}")
         if not 0.0 < self.crop_scale <= 1.0:
             raise GraftkdError(f"crop_scale must be in (0, 1] (got {self.crop_scale})")
+        if not 0.0 <= self.jitter < 1.0:
+            raise GraftkdError(f"jitter must be in [0, 1) (got {self.jitter}); 0 turns it off")
         if self.adversarial < 0:
             raise GraftkdError(f"adversarial step must be >= 0 (got {self.adversarial})")
         if not 0.0 <= self.ema < 1.0:

@@ -2,13 +2,13 @@
 
 Importing this package registers all architectures; build one with ``build_model(name, num_classes)``.
 """
-from graftkd.models import resnet_cifar, resnet_imagenet, small, vgg  # noqa: F401  (registration)
+from graftkd.models import digits, resnet_cifar, resnet_imagenet, vgg  # noqa: F401  (registration)
 from graftkd.models import (  # noqa: F401  (registration: the CIFAR-100 benchmark zoo)
     mobilenetv2,
     resnet50_cifar,
-    resnet_rd,
+    resnet_repdistiller,
     shufflenet,
-    vgg_cifar,
+    vgg_repdistiller,
     wrn,
 )
 from graftkd.models import hybrid  # noqa: F401,E402  (registration: partial-grafting hybrids; after the zoo)

@@ -1,6 +1,6 @@
 """``StagedModel``: a BlockModel whose grafting blocks are runs of consecutive stages.
 
-The CIFAR-100 benchmark zoo (``resnet_rd``, ``wrn``, ``vgg_cifar``, ``mobilenetv2``, ``shufflenet``,
+The CIFAR-100 benchmark zoo (``resnet_repdistiller``, ``wrn``, ``vgg_repdistiller``, ``mobilenetv2``, ``shufflenet``,
 ``resnet50_cifar``) describes each network once, as its list of stages (features f_0 .. f_{n-1}, then
 the classifier), and states how many consecutive stages form each grafting block. Deriving
 ``block_parts()`` from ``stage_parts()`` this way makes both cuts the same sequence of module calls

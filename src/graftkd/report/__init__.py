@@ -18,10 +18,10 @@ def write_any_report(folder) -> dict:
 
     folder = Path(folder)
     grid = folder / "grid.json"
-    from graftkd.fullbench import GRID_KIND
+    from graftkd.report.fulldata import GRID_KIND
 
     if grid.is_file() and json.loads(grid.read_text()).get("kind") == GRID_KIND:
-        from graftkd.fullbench import write_full_report
+        from graftkd.report.fulldata import write_full_report
 
         return write_full_report(folder)
     if not any((folder / "cells").glob("*.json")) and distill_runs(folder):

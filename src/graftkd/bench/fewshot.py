@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
+from graftkd.bench.cells import finished, read_yaml
 from graftkd.files import atomic_write_json
 from graftkd.engine.runtime import resolve_device, run_facts, seed_everything
 from graftkd.errors import GraftkdError, Interrupted
@@ -137,22 +138,9 @@ class GridConfig:
             need(not unknown, f"curves.methods {', '.join(unknown)} not in methods ({', '.join(self.methods)})")
 
 
-def _read_yaml(path: Path) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise GraftkdError(f"cannot read grid config {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise GraftkdError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    except UnicodeDecodeError:
-        raise GraftkdError(f"{path} is not UTF-8 text: a grid config is a YAML file") from None
-
-
 def load_grid(path: str | Path) -> GridConfig:
     path = Path(path)
-    return GridConfig.from_dict(_read_yaml(path), str(path))
+    return GridConfig.from_dict(read_yaml(path), str(path))
 
 
 @dataclass(frozen=True)
@@ -306,10 +294,7 @@ class GridRunner:
         return self.out / "cells" / f"{cell.key}.json"
 
     def _finished(self, cell: Cell) -> bool:
-        from graftkd.files import read_json
-
-        cell_file = read_json(self.cell_path(cell))  # None: missing or damaged, so recomputed
-        return isinstance(cell_file, dict) and cell_file.get("status") in ("ok", "unsupported")
+        return finished(self.cell_path(cell))
 
     def _write_grid_file(self, cells: list[Cell], slice_cells: list[Cell]) -> None:
         """grid.json describes the whole grid of the config file, and which slice this invocation ran."""
@@ -411,28 +396,17 @@ class GridRunner:
         }
 
 
-def run_grid(config_path: str | Path, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",
-             device: str = "auto", progress: bool = True, only: list[str] | None = None,
-             shots: list[int] | None = None, seeds: list[int] | None = None, curves_only: bool = False,
-             jobs: int = 1) -> dict:
-    """``graftkd bench``: run (or finish) every cell of the grid in ``config_path`` (or a slice of it).
+def run_fewshot_grid(config_path: str | Path, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",
+                     device: str = "auto", progress: bool = True, only: list[str] | None = None,
+                     shots: list[int] | None = None, seeds: list[int] | None = None, curves_only: bool = False,
+                     jobs: int = 1) -> dict:
+    """Run (or finish) every cell of the few-shot grid in ``config_path`` (or a slice of it).
 
     ``jobs`` > 1 runs that many cells at once, each in its own process with the grid's thread count (or the
     machine's cores split between the jobs when the grid pins none): each cell's numbers are those of a
     sequential run at that thread count."""
     if jobs < 1:
         raise GraftkdError(f"--jobs {jobs}: run at least 1 cell at a time")
-    raw = _read_yaml(Path(config_path))
-    from graftkd.fullbench import CONFIG_KIND
-
-    if isinstance(raw, dict) and raw.get("kind") == CONFIG_KIND:  # pairs x distillers x modes on full data
-        from graftkd.fullbench import FullGridConfig, run_full_grid
-
-        if only or shots or seeds or curves_only or jobs > 1:
-            raise GraftkdError("--methods/--shots/--seeds/--curves-only/--jobs are for few-shot grids; a full-data "
-                               "grid runs whole, one cell at a time")
-        return run_full_grid(FullGridConfig.from_dict(raw, str(config_path)), str(config_path), out_root, runs_root,
-                             device, progress)
     config = load_grid(config_path)
     for name, options in config.methods.items():  # unknown methods or options fail now, not in cell 37
         build_row_method(name, options)
