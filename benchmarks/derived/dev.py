@@ -142,6 +142,17 @@ CONFIGS = {
                              {"precision": "auto"}),
     "r20-kd-128k-mps-jit04-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 128_000, "mix_per_sample": True,
                                                                         "jitter": 0.4}, {"precision": "auto"}),
+    # the dropped units faded out over a share of the budget (derive.fade), the student starting as the whole teacher
+    "r20-fade025-128k-auto": ("resnet56-cifar10", "resnet20", {"fade": 0.25}, {"samples": 128_000},
+                              {"precision": "auto"}),
+    "r20-fade05-128k-auto": ("resnet56-cifar10", "resnet20", {"fade": 0.5}, {"samples": 128_000},
+                             {"precision": "auto"}),
+    "r20-fade025-256k-auto": ("resnet56-cifar10", "resnet20", {"fade": 0.25}, {"samples": 256_000},
+                              {"precision": "auto"}),
+    "r20-fade025-wd5e4-256k-auto": ("resnet56-cifar10", "resnet20", {"fade": 0.25},
+                                    {"samples": 256_000, "weight_decay": 5e-4}, {"precision": "auto"}),
+    "r20-kd-256k-wd5e4-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 256_000, "weight_decay": 5e-4},
+                               {"precision": "auto"}),
     "r20-kd-256k-anchor-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 256_000, "anchor": 0.1},
                                 {"precision": "auto"}),
 }
