@@ -151,6 +151,7 @@ CASES: list[Case] = [
     Case("loss turns NaN or inf (learning rate far too high)", DISTILL + " --k 2 --block-lr 1e38 --block-epochs 2 "
          "--net-epochs 1 --preset digits --checkpoint-every-s 0 --out <tmp>/run",
          ("loss became", "stage", "epoch", "step", "checkpoint"), lambda t: _digits_teacher(t)),
+    Case("--fade outside [0, 1]", DISTILL + " --k 1 --fade 2", ("fade", "[0, 1]"), lambda t: _digits_teacher(t)),
     Case("--set with a misspelt field", DISTILL + " --k 1 --set derive.recipe.sampels=1000",
          ("derive.recipe.sampels", "did you mean 'samples'"), lambda t: _digits_teacher(t)),
     Case("--config naming an unknown option", DISTILL + " --k 1 --config <tmp>/run.yaml",

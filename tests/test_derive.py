@@ -286,13 +286,16 @@ def test_repair_on_augmented_views_regresses_on_more_rows_and_is_recorded() -> N
 def test_the_refinement_resolver_follows_the_derivation():
     from types import SimpleNamespace
 
-    from graftkd.workflows import REPAIRED_ENOUGH, resolve_refinement
+    from graftkd.workflows import FADE, REPAIRED_ENOUGH, resolve_refinement
 
     def record(*statuses, whole=True):
-        return SimpleNamespace(whole=whole, blocks=[{"block": i + 1, "status": s} for i, s in enumerate(statuses)])
+        return SimpleNamespace(whole=whole, blocks=[{"block": i + 1, "status": s} for i, s in enumerate(statuses)],
+                               depth=SimpleNamespace(selections={"layer1": [0]} if "units chosen" in statuses else {}),
+                               fresh_blocks=[i for i, s in enumerate(statuses) if s == "fresh"])
 
     depth = resolve_refinement(record("units chosen", "units chosen"))
-    assert (depth["repair"], depth["loss"], depth["stop_at"]) == (False, "kd", None)
+    assert (depth["repair"], depth["loss"], depth["stop_at"], depth["fade"]) == (False, "kd", None, FADE)
+    assert resolve_refinement(record("inherited", "inherited"))["fade"] == 0.0
     width = resolve_refinement(record("inherited", "channels chosen", "units and channels chosen"))
     assert (width["repair"], width["loss"], width["stop_at"]) == (True, "feature_kd", REPAIRED_ENOUGH)
     fresh = resolve_refinement(record("channels chosen", "fresh"))
@@ -347,6 +350,16 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
                                            recipe=Recipe(samples=8 * 4, batch_size=8, steps_per_chunk=2)))
     assert payload["fade"]["steps"] == 2 and len(payload["fade"]["faded_units"]) == 6
     assert payload["derive"]["fade"] == 0.5 and payload["bn_start"]["used"] == "teacher"
+    # the default refinement fades a depth derivation's units over FADE of the budget, and says so
+    from graftkd.workflows import FADE
+
+    auto = distill(teacher=LoadedModel(teacher, "resnet32", (0.5,) * 3, (0.25,) * 3, "test"),
+                   student_arch="resnet20", fewshot=fewshot, test=None,
+                   config=GraftConfig(shots=1, seed=0, precision="fp32"), device="cpu", out=None, progress=False,
+                   derive=DeriveOptions(init="derived", refine="auto",
+                                        recipe=Recipe(samples=8 * 8, batch_size=8, steps_per_chunk=2)))
+    assert auto["resolved"]["fade"] == FADE and auto["derive"]["fade"] == FADE and "fading" in auto["resolved"]["why"]
+    assert auto["fade"]["steps"] == round(FADE * 8)
     with pytest.raises(Exception, match="fade"):
         DeriveOptions(fade=0.5, repair=True)
     with pytest.raises(Exception, match="fade"):

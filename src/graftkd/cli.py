@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "feature maps (feature_kd), or FitNet's hint stage then KD (fitnet)")
     p.add_argument("--unit-features", action="store_true",
                    help="--refine-loss feature_kd after a depth derivation: also match every kept unit's output")
+    p.add_argument("--fade", type=float, default=None, metavar="SHARE",
+                   help="derived students whose units were chosen, --refine kd or auto: start from the whole teacher "
+                        "and fade the dropped units out over this share of the budget (0: cut them before the first "
+                        "step; default: 0.25 with --refine auto, else 0)")
     p.add_argument("--samples", type=int, default=None,
                    help="the patient recipe (derived students with --refine kd, or --recipe patient): training "
                         "budget in images seen (batches of 64; default 256000)")
@@ -364,7 +368,7 @@ def _cmd_distill(args) -> None:
     derive = DeriveOptions(init=init, reason=reason, depth_rule=args.depth_rule, width_rule=args.width_rule,
                            bn_start=args.bn_start, refine=args.refine, repair=args.repair, loss=args.refine_loss,
                            repair_views=args.repair_views, repair_ridge=args.repair_ridge,
-                           unit_features=args.unit_features,
+                           unit_features=args.unit_features, fade=args.fade,
                            recipe=Recipe(lr=args.refine_lr, ema=args.ema,
                                          **({"samples": args.samples} if args.samples is not None else {})))  # bad values fail before any work
     from graftkd.schema import with_overrides

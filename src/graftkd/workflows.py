@@ -399,8 +399,9 @@ class DeriveOptions:
     loss: str = "kd"  # kd | feature_kd (KD plus the teacher's feature maps at every block boundary) | fitnet
     unit_features: bool = False  # feature_kd: also match every kept unit's output to the teacher's stream
     # > 0 (depth derivations, patient KD on logits): the student starts as the whole teacher and the dropped units
-    # fade out linearly over this share of the budget's steps, instead of being cut before the first step
-    fade: float = 0.0
+    # fade out linearly over this share of the budget's steps, instead of being cut before the first step;
+    # None: refine 'auto' chooses (``resolve_refinement``), any other refinement cuts them (0)
+    fade: float | None = None
     loss_options: dict = field(default_factory=dict)  # the loss method's own options, e.g. {"temperature": 1.0}
     recipe: Recipe = field(default_factory=Recipe)
 
@@ -416,10 +417,10 @@ class DeriveOptions:
                 raise GraftkdError(f"unknown {name} '{value}': use one of {', '.join(allowed)}")
         if self.refine == "auto" and (self.repair or self.loss != "kd"):
             raise GraftkdError("refine 'auto' chooses the repair and the loss itself: give --refine kd|none to set them")
-        if not 0.0 <= self.fade <= 1.0:
+        if self.fade is not None and not 0.0 <= self.fade <= 1.0:
             raise GraftkdError(f"fade must be a share of the budget in [0, 1] (got {self.fade}); 0 cuts the dropped "
                                "units before the first step")
-        if self.fade > 0 and (self.repair or self.refine not in ("kd", "auto") or self.loss != "kd"):
+        if self.fade and (self.repair or self.refine not in ("kd", "auto") or self.loss != "kd"):
             raise GraftkdError("fade trains the whole teacher while its dropped units fade out: it goes with the "
                                "patient KD refinement on logits only (no --repair, --refine kd or auto, --refine-loss kd)")
         if self.repair_views < 0 or self.repair_ridge < 0:
@@ -501,15 +502,19 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
 
     images = fewshot.images.to(device)
     facts: dict = {"derive": options.to_dict()}
-    if options.fade > 0 and not _units_chosen_only(record):
+    if options.fade and not _units_chosen_only(record):
         raise GraftkdError(f"fade {options.fade:g}: the dropped units fade out of the whole teacher, so every block "
                            "must be derived by choosing units only; this derivation chose channels or left blocks "
                            "fresh (see its record): leave fade at 0")
     resolved = None
     if options.refine == "auto":
         resolved = resolve_refinement(record)
-        options = with_changes(options, refine="kd", repair=resolved["repair"], loss=resolved["loss"])
+        fade = resolved["fade"] if options.fade is None else options.fade
+        options = with_changes(options, refine="kd", repair=resolved["repair"], loss=resolved["loss"], fade=fade)
         facts["resolved"] = resolved
+    if options.fade is None:
+        options = with_changes(options, fade=0.0)
+    facts["derive"]["fade"] = options.fade
     facts["method"] = f"derived+{options.refine}"
     inputs = norm.to(device)(images).float()
     if options.repair:
@@ -527,7 +532,7 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
         facts["repair"] = {**repair(teacher.model, student, record, rows, ridge=options.repair_ridge, progress=progress),
                            "images": len(rows), "augmented_views": options.repair_views}
         facts["bn_start"] = {"rule": "teacher (repair)", "used": "teacher"}
-    elif options.fade > 0:
+    elif options.fade:
         facts["bn_start"] = {"rule": "teacher (fade: the start is the whole teacher)", "used": "teacher"}
     else:
         facts["bn_start"] = _bn_start(teacher.model, student, record, inputs, options.bn_start)
@@ -556,7 +561,7 @@ def _refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, n
     if options.refine == "kd":
         recipe = options.recipe
         trained = student
-        if options.fade > 0:
+        if options.fade:
             from graftkd.derive.fade import FadingStudent
 
             trained = FadingStudent(teacher.model, record.depth, round(options.fade * recipe.steps)).to(device)
@@ -585,6 +590,9 @@ def _units_chosen_only(record) -> bool:
             and not record.fresh_blocks and not any("channels" in row["status"] for row in record.blocks))
 
 
+#: the share of the budget over which a depth derivation's dropped units fade out when the user chose nothing
+FADE = 0.25
+
 #: the repaired student's label-free agreement (%) from which training it on the few images is left out
 REPAIRED_ENOUGH = 95.0
 
@@ -604,12 +612,16 @@ def resolve_refinement(record) -> dict:
     statuses = [row["status"] for row in record.blocks]
     fresh = [row["block"] for row in record.blocks if row["status"] == "fresh"]
     if fresh:
-        return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None,
+        return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None, "fade": 0.0,
                 "why": f"blocks {', '.join(map(str, fresh))} are fresh: patient KD trains them"}
     if any("channels" in status for status in statuses) and record.whole:
-        return {"repair": True, "loss": "feature_kd", "refine": "kd", "stop_at": REPAIRED_ENOUGH,
+        return {"repair": True, "loss": "feature_kd", "refine": "kd", "stop_at": REPAIRED_ENOUGH, "fade": 0.0,
                 "why": "channels chosen: the closed-form repair first"}
-    return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None,
+    if _units_chosen_only(record):
+        return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None, "fade": FADE,
+                "why": f"units chosen: patient KD from the whole teacher, the dropped units fading out over the first "
+                       f"{FADE:g} of the budget"}
+    return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None, "fade": 0.0,
             "why": "units chosen" if any("units" in status for status in statuses) else "every block inherited"}
 
 
