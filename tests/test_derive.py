@@ -345,7 +345,7 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
                        torch.arange(10), [str(i) for i in range(10)], "random", dataset="cifar10").drop_labels()
     payload = distill(teacher=LoadedModel(teacher, "resnet32", (0.5,) * 3, (0.25,) * 3, "test"),
                       student_arch="resnet20", fewshot=fewshot, test=None,
-                      config=GraftConfig(shots=1, seed=0, precision="fp32"), device="cpu", out=None, progress=False,
+                      config=GraftConfig(shots=1, seed=0, precision="auto"), device="cpu", out=None, progress=False,
                       derive=DeriveOptions(init="derived", refine="kd", fade=0.5,
                                            recipe=Recipe(samples=8 * 4, batch_size=8, steps_per_chunk=2)))
     assert payload["fade"]["steps"] == 2 and len(payload["fade"]["faded_units"]) == 6

@@ -8,8 +8,9 @@ forwards. A dropped unit keeps its input's shape (that is why it could be droppe
 the identity and is skipped; from then on the model computes exactly the derived student, whose weights
 :meth:`FadingStudent.student_state_dict` hands back under the plain student's keys.
 
-The count of training forwards is the module's extra state: it travels with ``state_dict`` (checkpoints,
-resume, the loop's timing probe that puts the state back), so a resumed run fades on the same schedule.
+The count of training forwards is a buffer: it travels with ``state_dict`` (checkpoints, resume, the loop's
+timing probe that puts the state back), so a resumed run fades on the same schedule. A Python mirror of it
+is what the forward reads, so no step waits on the device.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class FadingStudent(nn.Module):
         self.plan = plan
         self.steps = max(1, int(steps))
         self.seen = 0
+        self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
+        self.register_load_state_dict_post_hook(lambda module, keys: module._sync())
         self.faded: list[str] = []
         for path, chosen in plan.selections.items():
             container = self.net.get_submodule(path) if path else self.net
@@ -63,13 +66,11 @@ class FadingStudent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():  # a training step (not evaluation, not BN re-estimation)
             self.seen += 1
+            self.trained_steps.add_(1)
         return self.net(x)
 
-    def get_extra_state(self) -> dict:
-        return {"seen": self.seen, "steps": self.steps}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.seen = int(state["seen"])
+    def _sync(self) -> None:
+        self.seen = int(self.trained_steps)
 
     def student_state_dict(self, student: nn.Module) -> dict[str, torch.Tensor]:
         """The kept units' weights (and everything outside the shortened containers) under ``student``'s keys."""
