@@ -345,11 +345,13 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
                        torch.arange(10), [str(i) for i in range(10)], "random", dataset="cifar10").drop_labels()
     payload = distill(teacher=LoadedModel(teacher, "resnet32", (0.5,) * 3, (0.25,) * 3, "test"),
                       student_arch="resnet20", fewshot=fewshot, test=None,
-                      config=GraftConfig(shots=1, seed=0, precision="auto"), device="cpu", out=None, progress=False,
-                      derive=DeriveOptions(init="derived", refine="kd", fade=0.5,
-                                           recipe=Recipe(samples=8 * 4, batch_size=8, steps_per_chunk=2)))
+                      config=GraftConfig(shots=1, seed=0, precision="auto", compile="on"), device="cpu", out=None,
+                      progress=False, derive=DeriveOptions(init="derived", refine="kd", fade=0.5,
+                                                           recipe=Recipe(samples=8 * 4, batch_size=8, steps_per_chunk=2)))
     assert payload["fade"]["steps"] == 2 and len(payload["fade"]["faded_units"]) == 6
     assert payload["derive"]["fade"] == 0.5 and payload["bn_start"]["used"] == "teacher"
+    compile_facts = payload["refine"]["compile"]  # asked for, but the fading student stays eager, and says why
+    assert not compile_facts["used"] and "fade" in compile_facts["why"]
     # the default refinement fades a depth derivation's units over FADE of the budget, and says so
     from graftkd.workflows import FADE
 

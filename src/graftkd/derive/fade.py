@@ -40,6 +40,10 @@ class _Faded(nn.Module):
 class FadingStudent(nn.Module):
     """The teacher at full depth, its dropped units (``plan``) fading out over ``steps`` training forwards."""
 
+    #: read by the training loop: the units' weight is a Python number that changes every step, which would make
+    #: torch.compile trace the student again at every step
+    eager_only = "the dropped units fade out step by step (a new weight every step would recompile the student)"
+
     def __init__(self, teacher: nn.Module, plan: DepthPlan, steps: int) -> None:
         super().__init__()
         self.net = copy.deepcopy(teacher)

@@ -140,6 +140,8 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None, *, e
     batch = recipe.batch_size if recipe is not None else task.batch_size
     steps = recipe.steps if recipe is not None else sum(s.epochs for s in stages) * math.ceil(len(task.images) / batch)
     compile_facts = compiled.decide(task.compile, steps, plain_step=plain, device=task.device)
+    if compile_facts["used"] and getattr(student, "eager_only", None):  # a student that changes its graph per step
+        compile_facts = {"requested": task.compile, "used": False, "why": student.eager_only}
     forwards = compiled.CompiledPair(teacher, student, batch) if compile_facts["used"] else None
     if state is not None:
         student.load_state_dict(state["student"])
