@@ -602,13 +602,16 @@ def resolve_refinement(record) -> dict:
 
     The rule comes from the validation split (``results/cifar10-derived/dev``, never test):
     - only units chosen (a depth derivation): patient KD on logits, no repair. Repair then KD gave 72.9 % against
-      75.5 %, and KD plus feature maps 75.5 against 74.8 (the cheaper KD);
+      75.5 %, and KD plus feature maps 75.5 against 74.8 (the cheaper KD). The student starts as the whole teacher
+      and the dropped units fade out over the first ``FADE`` of the budget (``results/cifar10-derived/dev-amx``:
+      at 128k samples 83.8 against 81.6 % at K=10, 72.0 against 66.0 % at K=1);
     - channels chosen, the whole model derived at once: the closed-form repair first. If the repaired student
       agrees with the teacher on at least ``REPAIRED_ENOUGH`` % of the held-out views it is not trained
       (vgg16-graft: repair alone 96.7 %, KD after it 95.1-95.8 %); otherwise patient KD plus feature maps
       (half-width VGG: 89.1 %, against 87.1 for KD after repair and 86.9 for the repair alone);
     - any block fresh: patient KD (the fresh blocks must be trained, and the repair needs one whole derivation).
-    ``stop_at`` is the agreement threshold to check after the repair (None: no check)."""
+    ``stop_at`` is the agreement threshold to check after the repair (None: no check); ``fade`` the share of the
+    budget over which dropped units fade out (0: cut before the first step)."""
     statuses = [row["status"] for row in record.blocks]
     fresh = [row["block"] for row in record.blocks if row["status"] == "fresh"]
     if fresh:
