@@ -31,7 +31,8 @@ def _run_fulldata(raw: dict, config_path: str, out_root, runs_root, device: str,
 
 
 def _run_fewshot(raw: dict, config_path: str, out_root, runs_root, device: str, progress: bool, **slice_) -> dict:
-    return run_fewshot_grid(config_path, out_root, runs_root, device, progress, **slice_)
+    return run_fewshot_grid(GridConfig.from_dict(raw, config_path), config_path, out_root, runs_root, device,
+                            progress, **slice_)
 
 
 RUNNERS = {None: _run_fewshot, FULLDATA: _run_fulldata}

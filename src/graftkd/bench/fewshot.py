@@ -396,18 +396,17 @@ class GridRunner:
         }
 
 
-def run_fewshot_grid(config_path: str | Path, out_root: str | Path = "results", runs_root: str | Path = "runs/bench",
-                     device: str = "auto", progress: bool = True, only: list[str] | None = None,
+def run_fewshot_grid(config: GridConfig, config_path: str | Path, out_root: str | Path = "results",
+                     runs_root: str | Path = "runs/bench", device: str = "auto", progress: bool = True, only: list[str] | None = None,
                      shots: list[int] | None = None, seeds: list[int] | None = None, curves_only: bool = False,
                      jobs: int = 1) -> dict:
-    """Run (or finish) every cell of the few-shot grid in ``config_path`` (or a slice of it).
+    """Run (or finish) every cell of the few-shot grid ``config``, read from ``config_path`` (or a slice of it).
 
     ``jobs`` > 1 runs that many cells at once, each in its own process with the grid's thread count (or the
     machine's cores split between the jobs when the grid pins none): each cell's numbers are those of a
     sequential run at that thread count."""
     if jobs < 1:
         raise GraftkdError(f"--jobs {jobs}: run at least 1 cell at a time")
-    config = load_grid(config_path)
     for name, options in config.methods.items():  # unknown methods or options fail now, not in cell 37
         build_row_method(name, options)
     unknown = [m for m in only or [] if m not in config.methods]

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from graftkd.errors import GraftkdError
 
-__all__ = ["random_crop_flip", "crop_flip_params", "apply_crop_flip", "random_resized_crop", "color_jitter", "Augment", "default_augment",
-           "resolve_augment"]
+__all__ = ["random_crop_flip", "crop_flip_params", "apply_crop_flip", "random_resized_crop", "color_jitter", "Augment",
+           "default_augment", "resolve_augment"]
 
 
 def _check_batch(x: torch.Tensor) -> None:
@@ -202,12 +202,12 @@ def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | 
         u = torch.rand(n, generator=generator, device=where)
         return (1.0 + strength * (2.0 * u - 1.0)).to(x.device, x.dtype).view(n, 1, 1, 1)
 
+    def gray(y: torch.Tensor) -> torch.Tensor:  # ITU-R 601 luma for RGB, the channel mean otherwise
+        return 0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3] if y.shape[1] == 3 else y.mean(1, keepdim=True)
+
     brightness, contrast, saturation = factor(), factor(), factor()
     x = x * brightness
-    gray = x.mean(dim=1, keepdim=True) if x.shape[1] != 3 else (
-        0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    x = torch.lerp(gray.mean(dim=(2, 3), keepdim=True).expand_as(x), x, contrast)
+    x = torch.lerp(gray(x).mean(dim=(2, 3), keepdim=True).expand_as(x), x, contrast)
     if x.shape[1] == 3:
-        gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-        x = torch.lerp(gray.expand_as(x), x, saturation)
+        x = torch.lerp(gray(x).expand_as(x), x, saturation)
     return x.clamp_(0.0, 1.0)
