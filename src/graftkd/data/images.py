@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Iterable
 
@@ -104,7 +105,7 @@ class ImageCollector:
         self.keys: list[tuple] = []
         self.arrays: list[np.ndarray] = []
         self.skipped: list[str] = []
-        self._ref: tuple[str, int, int] | None = None  # (rel, w, h) of the first image
+        self.rels: list[str] = []
 
     def bad(self, rel: str, reason: str) -> None:
         # Pillow names the in-memory buffer ("cannot identify image file <_io.BytesIO object at 0x...>")
@@ -120,16 +121,8 @@ class ImageCollector:
         if isinstance(arr, str):
             self.bad(rel, arr)
             return
-        h, w = int(arr.shape[0]), int(arr.shape[1])
-        if self._ref is None:
-            self._ref = (rel, w, h)
-        elif (w, h) != self._ref[1:]:
-            ref_rel, rw, rh = self._ref
-            raise GraftkdError(
-                f"image size mismatch in {self.where}: {rel} is {w}x{h} but {ref_rel} is {rw}x{rh}; "
-                "resize your images to one size"
-            )
         self.keys.append(key)
+        self.rels.append(rel)
         self.arrays.append(arr)
 
     def add_bytes(self, key: tuple, rel: str, data: bytes) -> None:
@@ -147,11 +140,28 @@ class ImageCollector:
                 stacklevel=3,
             )
 
+    def _check_sizes(self, order: list[int]) -> None:
+        # The reference size is the most common one (ties: the first file in sorted order), not the
+        # first file decoded: a damaged header can decode to a valid image of another size, and the
+        # message must name that file rather than every healthy one after it.
+        sizes = [(int(self.arrays[i].shape[1]), int(self.arrays[i].shape[0])) for i in order]
+        counts = Counter(sizes)
+        if len(counts) == 1:
+            return
+        ref = max(counts, key=lambda size: (counts[size], -sizes.index(size)))
+        odd = [(self.rels[i], size) for i, size in zip(order, sizes) if size != ref]
+        shown = ", ".join(f"{rel} is {w}x{h}" for rel, (w, h) in odd[:3]) + (", ..." if len(odd) > 3 else "")
+        raise GraftkdError(
+            f"image size mismatch in {self.where}: {len(odd)} of {len(sizes)} images differ from the common "
+            f"size {ref[0]}x{ref[1]} ({shown}); resize your images to one size or remove the odd ones"
+        )
+
     def finish(self) -> tuple[torch.Tensor, list[tuple]]:
         """``(images uint8 (N, C, H, W), sorted keys)``; raises if nothing was decoded."""
         if not self.arrays:
             raise GraftkdError(f"no readable images in {self.where} (looked for {looked_for()})")
         order = sorted(range(len(self.keys)), key=self.keys.__getitem__)
+        self._check_sizes(order)
         stacked = np.stack([self.arrays[i] for i in order])  # (N, H, W, C)
         self.arrays = []
         images = torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
