@@ -158,6 +158,16 @@ CONFIGS = {
     "r20-fade025-mix-128k-auto": ("resnet56-cifar10", "resnet20", {"fade": 0.25},
                                   {"samples": 128_000, "weight_decay": 5e-4, "mix_per_sample": True, "jitter": 0.4},
                                   {"precision": "auto"}),
+    # K=1 candidates on top of fading (the default path): the gap between the few-shot views' agreement and
+    # validation accuracy is largest at K=1, so the pull to the start, the unit rule and input diversity
+    "r20-fade025-anchor001-128k-auto": ("resnet56-cifar10", "resnet20", {"fade": 0.25},
+                                        {"samples": 128_000, "anchor": 0.01}, {"precision": "auto"}),
+    "r20-fade025-greedy-128k-auto": ("resnet56-cifar10", "resnet20", {"fade": 0.25, "depth_rule": "greedy"},
+                                     {"samples": 128_000}, {"precision": "auto"}),
+    "r20-fade025-mps-128k-auto": ("resnet56-cifar10", "resnet20", {"fade": 0.25},
+                                  {"samples": 128_000, "mix_per_sample": True}, {"precision": "auto"}),
+    "r20-fade025-jit04-128k-auto": ("resnet56-cifar10", "resnet20", {"fade": 0.25},
+                                    {"samples": 128_000, "jitter": 0.4}, {"precision": "auto"}),
     "r20-kd-256k-anchor-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 256_000, "anchor": 0.1},
                                 {"precision": "auto"}),
 }
