@@ -1,18 +1,20 @@
-"""FitNet (Romero et al. 2015): a hint stage, then KD.
+"""FitNet (Romero et al. 2015) on few shots: a hint stage, then KD.
 
-Hint stage: the student up to its middle block, plus a 1x1-conv regressor, learns to reproduce the
-teacher's middle-block output (MSE). KD stage: the whole student with soft targets. The budget is split
-by ``hint_fraction``; labels are never used.
+Hint stage: the student up to its middle block, plus the FitNet distiller's regressor (a bias-free 1x1
+conv), learns to reproduce the teacher's middle-block output (MSE). KD stage: the whole student with soft
+targets. The budget is split by ``hint_fraction``; labels are never used. The hint and its regressor are
+the zoo's FitNet (:mod:`graftkd.distill.zoo.fitnet`), the one the full-data benchmark trains jointly with KD.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from graftkd.distill.inherit import block_output_path, inherit_blocks
-from graftkd.engine.hooks import FeatureTap
 from graftkd.distill.base import LossMethod, LossStage, register_method
-from graftkd.distill.losses import hint_loss, kd_loss
+from graftkd.distill.inherit import block_output_path, inherit_blocks
+from graftkd.distill.losses import kd_loss
+from graftkd.distill.zoo import build_distiller
+from graftkd.engine.hooks import FeatureTap
 
 
 @register_method("fitnet")
@@ -27,9 +29,10 @@ class FitNet(LossMethod):
         self.teacher_path = block_output_path(task.teacher, index)
         self.student_path = block_output_path(task.student, index)
         probe = torch.zeros((2, *task.images.shape[1:]), device=task.device)
-        widths = {role: _output_width(model, path, probe)
+        shapes = {role: _output_shape(model, path, probe)
                   for role, model, path in (("t", task.teacher, self.teacher_path), ("s", task.student, self.student_path))}
-        self.regressor = nn.Conv2d(widths["s"], widths["t"], kernel_size=1, bias=False).to(task.device)
+        self.hint = build_distiller("fitnet", [shapes["s"]], [shapes["t"]], regressor="1x1").to(task.device)
+        self.regressor = self.hint.regressors[0]
         self._hint_modules = [p for parts in task.student.block_parts()[: index + 1] for p in parts]
 
     def extra_modules(self) -> nn.ModuleDict:
@@ -50,18 +53,17 @@ class FitNet(LossMethod):
 
     def loss(self, stage, student_logits, teacher_logits, student_features, teacher_features):
         if stage.name == "hint":
-            regressed = self.regressor(student_features[self.student_path].float())
-            return {"hint": hint_loss(regressed, teacher_features[self.teacher_path])}
+            return {"hint": self.hint([student_features[self.student_path]], [teacher_features[self.teacher_path]])}
         return {"kd": kd_loss(student_logits, teacher_logits, self.options["temperature"])}
 
 
 @torch.no_grad()
-def _output_width(model: nn.Module, path: str, probe: torch.Tensor) -> int:
-    """Channels of the module at ``path`` on a dummy batch (eval mode: no BatchNorm statistics change)."""
+def _output_shape(model: nn.Module, path: str, probe: torch.Tensor) -> tuple[int, ...]:
+    """Shape (without the batch) of the module at ``path`` on a dummy batch (eval mode: no BatchNorm statistics change)."""
     was_training = model.training
     model.eval()
     with FeatureTap(model, [path]) as tap:
         model(probe)
-        width = tap.features[path].shape[1]
+        shape = tuple(tap.features[path].shape[1:])
     model.train(was_training)
-    return width
+    return shape
