@@ -80,9 +80,9 @@ def test_default_distill_derives_the_student_and_records_how(tmp_path, digits_te
 @pytest.mark.parametrize("threshold, method", [(0.0, "derived+none"), (101.0, "derived+kd")])
 def test_the_resolver_stops_after_the_repair_only_when_the_student_is_close_enough(
         tmp_path, digits_teacher, monkeypatch, threshold, method):
-    import graftkd.workflows as workflows
+    import graftkd.refine as refine
 
-    monkeypatch.setattr(workflows, "REPAIRED_ENOUGH", threshold)
+    monkeypatch.setattr(refine, "REPAIRED_ENOUGH", threshold)
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
                  "digits_cnn_half", "--data", "digits", "--k", "1", "--samples", "640", "--device", "cpu",

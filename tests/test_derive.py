@@ -195,7 +195,7 @@ def test_imagenet_path_resnet34_to_resnet18_derives_grafts_and_merges_at_224px()
     start (norms frozen), and the exact merge into a plain ResNet-18 (random weights, a few steps)."""
     from graftkd.data.normalize import Normalizer
     from graftkd.graft import GraftConfig, ScheduleConfig, graft
-    from graftkd.workflows import _derived_adapters
+    from graftkd.refine import derived_adapters
 
     torch.manual_seed(0)
     teacher = _randomise_norms(build_model("resnet34", num_classes=10))
@@ -206,7 +206,7 @@ def test_imagenet_path_resnet34_to_resnet18_derives_grafts_and_merges_at_224px()
     config = GraftConfig(shots=1, batch_size=2, schedule=ScheduleConfig("imagenet", block_epochs=1, net_epochs=1),
                          inherit="none", freeze_norm_stats=True, augment=False, precision="fp32")
     result = graft(teacher, student, images, normalize=Normalizer((0.5,) * 3, (0.25,) * 3), config=config,
-                   device="cpu", progress=False, init_adapters=lambda plan: _derived_adapters(plan, record))
+                   device="cpu", progress=False, init_adapters=lambda plan: derived_adapters(plan, record))
     assert result.merge_max_abs_diff <= 1e-4 and result.records
     _strict_copy(result.student, "resnet18", num_classes=10)
 
@@ -246,11 +246,11 @@ def test_imagenet_script_runs_on_a_fake_folder(tmp_path):
 def test_unit_feature_pairs_map_each_kept_unit_to_the_teacher_stream_where_the_next_kept_unit_begins():
     """--unit-features: student unit j of a stage that took teacher units i_0 < i_1 < ... is matched to the
     teacher's output after unit i_{j+1} - 1 (the stage's last unit for the last one)."""
-    from graftkd.workflows import _unit_pairs
+    from graftkd.refine import unit_pairs
 
     teacher, student = build_model("resnet32"), build_model("resnet20")
     record = derive_student(teacher, student, (3, 32, 32))
-    pairs = _unit_pairs(record)
+    pairs = unit_pairs(record)
     assert len(pairs) == 9
     t_names, s_names = dict(teacher.named_modules()), dict(student.named_modules())
     assert all(s in s_names and t in t_names for s, t in pairs)

@@ -405,10 +405,10 @@ def _cmd_distill(args) -> None:
     from graftkd.students import resolve_student
 
     shape = tuple(getattr(teacher.model, "input_shape", None) or (fewshot.images.shape[1:] if fewshot else (3, 32, 32)))
-    from graftkd.workflows import _num_outputs
+    from graftkd.loaded import num_outputs
 
     args.student_arch, student_reason = resolve_student(args.student_arch, teacher.model, teacher.arch, shape,
-                                                        _num_outputs(teacher.model, shape))
+                                                        num_outputs(teacher.model, shape))
     if student_reason:
         print(student_reason)
     if fewshot is None:
@@ -604,9 +604,9 @@ def _cmd_students(args) -> None:
 
     teacher = load_teacher(args.teacher, args.teacher_arch, args.num_classes, args.teachers_dir)
     shape = tuple(getattr(teacher.model, "input_shape", (3, 32, 32)))
-    from graftkd.workflows import _num_outputs
+    from graftkd.loaded import num_outputs
 
-    fits = fitting_students(teacher.model, teacher.arch, shape, _num_outputs(teacher.model, shape))
+    fits = fitting_students(teacher.model, teacher.arch, shape, num_outputs(teacher.model, shape))
     print(f"students that fit {teacher.source} ({teacher.arch}), smallest first:")
     print(f"{'model':<16} {'params':>8} {'FLOPs':>8} {'smaller':>8}  derivable from the teacher")
     for f in fits:

@@ -1,0 +1,392 @@
+"""The derived student's road after its derivation, and the shared way a few-shot method is run: the
+resolver that chooses repair, loss and fading (and records why), BatchNorm at the start, the refinement, and
+the label-free estimate every run reports."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace as with_changes
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from graftkd.engine.recipe import Recipe
+from graftkd.engine.runtime import seed_everything
+from graftkd.errors import GraftkdError
+from graftkd.graft import GraftConfig, graft
+from graftkd.loaded import LoadedModel, num_outputs
+
+
+@dataclass(frozen=True)
+class DeriveOptions:
+    """How ``distill`` builds and refines a student from the teacher's own weights (``graftkd.derive``)."""
+
+    init: str = "auto"  # auto | derived | fresh
+    reason: str = ""  # why ``init`` is what it is, when the caller resolved it (recorded in result.json)
+    depth_rule: str = "even"  # even | first | greedy
+    width_rule: str = "l1"  # l1 | activation
+    bn_start: str = "auto"  # teacher | reestimate (on the images) | auto (the smaller few-shot logit error)
+    # kd (patient recipe) | graft (block then network stages, paper recipe) | none | auto: repair, refinement and
+    # loss chosen from the derivation (``resolve_refinement``; `distill`'s default when none of them is given)
+    refine: str = "kd"
+    repair: bool = False  # closed-form least-squares 1x1 corrections before any step (FSKD, generalised)
+    # the repair's regression also sees this many augmented copies (crop + flip) of every few-shot image
+    repair_views: int = 0
+    repair_ridge: float = 1e-4  # ridge towards the identity, relative to the Gram matrix's mean diagonal
+    loss: str = "kd"  # kd | feature_kd (KD plus the teacher's feature maps at every block boundary) | fitnet
+    unit_features: bool = False  # feature_kd: also match every kept unit's output to the teacher's stream
+    # > 0 (depth derivations, patient KD on logits): the student starts as the whole teacher and the dropped units
+    # fade out linearly over this share of the budget's steps, instead of being cut before the first step;
+    # None: refine 'auto' chooses (``resolve_refinement``), any other refinement cuts them (0)
+    fade: float | None = None
+    loss_options: dict = field(default_factory=dict)  # the loss method's own options, e.g. {"temperature": 1.0}
+    recipe: Recipe = field(default_factory=Recipe)
+
+    def __post_init__(self) -> None:
+        from graftkd.derive import DEPTH_RULES, INITS, WIDTH_RULES
+
+        for name, value, allowed in (("init", self.init, INITS), ("depth rule", self.depth_rule, DEPTH_RULES),
+                                     ("width rule", self.width_rule, WIDTH_RULES),
+                                     ("bn start", self.bn_start, ("auto", "teacher", "reestimate")),
+                                     ("refine", self.refine, ("auto", "kd", "graft", "none")),
+                                     ("loss", self.loss, ("kd", "feature_kd", "fitnet"))):
+            if value not in allowed:
+                raise GraftkdError(f"unknown {name} '{value}': use one of {', '.join(allowed)}")
+        if self.refine == "auto" and (self.repair or self.loss != "kd"):
+            raise GraftkdError("refine 'auto' chooses the repair and the loss itself: give --refine kd|none to set them")
+        if self.fade is not None and not 0.0 <= self.fade <= 1.0:
+            raise GraftkdError(f"fade must be a share of the budget in [0, 1] (got {self.fade}); 0 cuts the dropped "
+                               "units before the first step")
+        if self.fade and (self.repair or self.refine not in ("kd", "auto") or self.loss != "kd"):
+            raise GraftkdError("fade trains the whole teacher while its dropped units fade out: it goes with the "
+                               "patient KD refinement on logits only (no --repair, --refine kd or auto, --refine-loss kd)")
+        if self.repair_views < 0 or self.repair_ridge < 0:
+            raise GraftkdError(f"repair views and ridge must be >= 0 (got {self.repair_views}, {self.repair_ridge})")
+
+    def to_dict(self) -> dict:
+        return {"init": self.init, "reason": self.reason, "depth_rule": self.depth_rule, "width_rule": self.width_rule,
+                "bn_start": self.bn_start, "repair": self.repair, "refine": self.refine, "loss": self.loss,
+                **({"repair_views": self.repair_views, "repair_ridge": self.repair_ridge} if self.repair else {}),
+                "unit_features": self.unit_features, "fade": self.fade, "loss_options": dict(self.loss_options),
+                "recipe": self.recipe.to_dict()}
+
+
+def try_derive(teacher: nn.Module, student: nn.Module, images: torch.Tensor, norm: nn.Module,
+                device: torch.device, options: DeriveOptions):
+    """Derive ``student`` from the teacher, or say why not; ``--init derived`` makes a failure an error."""
+    from graftkd.derive import Underivable, derive_student
+    from graftkd.graft.blocks import resolve_blocks, trace_boundaries
+
+    # damaged weights (NaN) and a forward that is not its blocks' composition are refused before any work
+    trace_boundaries(teacher, resolve_blocks(teacher, role="teacher"),
+                     torch.zeros((2, *images.shape[1:]), device=device), role="teacher")
+    with torch.no_grad():
+        inputs = norm.to(device)(images.to(device)).float()
+    try:
+        record = derive_student(teacher, student, tuple(images.shape[1:]), inputs=inputs,
+                                depth_rule=options.depth_rule, width_rule=options.width_rule)
+    except Underivable as exc:
+        if options.init == "derived":
+            raise GraftkdError(f"--init derived: {exc}; use --init fresh for this pair") from exc
+        return None, {"requested": options.init, "used": "fresh", "why": f"not derivable: {exc}"}
+    if not record.derived_blocks:
+        if options.init == "derived":
+            raise GraftkdError(f"--init derived: no block of the student fits inside the teacher "
+                               f"({record.fallback_reason}); use --init fresh for this pair")
+        return None, {"requested": options.init, "used": "fresh",
+                      "why": f"no block derivable: {record.fallback_reason}"}
+    fresh = record.fresh_blocks
+    why = ("every block derived from the teacher" if not fresh else
+           f"blocks {', '.join(str(i + 1) for i in fresh)} fresh, the others derived")
+    return record, {"requested": options.init, "used": "derived", "why": why}
+
+
+def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, norm: nn.Module, config: GraftConfig,
+                    options: DeriveOptions, device: torch.device, out_dir: Path | None, progress: bool, world=None):
+    """BatchNorm at the start, then the refinement; returns an object with ``.student`` and the facts to record."""
+    from graftkd.distill.base import build_method
+
+    images = fewshot.images.to(device)
+    facts: dict = {"derive": options.to_dict()}
+    if options.fade and not units_chosen_only(record):
+        raise GraftkdError(f"fade {options.fade:g}: the dropped units fade out of the whole teacher, so every block "
+                           "must be derived by choosing units only; this derivation chose channels or left blocks "
+                           "fresh (see its record): leave fade at 0")
+    resolved = None
+    if options.refine == "auto":
+        resolved = resolve_refinement(record)
+        fade = resolved["fade"] if options.fade is None else options.fade
+        options = with_changes(options, refine="kd", repair=resolved["repair"], loss=resolved["loss"], fade=fade)
+        facts["resolved"] = resolved
+    if options.fade is None:
+        options = with_changes(options, fade=0.0)
+    facts["derive"]["fade"] = options.fade
+    facts["method"] = f"derived+{options.refine}"
+    inputs = norm.to(device)(images).float()
+    if options.repair:
+        # the corrections make each layer's pre-norm output the teacher's, so the norms keep the teacher's statistics
+        from graftkd.derive.repair import repair
+
+        rows = inputs
+        if options.repair_views > 0:  # more rows for the least squares: crop-and-flip copies, seeded by the run
+            from graftkd.data import resolve_augment
+
+            views = resolve_augment(fewshot.dataset, config.padding, config.flip)
+            generator = torch.Generator().manual_seed(int(config.seed) + 104_729)
+            rows = torch.cat([inputs] + [norm(views(images.cpu(), generator).to(device)).float()
+                                         for _ in range(options.repair_views)])
+        facts["repair"] = {**repair(teacher.model, student, record, rows, ridge=options.repair_ridge, progress=progress),
+                           "images": len(rows), "augmented_views": options.repair_views}
+        facts["bn_start"] = {"rule": "teacher (repair)", "used": "teacher"}
+    elif options.fade:
+        facts["bn_start"] = {"rule": "teacher (fade: the start is the whole teacher)", "used": "teacher"}
+    else:
+        facts["bn_start"] = _bn_start(teacher.model, student, record, inputs, options.bn_start)
+    if resolved is not None and resolved["stop_at"] is not None:
+        # the label-free estimate of the repaired student (the same pool and views the run reports at its end)
+        estimate = label_free_estimate(student, teacher.model, images, norm, config, device, mixed=options.recipe.mix != "none")
+        resolved["agreement_after_repair"] = estimate["agreement"]
+        if estimate["agreement"] >= resolved["stop_at"]:
+            options = with_changes(options, refine="none")
+            resolved["refine"], resolved["loss"] = "none", None
+            resolved["why"] += (f"; the repaired student agrees with the teacher on {estimate['agreement']:.1f} % of "
+                                f"the held-out views (>= {resolved['stop_at']:g} %): no training")
+        else:
+            resolved["why"] += (f"; the repaired student agrees on {estimate['agreement']:.1f} % of the held-out views "
+                                f"(< {resolved['stop_at']:g} %): patient KD plus feature maps")
+        facts["method"] = f"derived+{options.refine}"
+    num_classes = num_outputs(teacher.model, images.shape[1:])
+    shots = config.shots or max(1, len(images) // num_classes)
+    started = time.perf_counter()
+    if options.refine == "graft":
+        graft_config = with_changes(config, freeze_norm_stats=True, inherit="none")
+        result = graft(teacher.model, student, images, normalize=norm, config=graft_config, device=device,
+                       run_dir=out_dir, progress=progress, init_adapters=lambda plan: derived_adapters(plan, record))
+        facts["refine"] = result.summary()
+        return result, facts
+    if options.refine == "kd":
+        recipe = options.recipe
+        trained = student
+        if options.fade:
+            from graftkd.derive.fade import FadingStudent
+
+            trained = FadingStudent(teacher.model, record.depth, round(options.fade * recipe.steps)).to(device)
+            facts["fade"] = {"share": options.fade, "steps": trained.steps, "faded_units": trained.faded}
+        task = few_shot_task(teacher, trained, images, norm, config, device, out_dir, progress, world,
+                              batch_size=recipe.batch_size, epochs=recipe.chunks, lr=recipe.lr, shots=shots,
+                              num_classes=num_classes, recipe=recipe, inherit="none")
+        method = build_method(options.loss, options.loss_options)
+        if options.loss == "feature_kd":
+            method.select = _feature_channels(student, record)
+            if options.unit_features:
+                method.pairs = unit_pairs(record)
+        outcome = method.run(task)
+        if trained is not student:
+            student.load_state_dict(trained.student_state_dict(student), strict=True)
+        facts["refine"] = {"stages": outcome.stages, **outcome.extra}
+    else:
+        facts["refine"] = None
+    student.eval()
+    return _Refined(student, shots, time.perf_counter() - started), facts
+
+
+def units_chosen_only(record) -> bool:
+    """True when the whole student came from the teacher by choosing units (no channel chosen, no block fresh)."""
+    return (record.whole and record.depth is not None and bool(record.depth.selections)
+            and not record.fresh_blocks and not any("channels" in row["status"] for row in record.blocks))
+
+
+#: the share of the budget over which a depth derivation's dropped units fade out when the user chose nothing
+FADE = 0.25
+
+
+#: the repaired student's label-free agreement (%) from which training it on the few images is left out
+REPAIRED_ENOUGH = 95.0
+
+
+def resolve_refinement(record) -> dict:
+    """What a derived student gets when the user chose nothing (``refine`` 'auto'), and why.
+
+    The rule comes from the validation split (``results/cifar10-derived/dev``, never test):
+    - only units chosen (a depth derivation): patient KD on logits, no repair. Repair then KD gave 72.9 % against
+      75.5 %, and KD plus feature maps 75.5 against 74.8 (the cheaper KD). The student starts as the whole teacher
+      and the dropped units fade out over the first ``FADE`` of the budget (``results/cifar10-derived/dev-amx``:
+      at 128k samples 83.8 against 81.6 % at K=10, 72.0 against 66.0 % at K=1);
+    - channels chosen, the whole model derived at once: the closed-form repair first. If the repaired student
+      agrees with the teacher on at least ``REPAIRED_ENOUGH`` % of the held-out views it is not trained
+      (vgg16-graft: repair alone 96.7 %, KD after it 95.1-95.8 %); otherwise patient KD plus feature maps
+      (half-width VGG: 89.1 %, against 87.1 for KD after repair and 86.9 for the repair alone);
+    - any block fresh: patient KD (the fresh blocks must be trained, and the repair needs one whole derivation).
+    ``stop_at`` is the agreement threshold to check after the repair (None: no check); ``fade`` the share of the
+    budget over which dropped units fade out (0: cut before the first step)."""
+    statuses = [row["status"] for row in record.blocks]
+    fresh = [row["block"] for row in record.blocks if row["status"] == "fresh"]
+    if fresh:
+        return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None, "fade": 0.0,
+                "why": f"blocks {', '.join(map(str, fresh))} are fresh: patient KD trains them"}
+    if any("channels" in status for status in statuses) and record.whole:
+        return {"repair": True, "loss": "feature_kd", "refine": "kd", "stop_at": REPAIRED_ENOUGH, "fade": 0.0,
+                "why": "channels chosen: the closed-form repair first"}
+    if units_chosen_only(record):
+        return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None, "fade": FADE,
+                "why": f"units chosen: patient KD from the whole teacher, the dropped units fading out over the first "
+                       f"{FADE:g} of the budget"}
+    return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None, "fade": 0.0,
+            "why": "units chosen" if any("units" in status for status in statuses) else "every block inherited"}
+
+
+def _feature_channels(student: nn.Module, record) -> dict[str, torch.Tensor]:
+    """Feature path -> teacher channels the derived student keeps there (its last conv/linear's choice)."""
+    if not record.whole or record.width is None or not hasattr(student, "feature_paths"):
+        return {}
+    layers = {la.path: la for la in record.width.layers}
+    order = [n for n, _ in student.named_modules()]
+    writers = [n for n in order if n in layers]
+    select = {}
+    for path in student.feature_paths():
+        # the last conv/linear at or before the end of the module at ``path`` writes its output channels
+        end = max(i for i, n in enumerate(order) if n == path or n.startswith(f"{path}.")) if path else len(order) - 1
+        before = [n for n in writers if order.index(n) <= end]
+        layer = layers[before[-1]] if before else None
+        if layer is not None and len(layer.out_keep) < layer.teacher_out:
+            select[path] = layer.out_keep
+    return select
+
+
+def unit_pairs(record) -> list[tuple[str, str]]:
+    """(student unit, teacher unit) feature spots after a depth derivation: student unit j of a container that
+    took teacher units i_0 < i_1 < ... stands for teacher units i_j .. i_{j+1} - 1, so its output should be the
+    teacher's stream after unit i_{j+1} - 1 (after the container's last unit, for the last one)."""
+    if not record.whole or record.depth is None:
+        return []
+    pairs = []
+    for path, chosen in record.depth.selections.items():
+        teacher_path = record.depth.teacher_path(path)
+        ends = [nxt - 1 for nxt in chosen[1:]] + [record.depth.lengths[path] - 1]
+        for j, end in enumerate(ends):
+            pairs.append((f"{path}.{j}" if path else str(j), f"{teacher_path}.{end}" if teacher_path else str(end)))
+    return pairs
+
+
+@torch.no_grad()
+def _bn_start(teacher: nn.Module, student: nn.Module, record, inputs: torch.Tensor, rule: str) -> dict:
+    """BatchNorm statistics of the derived student before any step.
+
+    ``teacher`` keeps the teacher's; ``reestimate`` measures them on the few-shot images; ``auto`` keeps
+    whichever gives the smaller few-shot logit error against the teacher (label-free). Dropped units shift
+    the residual stream that later norms see, so depth derivations usually need re-estimation, while
+    narrowed layers keep the teacher's (results/cifar10-vgg16-graft/NOTES.md).
+    """
+    from graftkd.derive.depth import logit_error_fn
+    from graftkd.engine.bn import reestimate_batchnorm
+
+    error = logit_error_fn(teacher, inputs)
+    kept = {k: v.clone() for k, v in student.state_dict().items()}
+    before = error(student)
+    if rule == "teacher":
+        return {"rule": rule, "used": "teacher", "logit_rel_error_teacher_stats": before}
+    reestimate_batchnorm(student, [inputs])
+    after = error(student)
+    used = "reestimate" if rule == "reestimate" or after < before else "teacher"
+    if used == "teacher":
+        student.load_state_dict(kept)
+    return {"rule": rule, "used": used, "logit_rel_error_teacher_stats": before,
+            "logit_rel_error_reestimated": after}
+
+
+@dataclass
+class _Refined:
+    student: nn.Module
+    shots: int
+    seconds: float
+
+
+def few_shot_task(teacher: LoadedModel, student: nn.Module, images: torch.Tensor, norm: nn.Module,
+                   config: GraftConfig, device: torch.device, out_dir: Path | None, progress: bool, world, *,
+                   recipe: Recipe | None, **budget):
+    """The one place a ``distill`` run's FewShotTask is built: what the config says (seed, augmentation,
+    precision, checkpoints) plus the path's own budget (batch size, epochs, rate, inheritance, ...)."""
+    from graftkd.distill.base import FewShotTask
+    from graftkd.graft.api import augmenter
+
+    return FewShotTask(
+        teacher=teacher.model.to(device).eval(), student=student.to(device), images=images, normalize=norm.to(device),
+        device=device, generator=seed_everything(config.seed), augment=augmenter(config), precision=config.precision,
+        compile=config.compile,
+        teacher_arch=teacher.arch, run_dir=out_dir, checkpoint_every_s=config.checkpoint_every_s,
+        log_every=1 if recipe is not None else config.log_every, progress=progress, seed=config.seed,
+        padding=config.padding, flip=config.flip, recipe=recipe, world=world, **budget)
+
+
+def run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arch: str, fewshot, norm: nn.Module,
+                config: GraftConfig, device: torch.device, out_dir: Path | None, progress: bool,
+                recipe: Recipe | None = None, world=None, options: dict | None = None):
+    """A registered few-shot method on ``student`` with a grid cell's budget (``recipe``: the patient recipe's
+    sample budget instead, for methods that train in the shared loop); returns the result and its facts.
+    ``options``: the method's own (``--method-option KEY=VALUE``)."""
+    from graftkd.distill.base import LossMethod, build_method
+    from graftkd.graft.schedule import batch_size_for, paper_budget
+
+    runner = build_method(name, options)
+    images = fewshot.images.to(device)
+    num_classes = num_outputs(teacher.model, images.shape[1:])
+    shots = config.shots or max(1, len(images) // num_classes)
+    batch_size = config.batch_size or batch_size_for(shots, len(images))
+    if recipe is not None:
+        if not isinstance(runner, LossMethod):
+            raise GraftkdError(f"--recipe patient needs a method that trains in the shared loop (kd, fitnet, whole, "
+                               f"feature_kd); '{name}' has its own schedule: use --recipe paper")
+        epochs, lr, batch_size = recipe.chunks, recipe.lr, recipe.batch_size
+    else:
+        epochs, lr = paper_budget(teacher.model, student, tuple(images.shape[1:]), config.schedule, batch_size,
+                                  config.inherit)
+    task = few_shot_task(teacher, student, images, norm, config, device, out_dir, progress, world,
+                          batch_size=batch_size, epochs=epochs, lr=lr, shots=shots, num_classes=num_classes,
+                          recipe=recipe, inherit=config.inherit, student_arch=student_arch, mixup=config.mixup,
+                          schedule=config.schedule)
+    started = time.perf_counter()
+    outcome = runner.run(task)
+    facts = {"method": name, "method_options": runner.options,
+             "budget": {"epochs": epochs, "batch_size": batch_size, "lr": lr},
+             "recipe": recipe.to_dict() if recipe is not None else {"name": "paper"},
+             "refine": {"stages": outcome.stages, **outcome.extra}}
+    return _Refined(outcome.student.eval(), shots, time.perf_counter() - started), facts
+
+
+def derived_adapters(plan, record) -> None:
+    """Adapters start as the derivation's channel choice at every cut (He init where a side is fresh).
+
+    Block l's last conv/linear says which teacher channels its output holds (adapter out), block l+1's
+    first one which teacher channels it reads (adapter in); derived whole, the two agree and the pair is
+    the identity, so the grafted chain starts as the derived student.
+    """
+    model_paths = {id(m): n for n, m in plan.student.named_modules()}
+
+    def keep(index: int, first: bool):
+        if index not in record.derived_blocks:
+            return None
+        block = plan.student_blocks[index]
+        layers = [(n, m) for n, m in block.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        if not layers:
+            return None
+        view_path, module = layers[0] if first else layers[-1]
+        path = model_paths[id(module)] if record.whole else view_path  # per-block plans speak in view paths
+        return record.input_channels(index, path) if first else record.output_channels(index, path)
+
+    for cut in plan.adapter_cuts:
+        out_keep, in_keep = keep(cut, first=False), keep(cut + 1, first=True)
+        if out_keep is not None:
+            plan.scions[cut].adapter_out.set_channel_selection(out_keep)
+        if in_keep is not None:
+            plan.scions[cut + 1].adapter_in.set_channel_selection(in_keep)
+
+
+def label_free_estimate(student: nn.Module, teacher: nn.Module, images: torch.Tensor, norm: nn.Module, config: GraftConfig,
+                device: torch.device, mixed: bool) -> dict:
+    """Top-1 agreement and KL on a held-out pool of augmented views (its own seed, never trained on)."""
+    from graftkd.engine.agreement import agreement, agreement_pool
+    from graftkd.graft.api import augmenter
+
+    with torch.no_grad():
+        pool = agreement_pool(images.to(device), norm.to(device), augmenter(config), mixed=mixed)
+    return agreement(student.to(device), teacher.to(device), pool)
