@@ -366,3 +366,27 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
         DeriveOptions(fade=0.5, repair=True)
     with pytest.raises(Exception, match="fade"):
         DeriveOptions(fade=1.5)
+
+
+def test_fade_with_feature_kd_matches_the_teachers_stage_outputs():
+    from graftkd.data.dataset import ImageSet
+    from graftkd.engine.recipe import Recipe
+    from graftkd.graft import GraftConfig
+    from graftkd.workflows import DeriveOptions, LoadedModel, distill
+
+    torch.manual_seed(0)
+    teacher = _randomise_norms(build_model("resnet32"))
+    g = torch.Generator().manual_seed(1)
+    fewshot = ImageSet(torch.randint(0, 256, (10, 3, 32, 32), generator=g, dtype=torch.uint8),
+                       torch.arange(10), [str(i) for i in range(10)], "random", dataset="cifar10").drop_labels()
+    payload = distill(teacher=LoadedModel(teacher, "resnet32", (0.5,) * 3, (0.25,) * 3, "test"),
+                      student_arch="resnet20", fewshot=fewshot, test=None,
+                      config=GraftConfig(shots=1, seed=0, precision="fp32"), device="cpu", out=None, progress=False,
+                      derive=DeriveOptions(init="derived", refine="kd", fade=0.5, loss="feature_kd",
+                                           recipe=Recipe(samples=8 * 4, batch_size=8, steps_per_chunk=2)))
+    (stage,) = payload["refine"]["stages"]
+    # the teacher's stage outputs are matched at the fading student's own paths ("net.layer1", ...)
+    assert payload["fade"]["steps"] == 2 and stage["loss_terms"]["features"] > 0
+    assert payload["derive"]["loss"] == "feature_kd"
+    with pytest.raises(Exception, match="fade"):
+        DeriveOptions(fade=0.5, loss="feature_kd", unit_features=True)

@@ -164,3 +164,17 @@ def test_precision_auto_remembers_its_choice_so_a_rerun_trains_alike(monkeypatch
     (tmp_path / "settings.json").unlink()  # deleting the file times again
     third = build_method("kd").run(_task(recipe=recipe, precision="auto", epochs=recipe.chunks))
     assert third.extra["speed"]["chosen"] == {"precision": "fp32", "channels_last": False}
+
+
+def test_feature_kd_golden_value_with_and_without_a_channel_choice() -> None:
+    """Every matched path adds its relative error: a path the derivation did not narrow counts too."""
+    method = build_method("feature_kd", {"beta": 2.0})
+    method.pairs, method.select = [("a", "a"), ("b", "b")], {"b": torch.tensor([1])}
+    s_logits = torch.zeros(2, 2)
+    t_logits = torch.tensor([[math.log(3.0), 0.0]] * 2)
+    student = {"a": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([[0.0]])}
+    teacher = {"a": torch.tensor([[3.0, 0.0]]), "b": torch.tensor([[5.0, 2.0]])}
+    terms = method.loss(None, s_logits, t_logits, student, teacher)
+    # a: ‖(1, 2) − (3, 0)‖² / 9 = 8/9; b keeps teacher channel 1: (0 − 2)² / 4 = 1
+    assert terms["features"].item() == pytest.approx(2.0 * (8 / 9 + 1.0))
+    assert terms["kd"].item() == pytest.approx(kd_loss(s_logits, t_logits, 4.0).item())

@@ -168,6 +168,12 @@ CONFIGS = {
                                   {"samples": 128_000, "mix_per_sample": True}, {"precision": "auto"}),
     "r20-fade025-jit04-128k-auto": ("resnet56-cifar10", "resnet20", {"fade": 0.25},
                                     {"samples": 128_000, "jitter": 0.4}, {"precision": "auto"}),
+    # KD plus the teacher's stage outputs (feature_kd), after the fix that adds the feature term at paths no channel
+    # choice narrowed: before it, every r20-fkd-* and r20-ufkd-* run above trained on KD alone
+    "r20-fade025-fkd-128k-auto": ("resnet56-cifar10", "resnet20", {"fade": 0.25, "loss": "feature_kd"},
+                                  {"samples": 128_000}, {"precision": "auto"}),
+    "r20-fkd-128k-fixed-auto": ("resnet56-cifar10", "resnet20", {"loss": "feature_kd"}, {"samples": 128_000},
+                                {"precision": "auto"}),
     "r20-kd-256k-anchor-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 256_000, "anchor": 0.1},
                                 {"precision": "auto"}),
 }

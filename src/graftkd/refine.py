@@ -57,9 +57,11 @@ class DeriveOptions:
         if self.fade is not None and not 0.0 <= self.fade <= 1.0:
             raise GraftkdError(f"fade must be a share of the budget in [0, 1] (got {self.fade}); 0 cuts the dropped "
                                "units before the first step")
-        if self.fade and (self.repair or self.refine not in ("kd", "auto") or self.loss != "kd"):
+        if self.fade and (self.repair or self.refine not in ("kd", "auto") or self.loss not in ("kd", "feature_kd")
+                          or self.unit_features):
             raise GraftkdError("fade trains the whole teacher while its dropped units fade out: it goes with the "
-                               "patient KD refinement on logits only (no --repair, --refine kd or auto, --refine-loss kd)")
+                               "patient KD refinement (no --repair, --refine kd or auto, --refine-loss kd or feature_kd "
+                               "at the stage boundaries)")
         if self.repair_views < 0 or self.repair_ridge < 0:
             raise GraftkdError(f"repair views and ridge must be >= 0 (got {self.repair_views}, {self.repair_ridge})")
 
@@ -180,6 +182,8 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
             method.select = _feature_channels(student, record)
             if options.unit_features:
                 method.pairs = unit_pairs(record)
+            if trained is not student:  # the fading student is the teacher's copy under ``net``: same stage boundaries
+                method.pairs = [(f"net.{path}", path) for path in teacher.model.feature_paths()[:-1]]
         outcome = method.run(task)
         if trained is not student:
             student.load_state_dict(trained.student_state_dict(student), strict=True)

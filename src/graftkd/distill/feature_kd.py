@@ -58,6 +58,6 @@ class FeatureKD(LossMethod):
             keep = self.select.get(path)
             if keep is not None:
                 t = t.index_select(1, keep.to(t.device))
-                features = features + relative_feature_loss(student_features[path], t)
+            features = features + relative_feature_loss(student_features[path], t)
         terms["features"] = self.options["beta"] * features
         return terms
