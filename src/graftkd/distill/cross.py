@@ -43,7 +43,9 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 @register_method("cross")
 class Cross(LossMethod):
-    """Each trained block is one stage of the shared loop, which owns batches, optimiser, records and resume;
+    """Cross distillation (Bai et al., AAAI 2020): each block fitted on a mix of the teacher's and the student's input.
+
+    Each trained block is one stage of the shared loop, which owns batches, optimiser, records and resume;
     this class owns the step (the block's two inputs and its target) and which modules train."""
 
     defaults = {"mu": 0.6}
