@@ -273,7 +273,7 @@ def write_manifest(out: Path) -> None:
 
 def report(out: Path) -> None:
     """Every development run, in the order it was made: what was tried, on validation, and what it gave."""
-    runs = [json.loads(p.read_text()) for p in out.glob("*-k*-s*.json") if not p.name.startswith("probe-")]
+    runs = [json.loads(p.read_text()) for p in out.glob("*-k*-s*.json") if not p.name.startswith(("probe-", "bn-oracle-"))]
     runs = sorted(runs, key=lambda r: r.get("started", 0) or 0)
     runs = sorted(runs, key=lambda r: (r["k"], r["config"]))
     lines = ["# Development runs on the validation split (never the test split)", "",
@@ -298,6 +298,12 @@ def report(out: Path) -> None:
         lines += ["", "Probes (`benchmarks/derived/fade_probe.py`: its own small loop, the control included):", "",
                   "| command | val acc. | s |", "|---|---|---|"]
         lines += [f"| `{r['command']}` | {r['val_acc']:.2f} | {r['wall_seconds']:.0f} |" for r in probes]
+    oracles = sorted((json.loads(p.read_text()) for p in out.glob("bn-oracle-*.json")), key=lambda r: r["command"])
+    if oracles:
+        lines += ["", "BatchNorm diagnostics (`benchmarks/derived/bn_oracle.py`: one trained student, its statistics "
+                  "measured three ways; the oracle uses unlabeled training images a user would not have):", "",
+                  "| command | statistics | val acc. |", "|---|---|---|"]
+        lines += [f"| `{r['command']}` | {what} | {acc:.2f} |" for r in oracles for what, acc in r["scores"].items()]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from grid import _spearman
 
