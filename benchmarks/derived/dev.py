@@ -275,20 +275,20 @@ def report(out: Path) -> None:
     """Every development run, in the order it was made: what was tried, on validation, and what it gave."""
     runs = [json.loads(p.read_text()) for p in out.glob("*-k*-s*.json") if not p.name.startswith(("probe-", "bn-oracle-"))]
     runs = sorted(runs, key=lambda r: r.get("started", 0) or 0)
-    runs = sorted(runs, key=lambda r: (r["k"], r["config"]))
+    runs = sorted(runs, key=lambda r: (r["k"], r["config"], r["seed"]))
     lines = ["# Development runs on the validation split (never the test split)", "",
              "1,000 CIFAR-10 *training* images, 100 per class, that no few-shot subset of seeds 0-9, K <= 10, "
              "subsets 0-2 uses (`graftkd.data.fewshot.validation_indices`). The teachers were trained on these "
              "images (ResNet-56 scores 100 % on them, VGG16-BN 97.1 %), so absolute numbers run higher than on "
-             "test; they serve to compare configurations. One run each (seed 0). Written by "
+             "test; they serve to compare configurations. One run each (seed 0), unless a row gives another seed. Written by "
              "`python benchmarks/derived/dev.py --report`; each row's file holds its command, commit and device.", "",
-             "| config | K | what differs from the defaults | val acc. | label-free agreement | s |",
-             "|---|---|---|---|---|---|"]
+             "| config | K | seed | what differs from the defaults | val acc. | label-free agreement | s |",
+             "|---|---|---|---|---|---|---|"]
     for r in runs:
         name = r["config"]
         derive_over, recipe_over, *rest = CONFIGS[name][2:]
         what = ", ".join([f"{k}={v}" for k, v in {**derive_over, **recipe_over, **(rest[0] if rest else {})}.items()]) or "-"
-        lines.append(f"| {name} | {r['k']} | {what} | {r['val_acc']:.2f} | {r['label_free']['agreement']:.1f} | "
+        lines.append(f"| {name} | {r['k']} | {r['seed']} | {what} | {r['val_acc']:.2f} | {r['label_free']['agreement']:.1f} | "
                      f"{r['wall_seconds']:.0f} |")
     devices = sorted({str(r['device']) for r in runs if r.get('device')})
     lines += ["", "Devices: " + "; ".join(devices) + ". bf16 rows (`precision=auto`) gave the same numbers on the AMD "
@@ -308,12 +308,14 @@ def report(out: Path) -> None:
     from grid import _spearman
 
     lines += ["", "Does the label-free agreement rank these configurations as validation accuracy does? Spearman "
-              "rank correlation over the runs of each pair (K=10):", "", "| pair | runs | Spearman ρ |", "|---|---|---|"]
+              "rank correlation over the runs of each pair and K:", "", "| pair | K | runs | Spearman ρ |",
+              "|---|---|---|---|"]
     for prefix, pair in (("r20-", "ResNet-56 → ResNet-20"), ("vh-", "VGG16-BN → vgg16_half_bn"),
                          ("vg-", "VGG16-BN → vgg16-graft")):
-        mine = [r for r in runs if r["config"].startswith(prefix)]
-        rho = _spearman([r["label_free"]["agreement"] for r in mine], [r["val_acc"] for r in mine])
-        lines.append(f"| {pair} | {len(mine)} | {'—' if rho is None else f'{rho:.2f}'} |")
+        for k in sorted({r["k"] for r in runs if r["config"].startswith(prefix)}):
+            mine = [r for r in runs if r["config"].startswith(prefix) and r["k"] == k]
+            rho = _spearman([r["label_free"]["agreement"] for r in mine], [r["val_acc"] for r in mine])
+            lines.append(f"| {pair} | {k} | {len(mine)} | {'—' if rho is None else f'{rho:.2f}'} |")
     (out / "README.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'README.md'} ({len(runs)} runs)")
 
