@@ -362,6 +362,10 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
                                         recipe=Recipe(samples=8 * 8, batch_size=8, steps_per_chunk=2)))
     assert auto["resolved"]["fade"] == FADE and auto["derive"]["fade"] == FADE and "fading" in auto["resolved"]["why"]
     assert auto["fade"]["steps"] == round(FADE * 8)
+    # the default path chooses the units greedily by few-shot logit error; a named refinement keeps them even
+    assert auto["init"]["depth_rule"]["used"] == "greedy" and auto["derivation"]["depth_rule"] == "greedy"
+    assert payload["init"]["depth_rule"] == {"requested": "auto", "used": "even",
+                                             "why": "auto: a named refinement keeps evenly spaced units"}
     with pytest.raises(Exception, match="fade"):
         DeriveOptions(fade=0.5, repair=True)
     with pytest.raises(Exception, match="fade"):

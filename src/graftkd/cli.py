@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default="auto", choices=["auto", "derived", "fresh"],
                    help="auto (default): build the student from the teacher's own weights (units and channels "
                         "chosen) wherever it fits inside the teacher, else fresh; fresh: the paper's grafting")
-    p.add_argument("--depth-rule", default="even", choices=["even", "first", "greedy"],
-                   help="which teacher units a shallower student stage takes (greedy: by few-shot logit error)")
+    p.add_argument("--depth-rule", default="auto", choices=["auto", "even", "first", "greedy"],
+                   help="which teacher units a shallower student stage takes (greedy: by few-shot logit error; "
+                        "auto: greedy on the default path, even when --refine/--refine-loss/--repair is given)")
     p.add_argument("--width-rule", default="l1", choices=["l1", "activation"],
                    help="which teacher channels a narrower student layer takes")
     p.add_argument("--bn-start", default="auto", choices=["auto", "teacher", "reestimate"],
