@@ -231,7 +231,8 @@ def resolve_refinement(record) -> dict:
 
     The rule comes from the validation split (``results/cifar10-derived/dev``, never test):
     - only units chosen (a depth derivation): patient KD on logits, no repair. Repair then KD gave 72.9 % against
-      75.5 %, and KD plus feature maps 75.5 against 74.8 (the cheaper KD). The student starts as the whole teacher
+      75.5 %; KD plus the stage outputs (with fading, 128k) 73.0 against 72.0 at K=1 and 83.8 against 83.8 at K=10,
+      at 1.4x the time (the cheaper KD). The student starts as the whole teacher
       and the dropped units fade out over the first ``FADE`` of the budget (``results/cifar10-derived/dev-amx``:
       at 128k samples 83.8 against 81.6 % at K=10, 72.0 against 66.0 % at K=1);
     - channels chosen, the whole model derived at once: the closed-form repair first. If the repaired student
