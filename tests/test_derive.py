@@ -332,7 +332,8 @@ def test_fading_student_starts_as_the_teacher_and_ends_as_the_derived_student():
     assert again.seen == 3 and again.alpha == 0.0
 
 
-def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
+def _resnet_distill(config: dict, samples: int = 8 * 4, **derive):
+    """``distill`` of a random-weight ResNet-32 into a ResNet-20 on 10 random images (batches of 8)."""
     from graftkd.data.dataset import ImageSet
     from graftkd.engine.recipe import Recipe
     from graftkd.graft import GraftConfig
@@ -343,11 +344,17 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
     g = torch.Generator().manual_seed(1)
     fewshot = ImageSet(torch.randint(0, 256, (10, 3, 32, 32), generator=g, dtype=torch.uint8),
                        torch.arange(10), [str(i) for i in range(10)], "random", dataset="cifar10").drop_labels()
-    payload = distill(teacher=LoadedModel(teacher, "resnet32", (0.5,) * 3, (0.25,) * 3, "test"),
-                      student_arch="resnet20", fewshot=fewshot, test=None,
-                      config=GraftConfig(shots=1, seed=0, precision="auto", compile="on"), device="cpu", out=None,
-                      progress=False, derive=DeriveOptions(init="derived", refine="kd", fade=0.5,
-                                                           recipe=Recipe(samples=8 * 4, batch_size=8, steps_per_chunk=2)))
+    return distill(teacher=LoadedModel(teacher, "resnet32", (0.5,) * 3, (0.25,) * 3, "test"),
+                   student_arch="resnet20", fewshot=fewshot, test=None, config=GraftConfig(shots=1, seed=0, **config),
+                   device="cpu", out=None, progress=False,
+                   derive=DeriveOptions(init="derived", **derive,
+                                        recipe=Recipe(samples=samples, batch_size=8, steps_per_chunk=2)))
+
+
+def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
+    from graftkd.workflows import DeriveOptions
+
+    payload = _resnet_distill({"precision": "auto", "compile": "on"}, refine="kd", fade=0.5)
     assert payload["fade"]["steps"] == 2 and len(payload["fade"]["faded_units"]) == 6
     assert payload["derive"]["fade"] == 0.5 and payload["bn_start"]["used"] == "teacher"
     compile_facts = payload["refine"]["compile"]  # asked for, but the fading student stays eager, and says why
@@ -355,11 +362,7 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
     # the default refinement fades a depth derivation's units over FADE of the budget, and says so
     from graftkd.workflows import FADE
 
-    auto = distill(teacher=LoadedModel(teacher, "resnet32", (0.5,) * 3, (0.25,) * 3, "test"),
-                   student_arch="resnet20", fewshot=fewshot, test=None,
-                   config=GraftConfig(shots=1, seed=0, precision="fp32"), device="cpu", out=None, progress=False,
-                   derive=DeriveOptions(init="derived", refine="auto",
-                                        recipe=Recipe(samples=8 * 8, batch_size=8, steps_per_chunk=2)))
+    auto = _resnet_distill({"precision": "fp32"}, samples=8 * 8, refine="auto")
     assert auto["resolved"]["fade"] == FADE and auto["derive"]["fade"] == FADE and "fading" in auto["resolved"]["why"]
     assert auto["fade"]["steps"] == round(FADE * 8)
     # the default path chooses the units greedily by few-shot logit error; a named refinement keeps them even
@@ -373,21 +376,9 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
 
 
 def test_fade_with_feature_kd_matches_the_teachers_stage_outputs():
-    from graftkd.data.dataset import ImageSet
-    from graftkd.engine.recipe import Recipe
-    from graftkd.graft import GraftConfig
-    from graftkd.workflows import DeriveOptions, LoadedModel, distill
+    from graftkd.workflows import DeriveOptions
 
-    torch.manual_seed(0)
-    teacher = _randomise_norms(build_model("resnet32"))
-    g = torch.Generator().manual_seed(1)
-    fewshot = ImageSet(torch.randint(0, 256, (10, 3, 32, 32), generator=g, dtype=torch.uint8),
-                       torch.arange(10), [str(i) for i in range(10)], "random", dataset="cifar10").drop_labels()
-    payload = distill(teacher=LoadedModel(teacher, "resnet32", (0.5,) * 3, (0.25,) * 3, "test"),
-                      student_arch="resnet20", fewshot=fewshot, test=None,
-                      config=GraftConfig(shots=1, seed=0, precision="fp32"), device="cpu", out=None, progress=False,
-                      derive=DeriveOptions(init="derived", refine="kd", fade=0.5, loss="feature_kd",
-                                           recipe=Recipe(samples=8 * 4, batch_size=8, steps_per_chunk=2)))
+    payload = _resnet_distill({"precision": "fp32"}, refine="kd", fade=0.5, loss="feature_kd")
     (stage,) = payload["refine"]["stages"]
     # the teacher's stage outputs are matched at the fading student's own paths ("net.layer1", ...)
     assert payload["fade"]["steps"] == 2 and stage["loss_terms"]["features"] > 0
