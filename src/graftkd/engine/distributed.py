@@ -6,6 +6,7 @@ take the steps one process would take, with gradients averaged across them.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,10 +36,18 @@ def init_distributed(device: str) -> tuple[World, str]:
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # a process group still alive at interpreter exit can abort the process ("terminate called without an
+        # active exception" from gloo's threads), turning a finished run into a failed one
+        atexit.register(_destroy_process_group)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     return World(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _barrier(world: World) -> None:
