@@ -33,10 +33,9 @@ def main() -> None:
     parser.add_argument("--out", default="results/cifar10-derived/dev-amx")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from dev import CONFIGS
+    from dev import CONFIGS, validation_set
 
     from graftkd.data import load_dataset
-    from graftkd.data.dataset import ImageSet
     from graftkd.data.fewshot import make_manifest, validation_indices
     from graftkd.engine.bn import reestimate_batchnorm
     from graftkd.engine.evaluate import evaluate_model
@@ -48,9 +47,8 @@ def main() -> None:
 
     started = time.perf_counter()
     train = load_dataset("cifar10", "train")
+    val = validation_set(train)
     keep = validation_indices(train.labels)
-    val = ImageSet(train.images[torch.tensor(keep)].contiguous(), train.labels[torch.tensor(keep)].clone(),
-                   train.classes, "cifar10/validation", dataset="cifar10")
     manifest = make_manifest("cifar10", "train", args.k, args.seed, 0)
     fewshot = manifest.materialize()
     used = set(keep) | set(manifest.indices or ())

@@ -179,6 +179,16 @@ CONFIGS = {
 }
 
 
+def validation_set(train):
+    """The fixed labeled validation split (``validation_indices``) of the CIFAR-10 training set, as an ImageSet."""
+    from graftkd.data.dataset import ImageSet
+    from graftkd.data.fewshot import validation_indices
+
+    keep = torch.tensor(validation_indices(train.labels))
+    return ImageSet(train.images[keep].contiguous(), train.labels[keep].clone(), train.classes, "cifar10/validation",
+                    dataset="cifar10")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="", help=f"comma-separated: {', '.join(CONFIGS)}")
@@ -200,7 +210,6 @@ def main() -> None:
     from dataclasses import replace
 
     from graftkd.data import load_dataset
-    from graftkd.data.dataset import ImageSet
     from graftkd.data.fewshot import make_manifest, validation_indices
     from graftkd.files import atomic_write_json
     from graftkd.engine.recipe import Recipe
@@ -208,9 +217,8 @@ def main() -> None:
     from graftkd.workflows import DeriveOptions, distill, load_teacher
 
     train = load_dataset("cifar10", "train")
+    val = validation_set(train)
     keep = torch.tensor(validation_indices(train.labels))
-    val = ImageSet(train.images[keep].contiguous(), train.labels[keep].clone(), train.classes, "cifar10/validation",
-                   dataset="cifar10")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip())
     out = Path(args.out)
