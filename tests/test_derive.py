@@ -332,20 +332,86 @@ def test_fading_student_starts_as_the_teacher_and_ends_as_the_derived_student():
     assert again.seen == 3 and again.alpha == 0.0
 
 
-def _resnet_distill(config: dict, samples: int = 8 * 4, **derive):
-    """``distill`` of a random-weight ResNet-32 into a ResNet-20 on 10 random images (batches of 8)."""
+class _Chain(nn.Module):
+    """A plain chain of conv-BN-ReLU units, to derive units and channels at once."""
+
+    def __init__(self, width: int, units: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(*[nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width),
+                                                  nn.ReLU()) for _ in range(units)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 5))
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+    def blocks(self):
+        return [self.stem, self.body, self.head]
+
+    def feature_paths(self):
+        return ["stem", "body", "head"]
+
+
+@pytest.mark.parametrize("pair", ["vgg", "units-and-channels"])
+def test_narrowing_student_starts_as_the_teacher_and_ends_as_the_derived_student(pair):
+    from graftkd.derive.fade import NarrowingStudent
+
+    torch.manual_seed(0)
+    if pair == "vgg":
+        teacher, student, arch = _randomise_norms(build_model("vgg16_bn")), build_model("vgg16_half_bn"), "vgg16_half_bn"
+        build = lambda: build_model(arch)  # noqa: E731
+    else:
+        teacher, student = _randomise_norms(_Chain(16, 4)), _Chain(8, 2)
+        build = lambda: _Chain(8, 2)  # noqa: E731
+    record = derive_student(teacher, student, (3, 32, 32))
+    assert record.whole and record.width.narrowed()
+    paths = student.feature_paths()[:-1]
+    narrowing = NarrowingStudent(teacher, student, record, steps=2, taps=paths).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(narrowing(x), teacher(x))  # a = 1: the whole teacher
+    assert narrowing.readers and (pair == "vgg" or narrowing.faded == ["body.1", "body.2"])
+    narrowing.train()
+    optimizer = torch.optim.SGD([p for p in narrowing.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    for _ in range(4):  # two fading steps, then two as the narrow student (slices of the same parameters)
+        narrowing(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert narrowing.alpha == 0.0 and int(narrowing.switched) == 1
+    plain = build()
+    plain.load_state_dict(narrowing.student_state_dict(plain), strict=True)
+    narrowing.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(narrowing(x), plain(x))  # the trained narrow student, exactly
+    features, taps = {}, {}
+    for i, path in enumerate(paths):  # the taps see the student's own stage outputs, channel for channel
+        narrowing.get_submodule(f"taps.{i}").register_forward_hook(
+            lambda m, i_, o, name=f"taps.{i}": features.__setitem__(name, o))
+        plain.get_submodule(path).register_forward_hook(lambda m, i_, o, name=f"taps.{i}": taps.__setitem__(name, o))
+    with torch.no_grad():
+        narrowing(x), plain(x)
+    assert len(taps) == len(paths) and all(torch.equal(taps[k], features[k]) for k in taps)
+    assert narrowing.tap_channels and all(len(v) == features[k].shape[1] for k, v in narrowing.tap_channels.items())
+    # the step count and the switch travel with the state (checkpoints, resume)
+    again = NarrowingStudent(teacher, student, record, steps=2)
+    again.load_state_dict(narrowing.state_dict())
+    assert again.seen == 4 and int(again.switched) == 1
+
+
+def _resnet_distill(config: dict, samples: int = 8 * 4, pair=("resnet32", "resnet20"), **derive):
+    """``distill`` of a random-weight ResNet-32 into a ResNet-20 (or ``pair``) on 10 random images (batches of 8)."""
     from graftkd.data.dataset import ImageSet
     from graftkd.engine.recipe import Recipe
     from graftkd.graft import GraftConfig
     from graftkd.workflows import DeriveOptions, LoadedModel, distill
 
     torch.manual_seed(0)
-    teacher = _randomise_norms(build_model("resnet32"))
+    teacher = _randomise_norms(build_model(pair[0]))
     g = torch.Generator().manual_seed(1)
     fewshot = ImageSet(torch.randint(0, 256, (10, 3, 32, 32), generator=g, dtype=torch.uint8),
                        torch.arange(10), [str(i) for i in range(10)], "random", dataset="cifar10").drop_labels()
-    return distill(teacher=LoadedModel(teacher, "resnet32", (0.5,) * 3, (0.25,) * 3, "test"),
-                   student_arch="resnet20", fewshot=fewshot, test=None, config=GraftConfig(shots=1, seed=0, **config),
+    return distill(teacher=LoadedModel(teacher, pair[0], (0.5,) * 3, (0.25,) * 3, "test"),
+                   student_arch=pair[1], fewshot=fewshot, test=None, config=GraftConfig(shots=1, seed=0, **config),
                    device="cpu", out=None, progress=False,
                    derive=DeriveOptions(init="derived", **derive,
                                         recipe=Recipe(samples=samples, batch_size=8, steps_per_chunk=2)))
@@ -385,3 +451,12 @@ def test_fade_with_feature_kd_matches_the_teachers_stage_outputs():
     assert payload["derive"]["loss"] == "feature_kd"
     with pytest.raises(Exception, match="fade"):
         DeriveOptions(fade=0.5, loss="feature_kd", unit_features=True)
+
+
+def test_fade_narrows_a_width_derivation_through_distill_with_the_kept_stage_outputs():
+    payload = _resnet_distill({"precision": "fp32"}, refine="kd", fade=0.5, loss="feature_kd",
+                              pair=("vgg16_bn", "vgg16_half_bn"))
+    (stage,) = payload["refine"]["stages"]
+    assert payload["fade"]["steps"] == 2 and len(payload["fade"]["faded_readers"]) == 13  # 12 convs and the head
+    assert payload["fade"]["faded_units"] == [] and stage["loss_terms"]["features"] > 0
+    assert payload["bn_start"]["used"] == "teacher" and payload["derivation"]["whole"]

@@ -176,6 +176,18 @@ CONFIGS = {
                                 {"precision": "auto"}),
     "r20-kd-256k-anchor-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 256_000, "anchor": 0.1},
                                 {"precision": "auto"}),
+    # half-width VGG: the width analogue of fading (the dropped channels fade out of the whole teacher, then the
+    # narrow student trains on), against the default path's repair + feature maps at the same budget
+    "vh-repair-fkd-64k-auto": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd", "repair": True},
+                               {"samples": 64_000}, {"precision": "auto"}),
+    "vh-fade025-fkd-64k-auto": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd", "fade": 0.25},
+                                {"samples": 64_000}, {"precision": "auto"}),
+    "vh-fade025-kd-64k-auto": ("vgg16bn-cifar10", "vgg16_half_bn", {"fade": 0.25}, {"samples": 64_000},
+                               {"precision": "auto"}),
+    "vh-repair-fkd-256k-auto": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd", "repair": True},
+                                {"samples": 256_000}, {"precision": "auto"}),
+    "vh-fade025-fkd-256k-auto": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd", "fade": 0.25},
+                                 {"samples": 256_000}, {"precision": "auto"}),
 }
 
 

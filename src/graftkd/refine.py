@@ -37,8 +37,8 @@ class DeriveOptions:
     repair_ridge: float = 1e-4  # ridge towards the identity, relative to the Gram matrix's mean diagonal
     loss: str = "kd"  # kd | feature_kd (KD plus the teacher's feature maps at every block boundary) | fitnet
     unit_features: bool = False  # feature_kd: also match every kept unit's output to the teacher's stream
-    # > 0 (depth derivations, patient KD on logits): the student starts as the whole teacher and the dropped units
-    # fade out linearly over this share of the budget's steps, instead of being cut before the first step;
+    # > 0 (derived in one piece, patient KD): the student starts as the whole teacher and the dropped units and
+    # channels fade out linearly over this share of the budget's steps, instead of being cut before the first step;
     # None: refine 'auto' chooses (``resolve_refinement``), any other refinement cuts them (0)
     fade: float | None = None
     loss_options: dict = field(default_factory=dict)  # the loss method's own options, e.g. {"temperature": 1.0}
@@ -61,7 +61,8 @@ class DeriveOptions:
                                "units before the first step")
         if self.fade and (self.repair or self.refine not in ("kd", "auto") or self.loss not in ("kd", "feature_kd")
                           or self.unit_features):
-            raise GraftkdError("fade trains the whole teacher while its dropped units fade out: it goes with the "
+            raise GraftkdError("fade trains the whole teacher while its dropped units and channels fade out: it goes "
+                               "with the "
                                "patient KD refinement (no --repair, --refine kd or auto, --refine-loss kd or feature_kd "
                                "at the stage boundaries)")
         if self.repair_views < 0 or self.repair_ridge < 0:
@@ -128,10 +129,10 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
 
     images = fewshot.images.to(device)
     facts: dict = {"derive": options.to_dict()}
-    if options.fade and not units_chosen_only(record):
-        raise GraftkdError(f"fade {options.fade:g}: the dropped units fade out of the whole teacher, so every block "
-                           "must be derived by choosing units only; this derivation chose channels or left blocks "
-                           "fresh (see its record): leave fade at 0")
+    if options.fade and not fadable(record):
+        raise GraftkdError(f"fade {options.fade:g}: the dropped units and channels fade out of the whole teacher, so "
+                           "the whole student must be derived in one piece; this derivation left blocks fresh or went "
+                           "block by block (see its record): leave fade at 0")
     resolved = None
     if options.refine == "auto":
         resolved = resolve_refinement(record)
@@ -187,7 +188,17 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
     if options.refine == "kd":
         recipe = options.recipe
         trained = student
-        if options.fade:
+        taps = []
+        if options.fade and record.width is not None and record.width.narrowed():
+            from graftkd.derive.fade import NarrowingStudent
+
+            shared = set(teacher.model.feature_paths()[:-1]) if hasattr(teacher.model, "feature_paths") else set()
+            taps = [p for p in getattr(student, "feature_paths", lambda: [])()[:-1] if p in shared]
+            trained = NarrowingStudent(teacher.model, student, record, round(options.fade * recipe.steps),
+                                       taps=taps if options.loss == "feature_kd" else []).to(device)
+            facts["fade"] = {"share": options.fade, "steps": trained.steps, "faded_units": trained.faded,
+                             "faded_readers": trained.readers}
+        elif options.fade:
             from graftkd.derive.fade import FadingStudent
 
             trained = FadingStudent(teacher.model, record.depth, round(options.fade * recipe.steps)).to(device)
@@ -200,7 +211,10 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
             method.select = _feature_channels(student, record)
             if options.unit_features:
                 method.pairs = unit_pairs(record)
-            if trained is not student:  # the fading student is the teacher's copy under ``net``: same stage boundaries
+            if taps:  # the narrowing student hands the kept channels at each stage boundary to ``taps.<i>``
+                method.pairs = [(f"taps.{i}", path) for i, path in enumerate(taps)]
+                method.select = dict(trained.tap_channels)
+            elif trained is not student:  # the fading student is the teacher's copy under ``net``: same boundaries
                 method.pairs = [(f"net.{path}", path) for path in teacher.model.feature_paths()[:-1]]
         outcome = method.run(task)
         if trained is not student:
@@ -210,6 +224,14 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
         facts["refine"] = None
     student.eval()
     return _Refined(student, shots, time.perf_counter() - started), facts
+
+
+def fadable(record) -> bool:
+    """True when the whole student came from the teacher in one piece, by choosing units or channels (no block
+    fresh): the start of a fading run is then the whole teacher."""
+    return (record.whole and not record.fresh_blocks
+            and ((record.depth is not None and bool(record.depth.selections))
+                 or (record.width is not None and bool(record.width.narrowed()))))
 
 
 def units_chosen_only(record) -> bool:
