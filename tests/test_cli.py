@@ -91,6 +91,10 @@ def test_the_resolver_stops_after_the_repair_only_when_the_student_is_close_enou
     assert result["method"] == method and result["resolved"]["stop_at"] == threshold
     if method == "derived+kd":  # trained: KD plus the teacher's feature maps, the whole budget
         assert result["resolved"]["loss"] == "feature_kd" and result["refine"]["stages"][0]["steps"] == 10
+        # from the whole teacher, the dropped channels fading out (the repaired weights set aside)
+        assert result["derive"]["fade"] == refine.FADE and result["fade"]["steps"] == round(refine.FADE * 10)
+        assert result["fade"]["faded_readers"] and result["bn_start"]["used"] == "teacher"
+        assert "fading out" in result["resolved"]["why"]
         assert result["refine"]["bn_recalibrated"]["norms"] > 0
     else:
         assert result["refine"] is None
@@ -358,3 +362,14 @@ def test_bad_config_or_set_fails_in_one_line_before_any_work(tmp_path, capsys, e
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_named_fade_on_the_default_path_starts_from_the_teacher_without_the_repair(tmp_path, digits_teacher):
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
+                 "digits_cnn_half", "--data", "digits", "--k", "1", "--samples", "640", "--fade", "0.5", "--device",
+                 "cpu", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    resolved = result["resolved"]
+    assert not resolved["repair"] and resolved["stop_at"] is None and "--fade 0.5 given" in resolved["why"]
+    assert "repair" not in result and result["fade"]["steps"] == 5 and result["method"] == "derived+kd"

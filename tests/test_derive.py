@@ -298,6 +298,7 @@ def test_the_refinement_resolver_follows_the_derivation():
     assert resolve_refinement(record("inherited", "inherited"))["fade"] == 0.0
     width = resolve_refinement(record("inherited", "channels chosen", "units and channels chosen"))
     assert (width["repair"], width["loss"], width["stop_at"]) == (True, "feature_kd", REPAIRED_ENOUGH)
+    assert width["fade"] == 0.0 and width["fade_below"] == FADE  # below the threshold: fading from the teacher
     fresh = resolve_refinement(record("channels chosen", "fresh"))
     assert (fresh["repair"], fresh["loss"]) == (False, "kd") and "2" in fresh["why"]
     per_block = resolve_refinement(record("channels chosen", whole=False))  # the repair needs one whole derivation
@@ -460,3 +461,19 @@ def test_fade_narrows_a_width_derivation_through_distill_with_the_kept_stage_out
     assert payload["fade"]["steps"] == 2 and len(payload["fade"]["faded_readers"]) == 13  # 12 convs and the head
     assert payload["fade"]["faded_units"] == [] and stage["loss_terms"]["features"] > 0
     assert payload["bn_start"]["used"] == "teacher" and payload["derivation"]["whole"]
+
+
+def test_kept_slices_have_the_gradient_of_index_select():
+    from graftkd.derive.fade import _Kept
+
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(6, 5, 3, 3, generator=g, requires_grad=True)
+    rows, columns = torch.tensor([0, 2, 5]), torch.tensor([1, 4])
+    weight = torch.randn(6, 5, 3, 3, generator=g)
+    for r, c in ((rows, columns), (rows, None), (None, columns)):
+        expected = value if r is None else value.index_select(0, r)
+        expected = expected if c is None else expected.index_select(1, c)
+        (want,) = torch.autograd.grad((expected * weight[: expected.shape[0], : expected.shape[1]]).sum(), value)
+        kept = _Kept.apply(value, r, c)
+        (got,) = torch.autograd.grad((kept * weight[: kept.shape[0], : kept.shape[1]]).sum(), value)
+        assert torch.equal(kept, expected) and torch.equal(got, want)

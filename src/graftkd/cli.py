@@ -156,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit-features", action="store_true",
                    help="--refine-loss feature_kd after a depth derivation: also match every kept unit's output")
     p.add_argument("--fade", type=float, default=None, metavar="SHARE",
-                   help="derived students whose units were chosen, --refine kd or auto: start from the whole teacher "
-                        "and fade the dropped units out over this share of the budget (0: cut them before the first "
-                        "step; default: 0.25 with --refine auto, else 0)")
+                   help="students derived in one piece, --refine kd or auto: start from the whole teacher and fade "
+                        "the dropped units and channels out over this share of the budget (0: cut them before the "
+                        "first step; default: 0.25 with --refine auto when only units were chosen, else 0)")
     p.add_argument("--samples", type=int, default=None,
                    help="the patient recipe (derived students with --refine kd, or --recipe patient): training "
                         "budget in images seen (batches of 64; default 256000)")

@@ -137,6 +137,9 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
     if options.refine == "auto":
         resolved = resolve_refinement(record)
         fade = resolved["fade"] if options.fade is None else options.fade
+        if fade and resolved["repair"]:  # a fade the user named starts from the teacher: no repair to check first
+            resolved.update(repair=False, stop_at=None, fade_below=None,
+                            why=resolved["why"] + f"; --fade {fade:g} given: no repair, the start is the teacher")
         options = with_changes(options, refine="kd", repair=resolved["repair"], loss=resolved["loss"], fade=fade)
         facts["resolved"] = resolved
     if options.fade is None:
@@ -172,6 +175,14 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
             resolved["refine"], resolved["loss"] = "none", None
             resolved["why"] += (f"; the repaired student agrees with the teacher on {estimate['agreement']:.1f} % of "
                                 f"the held-out views (>= {resolved['stop_at']:g} %): no training")
+        elif resolved.get("fade_below"):
+            # the repaired weights are set aside: the student starts as the whole teacher, its channels fading out
+            options = with_changes(options, repair=False, fade=resolved["fade_below"])
+            facts["derive"]["fade"] = options.fade
+            facts["bn_start"] = {"rule": "teacher (fade: the start is the whole teacher)", "used": "teacher"}
+            resolved["why"] += (f"; the repaired student agrees on {estimate['agreement']:.1f} % of the held-out views "
+                                f"(< {resolved['stop_at']:g} %): patient KD plus feature maps from the whole teacher, "
+                                f"the dropped channels fading out over the first {options.fade:g} of the budget")
         else:
             resolved["why"] += (f"; the repaired student agrees on {estimate['agreement']:.1f} % of the held-out views "
                                 f"(< {resolved['stop_at']:g} %): patient KD plus feature maps")
@@ -259,11 +270,14 @@ def resolve_refinement(record) -> dict:
       at 128k samples 83.8 against 81.6 % at K=10, 72.0 against 66.0 % at K=1);
     - channels chosen, the whole model derived at once: the closed-form repair first. If the repaired student
       agrees with the teacher on at least ``REPAIRED_ENOUGH`` % of the held-out views it is not trained
-      (vgg16-graft: repair alone 96.7 %, KD after it 95.1-95.8 %); otherwise patient KD plus feature maps
-      (half-width VGG: 89.1 %, against 87.1 for KD after repair and 86.9 for the repair alone);
+      (vgg16-graft: repair alone 96.7 %, KD after it 95.1-95.8 %); otherwise the repaired weights are set aside,
+      and patient KD plus feature maps trains the whole teacher while the dropped channels fade out over the first
+      ``fade_below`` of the budget (half-width VGG at 64k: 88.2 against 86.0 % for KD plus feature maps after the
+      repair at K=1; see NOTES for K=10);
     - any block fresh: patient KD (the fresh blocks must be trained, and the repair needs one whole derivation).
     ``stop_at`` is the agreement threshold to check after the repair (None: no check); ``fade`` the share of the
-    budget over which dropped units fade out (0: cut before the first step)."""
+    budget over which dropped units fade out (0: cut before the first step); ``fade_below`` the fade that replaces
+    the repaired start when the check fails."""
     statuses = [row["status"] for row in record.blocks]
     fresh = [row["block"] for row in record.blocks if row["status"] == "fresh"]
     if fresh:
@@ -271,7 +285,7 @@ def resolve_refinement(record) -> dict:
                 "why": f"blocks {', '.join(map(str, fresh))} are fresh: patient KD trains them"}
     if any("channels" in status for status in statuses) and record.whole:
         return {"repair": True, "loss": "feature_kd", "refine": "kd", "stop_at": REPAIRED_ENOUGH, "fade": 0.0,
-                "why": "channels chosen: the closed-form repair first"}
+                "fade_below": FADE, "why": "channels chosen: the closed-form repair first"}
     if units_chosen_only(record):
         return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None, "fade": FADE,
                 "why": f"units chosen: patient KD from the whole teacher, the dropped units fading out over the first "
