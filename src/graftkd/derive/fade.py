@@ -37,6 +37,18 @@ class _Faded(nn.Module):
         return x + alpha * (self.unit(x) - x)
 
 
+def _fade_dropped_units(net: nn.Module, plan: DepthPlan, owner: nn.Module) -> list[str]:
+    """Wrap every unit of ``net`` that ``plan`` drops in :class:`_Faded` (weighted by ``owner.alpha``); their paths."""
+    faded = []
+    for path, chosen in plan.selections.items():
+        container = net.get_submodule(path) if path else net
+        for i in range(plan.lengths[path]):
+            if i not in chosen:
+                container[i] = _Faded(container[i], owner)
+                faded.append(f"{path}.{i}" if path else str(i))
+    return faded
+
+
 class FadingStudent(nn.Module):
     """The teacher at full depth, its dropped units (``plan``) fading out over ``steps`` training forwards."""
 
@@ -54,13 +66,7 @@ class FadingStudent(nn.Module):
         self.seen = 0
         self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync())
-        self.faded: list[str] = []
-        for path, chosen in plan.selections.items():
-            container = self.net.get_submodule(path) if path else self.net
-            for i in range(plan.lengths[path]):
-                if i not in chosen:
-                    container[i] = _Faded(container[i], self)
-                    self.faded.append(f"{path}.{i}" if path else str(i))
+        self.faded = _fade_dropped_units(self.net, plan, self)
 
     @property
     def alpha(self) -> float:
@@ -144,14 +150,7 @@ class NarrowingStudent(nn.Module):
         self.register_buffer("switched", torch.zeros((), dtype=torch.long))
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync())
         to_teacher = depth.teacher_path if depth is not None else (lambda path: path)
-        self.faded: list[str] = []
-        if depth is not None:
-            for path, chosen in depth.selections.items():
-                container = self.net.get_submodule(path) if path else self.net
-                for i in range(depth.lengths[path]):
-                    if i not in chosen:
-                        container[i] = _Faded(container[i], self)
-                        self.faded.append(f"{path}.{i}" if path else str(i))
+        self.faded = _fade_dropped_units(self.net, depth, self) if depth is not None else []
         # student key -> (teacher key, kept output rows, kept input columns)
         layers = {la.path: la for la in width.layers}
         self._slices: dict[str, tuple[str, torch.Tensor | None, torch.Tensor | None]] = {}
