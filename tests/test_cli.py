@@ -94,7 +94,7 @@ def test_the_resolver_stops_after_the_repair_only_when_the_student_is_close_enou
         # from the whole teacher, the dropped channels fading out (the repaired weights set aside)
         assert result["derive"]["fade"] == refine.FADE and result["fade"]["steps"] == round(refine.FADE * 10)
         assert result["fade"]["faded_readers"] and result["bn_start"]["used"] == "teacher"
-        assert "fading out" in result["resolved"]["why"]
+        assert "fading out" in result["resolved"]["why"] and result["repair"]["set_aside"]
         assert result["refine"]["bn_recalibrated"]["norms"] > 0
     else:
         assert result["refine"] is None
@@ -364,7 +364,8 @@ def test_bad_config_or_set_fails_in_one_line_before_any_work(tmp_path, capsys, e
     assert not (tmp_path / "o").exists()
 
 
-def test_a_named_fade_on_the_default_path_starts_from_the_teacher_without_the_repair(tmp_path, digits_teacher):
+def test_a_named_fade_on_the_default_path_starts_from_the_teacher_without_the_repair(tmp_path, digits_teacher,
+                                                                                    monkeypatch):
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
                  "digits_cnn_half", "--data", "digits", "--k", "1", "--samples", "640", "--fade", "0.5", "--device",
@@ -373,3 +374,14 @@ def test_a_named_fade_on_the_default_path_starts_from_the_teacher_without_the_re
     resolved = result["resolved"]
     assert not resolved["repair"] and resolved["stop_at"] is None and "--fade 0.5 given" in resolved["why"]
     assert "repair" not in result and result["fade"]["steps"] == 5 and result["method"] == "derived+kd"
+    # --fade 0 on the default path: the repaired start is trained as before (the check does not bring fading back)
+    import graftkd.refine as refine
+
+    monkeypatch.setattr(refine, "REPAIRED_ENOUGH", 101.0)
+    cut = tmp_path / "cut"
+    assert main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
+                 "digits_cnn_half", "--data", "digits", "--k", "1", "--samples", "640", "--fade", "0", "--device",
+                 "cpu", "--no-progress", "--out", str(cut)]) == 0
+    result = json.loads((cut / "result.json").read_text())
+    assert result["derive"]["fade"] == 0 and "fade" not in result and result["resolved"]["repair"]
+    assert result["method"] == "derived+kd" and not result["repair"].get("set_aside")

@@ -62,9 +62,8 @@ class DeriveOptions:
         if self.fade and (self.repair or self.refine not in ("kd", "auto") or self.loss not in ("kd", "feature_kd")
                           or self.unit_features):
             raise GraftkdError("fade trains the whole teacher while its dropped units and channels fade out: it goes "
-                               "with the "
-                               "patient KD refinement (no --repair, --refine kd or auto, --refine-loss kd or feature_kd "
-                               "at the stage boundaries)")
+                               "with the patient KD refinement (no --repair, --refine kd or auto, --refine-loss kd or "
+                               "feature_kd at the stage boundaries)")
         if self.repair_views < 0 or self.repair_ridge < 0:
             raise GraftkdError(f"repair views and ridge must be >= 0 (got {self.repair_views}, {self.repair_ridge})")
 
@@ -137,6 +136,8 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
     if options.refine == "auto":
         resolved = resolve_refinement(record)
         fade = resolved["fade"] if options.fade is None else options.fade
+        if options.fade is not None and resolved.get("fade_below"):  # a named --fade (0 too) decides, not the check
+            resolved["fade_below"] = None
         if fade and resolved["repair"]:  # a fade the user named starts from the teacher: no repair to check first
             resolved.update(repair=False, stop_at=None, fade_below=None,
                             why=resolved["why"] + f"; --fade {fade:g} given: no repair, the start is the teacher")
@@ -179,6 +180,7 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
             # the repaired weights are set aside: the student starts as the whole teacher, its channels fading out
             options = with_changes(options, repair=False, fade=resolved["fade_below"])
             facts["derive"]["fade"] = options.fade
+            facts["repair"]["set_aside"] = True  # it ran for the check only
             facts["bn_start"] = {"rule": "teacher (fade: the start is the whole teacher)", "used": "teacher"}
             resolved["why"] += (f"; the repaired student agrees on {estimate['agreement']:.1f} % of the held-out views "
                                 f"(< {resolved['stop_at']:g} %): patient KD plus feature maps from the whole teacher, "

@@ -1,4 +1,4 @@
-"""Dropped units faded out while the student trains, instead of cut out before the first step.
+"""Dropped units (and channels) faded out while the student trains, instead of cut out before the first step.
 
 A depth derivation keeps some of the teacher's units and drops the rest. Cutting them at once leaves a
 student far from its teacher (ResNet-56 -> ResNet-20: 34 % on the validation split before any step). Here
@@ -7,6 +7,9 @@ the student starts as the whole teacher, and every unit the derivation drops is 
 forwards. A dropped unit keeps its input's shape (that is why it could be dropped), so at ``a = 0`` it is
 the identity and is skipped; from then on the model computes exactly the derived student, whose weights
 :meth:`FadingStudent.student_state_dict` hands back under the plain student's keys.
+
+A width derivation keeps some channels of every narrowed layer: :class:`NarrowingStudent` fades the dropped
+channels the same way, then trains the narrow student itself on slices of the same parameters.
 
 The count of training forwards is a buffer: it travels with ``state_dict`` (checkpoints, resume, the loop's
 timing probe that puts the state back), so a resumed run fades on the same schedule. A Python mirror of it
@@ -89,9 +92,9 @@ class FadingStudent(nn.Module):
 
 
 class _Kept(torch.autograd.Function):
-    """``value[rows][:, columns]`` with a one-kernel backward (``index_put_`` into zeros). Autograd's own
-    backward of two ``index_select`` calls scatters along dim 1 with one kernel per index, which cost
-    more than the narrow student's whole step on VGG16."""
+    """``value[rows][:, columns]``, its gradient written by one ``index_put_`` into zeros of the full shape
+    (autograd's own backward of the two ``index_select`` calls goes through an intermediate tensor and
+    scatters along dim 1). The values and gradients are those of ``index_select`` (tested)."""
 
     @staticmethod
     def forward(ctx, value, rows, columns):
