@@ -366,8 +366,11 @@ def test_narrowing_student_starts_as_the_teacher_and_ends_as_the_derived_student
         build = lambda: _Chain(8, 2)  # noqa: E731
     record = derive_student(teacher, student, (3, 32, 32))
     assert record.whole and record.width.narrowed()
+    from graftkd.refine import _feature_channels
+
     paths = student.feature_paths()[:-1]
-    narrowing = NarrowingStudent(teacher, student, record, steps=2, taps=paths).eval()
+    kept = _feature_channels(student, record)
+    narrowing = NarrowingStudent(teacher, student, record, steps=2, taps={p: kept.get(p) for p in paths}).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(narrowing(x), teacher(x))  # a = 1: the whole teacher

@@ -201,14 +201,16 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
     if options.refine == "kd":
         recipe = options.recipe
         trained = student
-        taps = []
+        taps = {}
         if options.fade and record.width is not None and record.width.narrowed():
             from graftkd.derive.fade import NarrowingStudent
 
-            shared = set(teacher.model.feature_paths()[:-1]) if hasattr(teacher.model, "feature_paths") else set()
-            taps = [p for p in getattr(student, "feature_paths", lambda: [])()[:-1] if p in shared]
+            if options.loss == "feature_kd":  # the stage boundaries both models have, with the channels kept there
+                shared = set(teacher.model.feature_paths()[:-1]) if hasattr(teacher.model, "feature_paths") else set()
+                kept = _feature_channels(student, record)
+                taps = {p: kept.get(p) for p in getattr(student, "feature_paths", lambda: [])()[:-1] if p in shared}
             trained = NarrowingStudent(teacher.model, student, record, round(options.fade * recipe.steps),
-                                       taps=taps if options.loss == "feature_kd" else []).to(device)
+                                       taps=taps).to(device)
             facts["fade"] = {"share": options.fade, "steps": trained.steps, "faded_units": trained.faded,
                              "faded_readers": trained.readers}
         elif options.fade:
@@ -225,7 +227,7 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
             if options.unit_features:
                 method.pairs = unit_pairs(record)
             if taps:  # the narrowing student hands the kept channels at each stage boundary to ``taps.<i>``
-                method.pairs = [(f"taps.{i}", path) for i, path in enumerate(taps)]
+                method.pairs = [(f"taps.{i}", path) for i, path in enumerate(taps)]  # student tap, teacher path
                 method.select = dict(trained.tap_channels)
             elif trained is not student:  # the fading student is the teacher's copy under ``net``: same boundaries
                 method.pairs = [(f"net.{path}", path) for path in teacher.model.feature_paths()[:-1]]

@@ -132,12 +132,14 @@ class NarrowingStudent(nn.Module):
     objects (their momentum carries over) and the kept BatchNorm statistics move to the student's buffers.
     Units a depth derivation drops fade out as in :class:`FadingStudent`.
 
-    ``taps`` (student module paths) are feature spots for a feature loss: ``taps.<i>`` receives the kept
-    channels of the output at the i-th path in both phases, so one loss pairs them with the teacher's."""
+    ``taps`` (student module path -> the teacher channels kept there, None for all) are feature spots for a
+    feature loss: ``taps.<i>`` receives the kept channels of the output at the i-th path in both phases, so one
+    loss pairs them with the teacher's (``tap_channels``: the kept channels by tap name)."""
 
     eager_only = FadingStudent.eager_only
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, record, steps: int, taps: list[str] = ()) -> None:
+    def __init__(self, teacher: nn.Module, student: nn.Module, record, steps: int,
+                 taps: dict[str, torch.Tensor | None] | None = None) -> None:
         super().__init__()
         depth, width = record.depth, record.width
         self.net = copy.deepcopy(teacher)
@@ -167,7 +169,7 @@ class NarrowingStudent(nn.Module):
             elif (module in width.norms and name in ("weight", "bias", "running_mean", "running_var")
                   and len(width.norms[module]) < self.net.get_submodule(to_teacher(module)).num_features):
                 out_keep = width.norms[module]
-            self._slices[key] = (to_teacher(module) + "." + name, out_keep, in_keep)
+            self._slices[key] = (f"{to_teacher(module)}.{name}" if module else name, out_keep, in_keep)
         # the fading: every layer reading a narrowed space sees its dropped input channels times ``a``
         self.readers: list[str] = []
         for la in width.layers:
@@ -180,24 +182,13 @@ class NarrowingStudent(nn.Module):
         # feature spots: ``taps.<i>`` sees the kept channels at ``taps[i]``; ``tap_channels`` names the teacher's
         self.taps = nn.ModuleDict()
         self.tap_channels: dict[str, torch.Tensor] = {}
-        order = [n for n, _ in self.narrow.named_modules()]
-        for i, path in enumerate(taps):
-            keep = self._written_channels(path, order, layers)
+        for i, (path, keep) in enumerate((taps or {}).items()):
             self.taps[str(i)] = nn.Identity()
             self.net.get_submodule(to_teacher(path)).register_forward_hook(self._tap(str(i), keep))
             self.narrow.get_submodule(path).register_forward_hook(self._tap(str(i), None))
             if keep is not None:
                 self.tap_channels[f"taps.{i}"] = keep
         self._param_keys = [key for key, _ in self.narrow.named_parameters()]
-
-    @staticmethod
-    def _written_channels(path: str, order: list[str], layers: dict) -> torch.Tensor | None:
-        """The kept output channels of the last conv/linear at or before the end of the module at ``path``
-        (None: all of them)."""
-        end = max(i for i, n in enumerate(order) if n == path or n.startswith(f"{path}."))
-        writers = [n for n in order[: end + 1] if n in layers]
-        last = layers[writers[-1]] if writers else None
-        return last.out_keep if last is not None and len(last.out_keep) < last.teacher_out else None
 
     def _fader(self, mask: torch.Tensor):
         def hook(module, inputs):
