@@ -1,6 +1,6 @@
 """Full-data distillation (the CIFAR-100 benchmark protocol): CE + logit KD + one feature distiller.
 
-One loop for one process or many: under ``torchrun`` the process group is set up from the environment
+The same code for one process or many, its epochs in the one training loop (:mod:`graftkd.engine.training`): under ``torchrun`` the process group is set up from the environment
 (gloo on CPU, NCCL on CUDA), the objective (student + the distiller's trainable modules) is wrapped in
 ``DistributedDataParallel`` and every process reads its share of each epoch through a
 ``DistributedSampler``. The data order and the augmentation of every image depend only on
@@ -17,7 +17,6 @@ selected on the test split, only to compare with papers that report it.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from graftkd.engine.checkpoint import Checkpointer, fingerprint
 from graftkd.engine.hooks import FeatureTap
 from graftkd.engine.runtime import autocast, resolve_precision
 from graftkd.engine.signals import StopRequest
+from graftkd.engine.training import StageRun, run_stage
 from graftkd.errors import GraftkdError, Interrupted
 
 from graftkd.engine.distributed import World, _barrier, _Closure, _wrap, init_distributed  # noqa: F401
@@ -232,165 +232,150 @@ def train_kd(
         if adaptive is not None and resume_from.get("adaptive") is not None:
             adaptive.load_state_dict(resume_from["adaptive"])
             gumbel.set_state(resume_from["gumbel"])
-    for index, stage in enumerate(init_stages):
-        if state["phase"] > index:
+    stop = StopRequest()
+
+    def interrupted(where: str) -> TrainInterrupted:
+        discarded = " (its partial work is discarded)" if where.startswith("during") else ""
+        return TrainInterrupted(f"stopped by {stop.signal_name} {where}{discarded}; {checkpointer.last_good()}: "
+                                "re-run the same command to resume")
+
+    # one process stops within an epoch at once: the epoch restarts from its saved start on resume, and data
+    # order and augmentation depend only on (seed, epoch), so nothing changes; under DDP every process must
+    # stop at the same point, an epoch's end
+    mid_epoch = "discard" if world.size == 1 else "no"
+
+    def batches(epoch: int, _first: int):
+        for batch_index, (x, y) in enumerate(_batches(images, labels, epoch, recipe, world, local_batch, steps,
+                                                      normalize, device)):
+            yield epoch * steps + batch_index, x, y
+
+    with stop:
+        for index, stage in enumerate(init_stages):
+            if state["phase"] > index:
+                for module in stage.freeze_after:
+                    module.requires_grad_(False)
+                continue
+            _init_stage(stage, index, state, resume_from, student, teacher, distiller, taps, world, device, precision,
+                        checkpointer, batches, interrupted, mid_epoch, stop)
             for module in stage.freeze_after:
                 module.requires_grad_(False)
-            continue
-        modules = {f"m{i}": m for i, m in enumerate(stage.modules)}
-        if stage.train_student:
-            modules["student"] = student
+            state.update(phase=index + 1, epoch=0)
+            _save(checkpointer, state, student, distiller, None, None)
+            _barrier(world)
+
+        # --- main training
+        modules = {"student": student}
+        if distiller is not None:
+            modules.update({f"distiller{i}": m for i, m in enumerate(distiller.student_modules())})
         closure = _Closure(modules)
         wrapped = _wrap(closure, world, device)
-        params = [p for p in closure.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
-        first = state["epoch"] if resume_from is not None and state["phase"] == index else 0
-        if first and resume_from.get("optimizer"):
+        lr = recipe.resolved_lr(student_arch)
+        optimizer = torch.optim.SGD([p for p in closure.parameters() if p.requires_grad], lr=lr,
+                                    momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=recipe.milestones, gamma=recipe.gamma)
+        agent_wrapped = None
+        if adaptive is not None:  # the agent's own optimiser: the spec's lr/2, momentum 0.9, wd 1e-3, same milestones
+            agent_wrapped = _wrap(_Closure({"agent": adaptive}), world, device)  # DDP keeps the agents in step
+            agent_opt = torch.optim.SGD(adaptive.parameters(), lr=lr / 2, momentum=0.9, weight_decay=1e-3)
+            agent_sched = torch.optim.lr_scheduler.MultiStepLR(agent_opt, milestones=recipe.milestones, gamma=recipe.gamma)
+        main_phase = len(init_stages)
+        first_epoch = state["epoch"] if state["phase"] == main_phase else 0
+        if resume_from is not None and state["phase"] == main_phase and resume_from.get("optimizer"):
             optimizer.load_state_dict(resume_from["optimizer"])
-        for epoch in range(first, stage.epochs):
-            student.train(stage.train_student)
-            total = torch.zeros((), device=device)
-            s_tap, t_tap = taps()
-            with s_tap, t_tap:
-                for x, _y in _batches(images, labels, epoch, recipe, world, local_batch, steps, normalize, device):
-                    def step(x=x):
-                        with torch.no_grad(), autocast(device, precision):
-                            teacher(x)
-                        t_feats = [t_tap.features[p].detach().float() for p in t_paths]
-                        with torch.set_grad_enabled(stage.train_student), autocast(device, precision):
-                            student(x)
-                        s_feats = [s_tap.features[p].float() for p in s_paths]
-                        return stage.loss(s_feats, t_feats), {}
-                    loss, _ = wrapped(step)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    total += loss.detach()
-            mean = float(total) / steps
-            _check_finite(mean, f"init stage '{stage.name}'", epoch + 1, checkpointer)
-            state["init_history"].append({"stage": stage.name, "epoch": epoch + 1, "loss": mean})
-            state.update(phase=index, epoch=epoch + 1)
-            _save(checkpointer, state, student, distiller, optimizer, None)
-        for module in stage.freeze_after:
-            module.requires_grad_(False)
-        state.update(phase=index + 1, epoch=0)
-        _save(checkpointer, state, student, distiller, None, None)
-        _barrier(world)
+            scheduler.load_state_dict(resume_from["scheduler"])
+            if adaptive is not None:
+                agent_opt.load_state_dict(resume_from["agent_optimizer"])
+                agent_sched.load_state_dict(resume_from["agent_scheduler"])
+        bar = tqdm(total=recipe.epochs, initial=first_epoch, unit="ep", disable=not (progress and world.main),
+                   dynamic_ncols=True, desc=recipe.distiller or ("kd" if recipe.kd_weight else "ce"))
+        started = time.perf_counter()
+        epoch_sums: dict = {}  # what an epoch counts besides its loss terms (host reads at its end only)
 
-    # --- main training
-    modules = {"student": student}
-    if distiller is not None:
-        modules.update({f"distiller{i}": m for i, m in enumerate(distiller.student_modules())})
-    closure = _Closure(modules)
-    wrapped = _wrap(closure, world, device)
-    lr = recipe.resolved_lr(student_arch)
-    optimizer = torch.optim.SGD([p for p in closure.parameters() if p.requires_grad], lr=lr,
-                                momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=recipe.milestones, gamma=recipe.gamma)
-    agent_wrapped = None
-    if adaptive is not None:  # the agent's own optimiser: the spec's lr/2, momentum 0.9, wd 1e-3, same milestones
-        agent_wrapped = _wrap(_Closure({"agent": adaptive}), world, device)  # DDP keeps the agents in step
-        agent_opt = torch.optim.SGD(adaptive.parameters(), lr=lr / 2, momentum=0.9, weight_decay=1e-3)
-        agent_sched = torch.optim.lr_scheduler.MultiStepLR(agent_opt, milestones=recipe.milestones, gamma=recipe.gamma)
-    main_phase = len(init_stages)
-    first_epoch = state["epoch"] if state["phase"] == main_phase else 0
-    if resume_from is not None and state["phase"] == main_phase and resume_from.get("optimizer"):
-        optimizer.load_state_dict(resume_from["optimizer"])
-        scheduler.load_state_dict(resume_from["scheduler"])
-        if adaptive is not None:
-            agent_opt.load_state_dict(resume_from["agent_optimizer"])
-            agent_sched.load_state_dict(resume_from["agent_scheduler"])
-    bar = tqdm(total=recipe.epochs, initial=first_epoch, unit="ep", disable=not (progress and world.main),
-               dynamic_ncols=True, desc=recipe.distiller or ("kd" if recipe.kd_weight else "ce"))
-    started = time.perf_counter()
-    try:
-        with StopRequest() as stop:
-            for epoch in range(first_epoch, recipe.epochs):
+        def set_modes() -> None:
+            if distiller is not None:
+                distiller.train()
+            student.train()
+            epoch_sums.update(correct=torch.zeros((), device=device), t0=time.perf_counter(), last=None,
+                              routed=torch.zeros(len(adaptive.router.spots) + 1 if adaptive is not None else 0,
+                                                 device=device))
+
+        def step(batch) -> dict[str, torch.Tensor]:
+            step_index, x, y = batch
+
+            def forward():
+                terms: dict[str, torch.Tensor] = {}
+                t_logits = None
+                if teacher is not None:
+                    with torch.no_grad(), autocast(device, precision):
+                        t_logits = teacher(x).float()
+                with autocast(device, precision):
+                    logits = student(x).float()
+                terms["ce"] = recipe.ce_weight * F.cross_entropy(logits, y)
+                s_feats = [s_tap.features[p].float() for p in s_paths]
+                t_feats = [t_tap.features[p].detach().float() for p in t_paths] if t_tap else []
+                if adaptive is not None:
+                    return _adaptive_terms(adaptive, agent_wrapped, agent_opt, recipe, distiller, beta, x, y, student,
+                                           teacher, logits, t_logits, s_feats, t_feats, gumbel, terms, precision,
+                                           step_index)
+                if recipe.kd_weight > 0:
+                    terms["kd"] = recipe.kd_weight * kd_loss(logits, t_logits, recipe.temperature)
                 if distiller is not None:
-                    distiller.train()
-                student.train()
-                sums: dict[str, torch.Tensor] = {}
-                correct = torch.zeros((), device=device)
-                routed = torch.zeros(len(adaptive.router.spots) + 1 if adaptive is not None else 0, device=device)
-                t0 = time.perf_counter()
-                s_tap, t_tap = taps()
-                with s_tap, (t_tap if t_tap is not None else contextlib.nullcontext()):
-                    for batch_index, (x, y) in enumerate(_batches(images, labels, epoch, recipe, world, local_batch,
-                                                                  steps, normalize, device)):
-                        step_index = epoch * steps + batch_index
-                        if stop.requested and world.size == 1:
-                            # One process stops at once: the epoch restarts from its saved start on resume, and
-                            # data order and augmentation depend only on (seed, epoch), so nothing changes.
-                            # Under DDP every process must stop at the same point: the epoch-end check below.
-                            raise TrainInterrupted(
-                                f"stopped by {stop.signal_name} during epoch {epoch + 1} (its partial work is "
-                                f"discarded); {checkpointer.last_good()}: re-run the same command to resume")
+                    terms[recipe.distiller] = beta * distiller(s_feats, t_feats)
+                return {"terms": terms, "logits": logits}
+            epoch_sums["last"] = wrapped(forward)
+            return epoch_sums["last"]["terms"]
 
-                        def step(x=x, y=y, step_index=step_index):
-                            terms: dict[str, torch.Tensor] = {}
-                            t_logits = None
-                            if teacher is not None:
-                                with torch.no_grad(), autocast(device, precision):
-                                    t_logits = teacher(x).float()
-                            with autocast(device, precision):
-                                logits = student(x).float()
-                            terms["ce"] = recipe.ce_weight * F.cross_entropy(logits, y)
-                            s_feats = [s_tap.features[p].float() for p in s_paths]
-                            t_feats = [t_tap.features[p].detach().float() for p in t_paths] if t_tap else []
-                            if adaptive is not None:
-                                return _adaptive_terms(adaptive, agent_wrapped, agent_opt, recipe, distiller, beta, x, y, student,
-                                                       teacher, logits, t_logits, s_feats, t_feats, gumbel, terms,
-                                                       precision, step_index)
-                            if recipe.kd_weight > 0:
-                                terms["kd"] = recipe.kd_weight * kd_loss(logits, t_logits, recipe.temperature)
-                            if distiller is not None:
-                                terms[recipe.distiller] = beta * distiller(s_feats, t_feats)
-                            return sum(terms.values()), {"terms": terms, "logits": logits}
-                        loss, extra = wrapped(step)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        for key, value in extra["terms"].items():
-                            sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach()
-                        correct += (extra["logits"].detach().argmax(1) == y).sum()
-                        if "policy" in extra:
-                            routed += extra["policy"]
-                epoch_lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                if agent_sched is not None:
-                    agent_sched.step()
-                seconds = time.perf_counter() - t0
-                terms = {k: float(v) / steps for k, v in sums.items()}  # one host sync per epoch
-                _check_finite(sum(terms.values()), "main training", epoch + 1, checkpointer)
-                record = {"epoch": epoch + 1, "lr": epoch_lr, "loss": terms,
-                          "train_acc_local": 100.0 * float(correct) / (steps * local_batch),
-                          "images_per_second": steps * local_batch * world.size / seconds}
-                if adaptive is not None:  # the policy statistics: fraction of samples distilled at each spot
-                    record["policy_fraction"] = [float(v) / (steps * local_batch) for v in routed]
-                last = epoch + 1 == recipe.epochs
-                if test is not None and world.main and (last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0)):
-                    record["test_acc"] = evaluate_model(student, test[0], test[1], normalize, device,
-                                                        precision=precision)
-                state["history"].append(record)
-                state.update(phase=main_phase, epoch=epoch + 1)
-                extra_state = {} if adaptive is None else {
-                    "adaptive": adaptive.state_dict(), "gumbel": gumbel.get_state(),
-                    "agent_optimizer": agent_opt.state_dict(), "agent_scheduler": agent_sched.state_dict()}
-                _save(checkpointer, {**state, **extra_state}, student, distiller, optimizer, scheduler)
-                bar.update(1)
-                line = (f"epoch {epoch + 1}/{recipe.epochs} loss {sum(terms.values()):.4f} lr {record['lr']:.4g} "
-                        f"{record['images_per_second']:.0f} img/s"
-                        + (f" test {record['test_acc']:.2f}%" if "test_acc" in record else ""))
-                if progress and world.main:
-                    bar.set_postfix_str(line.split(" ", 2)[2])
-                elif world.main:
-                    tqdm.write(line)
-                _barrier(world)
-                if stop.requested and not last:
-                    raise TrainInterrupted(f"stopped by {stop.signal_name} after epoch {epoch + 1}; "
-                                           f"{checkpointer.last_good()}: re-run the same command to resume")
-    finally:
-        bar.close()
+        def after_step(batch) -> None:
+            extra = epoch_sums["last"]
+            epoch_sums["correct"] += (extra["logits"].detach().argmax(1) == batch[2]).sum()
+            if "policy" in extra:
+                epoch_sums["routed"] += extra["policy"]
+
+        def update(loss: torch.Tensor) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        def end_epoch(epoch: int, terms: dict[str, float] | None) -> None:
+            epoch_lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            if agent_sched is not None:
+                agent_sched.step()
+            seconds = time.perf_counter() - epoch_sums["t0"]
+            record = {"epoch": epoch, "lr": epoch_lr, "loss": terms,
+                      "train_acc_local": 100.0 * float(epoch_sums["correct"]) / (steps * local_batch),
+                      "images_per_second": steps * local_batch * world.size / seconds}
+            if adaptive is not None:  # the policy statistics: fraction of samples distilled at each spot
+                record["policy_fraction"] = [float(v) / (steps * local_batch) for v in epoch_sums["routed"]]
+            if test is not None and world.main and (epoch == recipe.epochs or (recipe.eval_every and epoch % recipe.eval_every == 0)):
+                record["test_acc"] = evaluate_model(student, test[0], test[1], normalize, device, precision=precision)
+            state["history"].append(record)
+            state.update(phase=main_phase, epoch=epoch)
+            line = (f"epoch {epoch}/{recipe.epochs} loss {sum(terms.values()):.4f} lr {record['lr']:.4g} "
+                    f"{record['images_per_second']:.0f} img/s"
+                    + (f" test {record['test_acc']:.2f}%" if "test_acc" in record else ""))
+            if progress and world.main:
+                bar.set_postfix_str(line.split(" ", 2)[2])
+            elif world.main:
+                tqdm.write(line)
+
+        def save(_epoch: int, _step: int, _running: dict) -> None:
+            extra_state = {} if adaptive is None else {
+                "adaptive": adaptive.state_dict(), "gumbel": gumbel.get_state(),
+                "agent_optimizer": agent_opt.state_dict(), "agent_scheduler": agent_sched.state_dict()}
+            _save(checkpointer, {**state, **extra_state}, student, distiller, optimizer, scheduler)
+            _barrier(world)
+
+        s_tap, t_tap = taps()
+        try:
+            with s_tap, (t_tap if t_tap is not None else contextlib.nullcontext()):
+                run_stage(StageRun(
+                    name="main training", epochs=recipe.epochs, batches=batches, step=step, update=update,
+                    interrupted=interrupted, last_good=checkpointer.last_good, save=save, set_modes=set_modes,
+                    after_step=after_step, end_epoch=end_epoch, logged_only=("agent",), mid_epoch=mid_epoch,
+                    bar=bar, steps_before=first_epoch * steps), first_epoch=first_epoch, stop=stop)
+        finally:
+            bar.close()
     evaluated = [h for h in state["history"] if "test_acc" in h]
     best = max(evaluated, key=lambda h: h["test_acc"]) if evaluated else None
     return {
@@ -405,6 +390,52 @@ def train_kd(
         "routing_spots": ([list(p) for p in adaptive.router.spots] if adaptive is not None else None),
         "seconds": time.perf_counter() - started, "protocol": recipe.protocol(student_arch),
     }
+
+
+def _init_stage(stage, index, state, resume_from, student, teacher, distiller, taps, world, device, precision,
+                checkpointer, batches, interrupted, mid_epoch, stop) -> None:
+    """A distiller's pre-training stage (FT's paraphraser, AB/FSP init, FitNet's hint) in the one loop."""
+    modules = {f"m{i}": m for i, m in enumerate(stage.modules)}
+    if stage.train_student:
+        modules["student"] = student
+    closure = _Closure(modules)
+    wrapped = _wrap(closure, world, device)
+    params = [p for p in closure.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
+    first = state["epoch"] if resume_from is not None and state["phase"] == index else 0
+    if first and resume_from.get("optimizer"):
+        optimizer.load_state_dict(resume_from["optimizer"])
+    s_tap, t_tap = taps()
+
+    def step(batch) -> dict[str, torch.Tensor]:
+        _index, x, _y = batch
+
+        def forward():
+            with torch.no_grad(), autocast(device, precision):
+                teacher(x)
+            t_feats = [t_tap.features[p].detach().float() for p in t_tap.paths]
+            with torch.set_grad_enabled(stage.train_student), autocast(device, precision):
+                student(x)
+            s_feats = [s_tap.features[p].float() for p in s_tap.paths]
+            return {"loss": stage.loss(s_feats, t_feats)}
+        return wrapped(forward)
+
+    def update(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def end_epoch(epoch: int, means: dict[str, float] | None) -> None:
+        state["init_history"].append({"stage": stage.name, "epoch": epoch, "loss": means["loss"]})
+        state.update(phase=index, epoch=epoch)
+
+    with s_tap, t_tap:
+        run_stage(StageRun(
+            name=f"init stage '{stage.name}'", epochs=stage.epochs, batches=batches, step=step, update=update,
+            interrupted=interrupted, last_good=checkpointer.last_good,
+            save=lambda *_: _save(checkpointer, state, student, distiller, optimizer, None),
+            set_modes=lambda: student.train(stage.train_student), end_epoch=end_epoch, mid_epoch=mid_epoch),
+            first_epoch=first, stop=stop)
 
 
 def _build_adaptive(recipe, student, teacher, distiller, s_paths, t_paths, sample, student_arch, teacher_arch,
@@ -453,8 +484,7 @@ def _adaptive_terms(adaptive, agent_wrapped, agent_opt, recipe, distiller, beta,
     if agent_loss is not None:
         terms["agent"] = agent_loss.detach()  # logged, not part of the student's loss
     policy = (masks ^ adaptive.anti).float().sum(dim=0)  # the policy's own decisions (before any inversion)
-    student_loss = sum(v for k, v in terms.items() if k != "agent")
-    return student_loss, {"terms": terms, "logits": logits, "policy": policy}
+    return {"terms": terms, "logits": logits, "policy": policy}  # the loop trains on every term but "agent"
 
 
 def _spot_kind(name: str) -> str:
@@ -472,12 +502,6 @@ def _batches(images, labels, epoch, recipe, world, local_batch, steps, normalize
         idx = order[i * local_batch:(i + 1) * local_batch]
         x = apply_crop_flip(images[idx], oy[idx], ox[idx], flips[idx], recipe.padding)
         yield normalize(x), labels[idx]
-
-
-def _check_finite(value: float, where: str, epoch: int, checkpointer: Checkpointer) -> None:
-    if not math.isfinite(value):
-        raise GraftkdError(f"loss became {value} in {where} by epoch {epoch}; last good checkpoint: "
-                           f"{checkpointer.last_good()}. Lower the learning rate")
 
 
 def _save(checkpointer: Checkpointer, state: dict, student: nn.Module, distiller: nn.Module | None,

@@ -1,4 +1,5 @@
-"""The one training loop every gradient few-shot method runs in (KD, FitNet, "whole", cross, grafting).
+"""The few-shot runner every gradient few-shot method goes through (KD, FitNet, "whole", cross, grafting);
+the epochs of each stage run in the one training loop, :mod:`graftkd.engine.training`.
 
 Per step: one batch drawn from the few-shot set on the device, augmented in one tensor op; one teacher
 forward under ``no_grad`` (its features taken by hooks); one student forward/backward. Loss terms are
@@ -24,6 +25,7 @@ from graftkd.engine.hooks import FeatureTap
 from graftkd.engine.recipe import StartAnchor, WeightAverage
 from graftkd.engine.runtime import Timer, autocast
 from graftkd.engine.signals import StopRequest
+from graftkd.engine.training import StageRun, run_stage
 from graftkd.data.cache import cache_dir
 from graftkd.errors import GraftkdError, Interrupted
 from graftkd.files import atomic_write_json, read_json
@@ -365,9 +367,6 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
         first_epoch = 0
     base_seconds = record["seconds"]
     timer = Timer(task.device)
-    last_save = time.perf_counter()
-    running: dict[str, torch.Tensor] = {}
-    running_steps = 0
     bar.set_description(f"{method.name}:{stage.name}")
 
     frozen = list(getattr(method, "frozen", []))
@@ -390,7 +389,6 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
             module.eval()
         extra.train()
 
-    set_modes()
     world = task.world
     sharded = world is not None and world.size > 1
     if sharded:  # only what trains is wrapped: the student and the method's extra modules, never the teacher
@@ -407,42 +405,29 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
         images_budget, budget = recipe.stage_budget(sum(s.epochs for s in stages[:index]), stage.epochs,
                                                     sum(s.epochs for s in stages))
     with FeatureTap(teacher, method.teacher_paths(stage)) as t_tap, FeatureTap(student, method.student_paths(stage)) as s_tap:
-        for epoch in range(first_epoch, stage.epochs):
-            for indices in _epoch_batches(batcher, task, recipe, record["steps"], budget, images_budget - record["images"]
-                                          if images_budget is not None else None):
-                if recipe is not None:
-                    for group in optimizer.param_groups:
-                        group["lr"] = stage.lr * recipe.lr_factor(record["steps"], budget)
-                x = own_input(stage, indices) if own_input is not None else batcher.view(indices)
-                if sharded:  # every process drew the same global batch; each trains on its share
-                    x = x[world.rank::world.size]
-                if own_step is not None:
-                    terms = own_step(stage, x)
-                    loss = sum(terms.values())
-                else:
-                    loss, terms = _default_step(method, stage, task, x, t_tap, s_tap, step_module if sharded else None,
-                                                forwards)
-                _optimise(loss, optimizer, params, recipe, average, anchor)
-                for key, value in terms.items():
-                    running[key] = running.get(key, torch.zeros((), device=task.device)) + value.detach().float()
-                running_steps += 1
-                record["steps"] += 1
-                record["images"] += len(indices)
-                if sharded:  # this process's share of them
-                    record["process_images"] = record.get("process_images", 0) + len(x)
-            completed = epoch + 1
-            bar.update(1)
-            if completed % max(1, task.log_every) == 0 or completed == stage.epochs:
-                means = {k: float(v) / max(1, running_steps) for k, v in running.items()}  # host sync here only
-                running, running_steps = {}, 0
+        def batches(epoch: int, _first: int):
+            return _epoch_batches(batcher, task, recipe, record["steps"], budget,
+                                  images_budget - record["images"] if images_budget is not None else None)
+
+        def step(indices: torch.Tensor) -> dict[str, torch.Tensor]:
+            if recipe is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = stage.lr * recipe.lr_factor(record["steps"], budget)
+            x = own_input(stage, indices) if own_input is not None else batcher.view(indices)
+            if sharded:  # every process drew the same global batch; each trains on its share
+                x = x[world.rank::world.size]
+                record["process_images"] = record.get("process_images", 0) + len(x)  # this process's share
+            if own_step is not None:
+                return own_step(stage, x)
+            return _default_step(method, stage, task, x, t_tap, s_tap, step_module if sharded else None, forwards)
+
+        def after_step(indices: torch.Tensor) -> None:
+            record["steps"] += 1
+            record["images"] += len(indices)
+
+        def end_epoch(completed: int, means: dict[str, float] | None) -> None:
+            if means is not None:
                 mean_loss = sum(means.values())
-                if not math.isfinite(mean_loss):
-                    where = checkpointer.last_good()
-                    raise GraftkdError(
-                        f"loss became {mean_loss} in stage '{stage.name}' of '{method.name}' by epoch {completed} "
-                        f"(step {record['steps']}); last good checkpoint: {where}. Lower the learning rate or check the "
-                        "teacher and the inputs"
-                    )
                 record["final_loss"] = mean_loss
                 record["loss_terms"] = means
                 record["loss_curve"].append((completed, mean_loss))
@@ -452,22 +437,19 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
                 student.eval()  # evaluation must not update BatchNorm statistics
                 record["eval_curve"].append((completed, task.eval_hook(own_eval(stage) if own_eval else student)))
                 set_modes()
-            if completed == stage.epochs:
-                break
-            now = time.perf_counter()
-            if stop.requested or (checkpointer.path and now - last_save >= task.checkpoint_every_s):
-                pending = sum(float(v) for v in running.values())  # a sync only when saving
-                if not math.isfinite(pending):  # keep the last good checkpoint as it is
-                    raise GraftkdError(
-                        f"loss became {pending} in stage '{stage.name}' of '{method.name}' by epoch {completed} "
-                        f"(step {record['steps']}); last good checkpoint: {checkpointer.last_good()}. Lower the learning "
-                        "rate or check the teacher and the inputs"
-                    )
-                record["seconds"] = base_seconds + (now - timer.start)
-                _save(checkpointer, task, extra, index, completed, optimizer, records, average)
-                last_save = now
-            if stop.requested:
-                raise _interrupted(stop, f"in stage '{stage.name}' after epoch {completed}", checkpointer)
+
+        def save(completed: int, _step: int, _running: dict) -> None:
+            record["seconds"] = base_seconds + timer.elapsed()
+            _save(checkpointer, task, extra, index, completed, optimizer, records, average)
+
+        run_stage(StageRun(
+            name=f"stage '{stage.name}' of '{method.name}'", epochs=stage.epochs, batches=batches, step=step,
+            update=lambda loss: _optimise(loss, optimizer, params, recipe, average, anchor),
+            interrupted=lambda where: _interrupted(stop, f"in stage '{stage.name}' {where}", checkpointer),
+            last_good=checkpointer.last_good, save=save, set_modes=set_modes, after_step=after_step,
+            end_epoch=end_epoch, log_every=task.log_every, save_after="timed",
+            checkpoint_every_s=task.checkpoint_every_s if checkpointer.path else math.inf, bar=bar,
+            steps_before=record["steps"]), first_epoch=first_epoch, stop=stop)
     record["seconds"] = base_seconds + timer.elapsed()
     record["images_per_second"] = record["images"] / record["seconds"] if record["seconds"] > 0 else float("nan")
     if not task.progress:  # one line per stage in logs (the bar shows the same live)
@@ -478,7 +460,7 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
 
 def _default_step(method, stage, task, x: torch.Tensor, t_tap: FeatureTap, s_tap: FeatureTap, wrapped=None,
                   forwards: compiled.CompiledPair | None = None):
-    """The teacher's pass (no gradient; taps its features), then the student's and the method's loss terms;
+    """The teacher's pass (no gradient; taps its features), then the student's pass and the method's loss terms;
     under DDP the student's part runs through ``wrapped``; ``forwards``: the compiled pair, when compiling."""
     recipe = getattr(task, "recipe", None)
     teacher, student = (forwards.teacher, forwards.student) if forwards is not None else (task.teacher, task.student)
@@ -490,13 +472,12 @@ def _default_step(method, stage, task, x: torch.Tensor, t_tap: FeatureTap, s_tap
             teacher_logits = task.teacher(x).float()
     teacher_features = {k: v.detach().float() for k, v in t_tap.features.items()}
 
-    def forward_loss():
+    def forward_terms() -> dict[str, torch.Tensor]:
         with autocast(task.device, task.precision):
             student_logits = student(x)
-        terms = method.loss(stage, student_logits.float(), teacher_logits, s_tap.features, teacher_features)
-        return sum(terms.values()), terms
+        return method.loss(stage, student_logits.float(), teacher_logits, s_tap.features, teacher_features)
 
-    return wrapped(forward_loss) if wrapped is not None else forward_loss()
+    return wrapped(forward_terms) if wrapped is not None else forward_terms()
 
 
 def _optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, recipe,

@@ -18,6 +18,7 @@ from graftkd.engine.checkpoint import Checkpointer
 from graftkd.engine.evaluate import evaluate_model
 from graftkd.engine.runtime import autocast, resolve_precision, seed_everything
 from graftkd.engine.signals import StopRequest
+from graftkd.engine.training import StageRun, run_stage
 from graftkd.errors import GraftkdError, Interrupted
 
 
@@ -93,7 +94,8 @@ def train_supervised(
     )
     scheduler = _scheduler(optimizer, recipe, steps_per_epoch)
     history: list[dict] = []
-    start_epoch, start_step, order, running, spent = 0, 0, None, torch.zeros((), device=device), 0.0
+    start_epoch, start_step, running, counted = 0, 0, {}, 0
+    plan = {"order": None, "spent": 0.0, "started": 0.0}  # the epoch's shuffled order and its time so far
     state = checkpointer.load()
     resumed_at = None
     if state is not None:
@@ -105,78 +107,75 @@ def train_supervised(
         history, start_epoch = list(state["history"]), int(state["epoch"])
         start_step = int(state.get("step", 0))
         if start_step:
-            order = state["order"].to(device)
-            running = state["running"].to(device)
-            spent = float(state["epoch_seconds"])
+            plan.update(order=state["order"].to(device), spent=float(state["epoch_seconds"]))
+            saved = state["running"]  # one tensor in checkpoints written before the loss became a term
+            running = {k: v.to(device) for k, v in saved.items()} if isinstance(saved, dict) else {"ce": saved.to(device)}
+            counted = int(state.get("counted", start_step))
 
-    def snapshot(epoch: int, step: int, seconds: float) -> None:
-        mid = {"order": order.cpu(), "running": running.cpu(), "epoch_seconds": seconds} if step else {}
+    def snapshot(epoch: int, step: int, partial: dict) -> None:
+        mid = ({"order": plan["order"].cpu(), "running": {k: v.cpu() for k, v in partial["running"].items()},
+                "counted": partial["counted"], "epoch_seconds": plan["spent"] + time.perf_counter() - plan["started"]}
+               if step else {})
         checkpointer.save(
             {"epoch": epoch, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "history": history, **mid}
         )
 
+    def set_modes() -> None:
+        model.train()
+        plan["started"] = time.perf_counter()
+
+    def batches(_epoch: int, first: int):
+        if plan["order"] is None:  # drawn when the epoch's first batch is, as the generator's next draw
+            plan["order"] = torch.randperm(len(images), generator=generator).to(device)
+            plan["spent"] = 0.0
+        for step in range(first, steps_per_epoch):
+            yield plan["order"][step * recipe.batch_size : (step + 1) * recipe.batch_size]
+
+    def step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = random_crop_flip(images[idx], padding=recipe.padding, flip=recipe.flip, generator=generator)
+        x = normalize(x).contiguous(memory_format=memory_format)
+        with autocast(device, precision):
+            return {"ce": F.cross_entropy(model(x).float(), labels[idx], label_smoothing=recipe.label_smoothing)}
+
+    def update(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+    def end_epoch(epoch: int, means: dict[str, float] | None) -> None:
+        mean_loss = sum(means.values())
+        seconds = plan["spent"] + time.perf_counter() - plan["started"]
+        entry = {"epoch": epoch, "loss": mean_loss, "seconds": seconds,
+                 "images_per_second": steps_per_epoch * recipe.batch_size / seconds,
+                 "lr_end": optimizer.param_groups[0]["lr"]}
+        history.append(entry)
+        bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.3f}", ips=f"{entry['images_per_second']:.0f}")
+        if not progress:
+            print(f"epoch {epoch}/{recipe.epochs}: loss {mean_loss:.4f}, "
+                  f"{entry['images_per_second']:.0f} img/s, {seconds:.1f} s", flush=True)
+        plan["order"] = None
+
+    def interrupted(where: str) -> Interrupted:
+        return Interrupted(f"stopped by {stop.signal_name} {where}; "
+                           + (f"re-run the same command to resume from {checkpointer.path}" if checkpointer.path
+                              else "nothing saved (no --out)"))
+
     total_steps = recipe.epochs * steps_per_epoch
     bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch + start_step, unit="step",
                disable=not progress, dynamic_ncols=True)
-    with StopRequest() as stop:
-        for epoch in range(start_epoch, recipe.epochs):
-            model.train()
-            started = time.perf_counter()
-            last_save = started
-            if order is None:
-                order = torch.randperm(len(images), generator=generator).to(device)
-                running, spent = torch.zeros((), device=device), 0.0
-            for step in range(start_step, steps_per_epoch):
-                idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
-                x = random_crop_flip(images[idx], padding=recipe.padding, flip=recipe.flip, generator=generator)
-                x = normalize(x).contiguous(memory_format=memory_format)
-                with autocast(device, precision):
-                    loss = F.cross_entropy(model(x).float(), labels[idx], label_smoothing=recipe.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                running += loss.detach()
-                bar.update(1)
-                now = time.perf_counter()
-                done = step + 1
-                if done < steps_per_epoch and (stop.requested or now - last_save >= checkpoint_every_s):
-                    snapshot(epoch, done, spent + now - started)
-                    last_save = now
-                    if stop.requested:
-                        bar.close()
-                        raise Interrupted(
-                            f"stopped by {stop.signal_name} at epoch {epoch + 1}, step {done}/{steps_per_epoch}; "
-                            + (f"re-run the same command to resume from {checkpointer.path}"
-                               if checkpointer.path else "nothing saved (no --out)")
-                        )
-            start_step = 0
-            mean_loss = float(running) / steps_per_epoch
-            seconds = spent + time.perf_counter() - started
-            if not math.isfinite(mean_loss):
-                raise GraftkdError(
-                    f"training loss became {mean_loss} in epoch {epoch + 1}; last good checkpoint: "
-                    f"{checkpointer.path or 'none'}. Lower --lr"
-                )
-            entry = {"epoch": epoch + 1, "loss": mean_loss, "seconds": seconds,
-                     "images_per_second": steps_per_epoch * recipe.batch_size / seconds,
-                     "lr_end": optimizer.param_groups[0]["lr"]}
-            history.append(entry)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}", ips=f"{entry['images_per_second']:.0f}")
-            if not progress:
-                print(f"epoch {epoch + 1}/{recipe.epochs}: loss {mean_loss:.4f}, "
-                      f"{entry['images_per_second']:.0f} img/s, {seconds:.1f} s", flush=True)
-            order = None
-            snapshot(epoch + 1, 0, 0.0)
-            if stop.requested and epoch + 1 < recipe.epochs:
-                bar.close()
-                raise Interrupted(
-                    f"stopped by {stop.signal_name} after epoch {epoch + 1}; "
-                    + (f"re-run the same command to resume from {checkpointer.path}" if checkpointer.path
-                       else "nothing saved (no --out)")
-                )
-    bar.close()
+    try:
+        with StopRequest() as stop:
+            run_stage(StageRun(
+                name="teacher training", epochs=recipe.epochs, batches=batches, step=step, update=update,
+                interrupted=interrupted, last_good=checkpointer.last_good, save=snapshot, set_modes=set_modes,
+                end_epoch=end_epoch, mid_epoch="save", checkpoint_every_s=checkpoint_every_s,
+                steps_per_epoch=steps_per_epoch, bar=bar, bar_per_step=True,
+                steps_before=start_epoch * steps_per_epoch + start_step),
+                first_epoch=start_epoch, first_step=start_step, running=running, counted=counted, stop=stop)
+    finally:
+        bar.close()
     model.to(memory_format=torch.contiguous_format).eval()
     result = {"history": history, "seconds": sum(h["seconds"] for h in history), "precision": precision,
               "channels_last": channels_last, "resumed_at": resumed_at}
