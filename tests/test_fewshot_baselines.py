@@ -7,7 +7,7 @@ from torch import nn
 
 from graftkd.data.normalize import Normalizer
 from graftkd.distill.base import FewShotTask, build_method
-from graftkd.distill.fskd import solve_correction
+from graftkd.distill.fewshot.fskd import solve_correction
 from graftkd.errors import GraftkdError
 from graftkd.models import build_model
 

@@ -4,7 +4,7 @@ In network order, every Conv2d/Linear whose input differs from the teacher's get
 output, fitted so that the student's output there (fed by the already corrected earlier layers) matches
 the teacher's output at the kept channels; Q is folded into the layer (W <- Q·W, b <- Q·b). After a depth
 derivation the teacher's output is taken where the teacher computes the same layer (``layer2.1.conv1``
-of ResNet-20 is ``layer2.4.conv1`` of ResNet-56). See :mod:`graftkd.distill.fskd` for the solver's
+of ResNet-20 is ``layer2.4.conv1`` of ResNet-56). See :mod:`graftkd.distill.fewshot.fskd` for the solver's
 design choices (float64 normal equations, ridge towards the identity, every fold checked).
 """
 from __future__ import annotations

@@ -126,8 +126,8 @@ def _load_builtin_methods() -> None:
     import importlib
     import pkgutil
 
-    import graftkd.distill as package
+    import graftkd.distill.fewshot as package
 
     for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in ("base",) and not info.name.startswith("_"):
-            importlib.import_module(f"graftkd.distill.{info.name}")
+        if not info.name.startswith("_"):
+            importlib.import_module(f"graftkd.distill.fewshot.{info.name}")

@@ -1,7 +1,7 @@
 """FitNet hints (Romero et al. 2015): regress the student's feature onto the teacher's, MSE.
 
 The one FitNet of graftkd. The full-data benchmark adds it to KD at FitNet's spot (``spot_kind``), and the
-few-shot ``fitnet`` method (:mod:`graftkd.distill.fitnet`) runs it as FitNet's own first stage, at a block
+few-shot ``fitnet`` method (:mod:`graftkd.distill.fewshot.fitnet`) runs it as FitNet's own first stage, at a block
 boundary it chooses. What differs between the two is the regressor only:
 
 - ``"convreg"`` (the benchmark's): a conv or transposed conv chosen by the two spatial sizes, then BatchNorm

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from graftkd.distill.inherit import inherit_blocks
+from graftkd.distill.fewshot.inherit import inherit_blocks
 from graftkd.distill.base import LossMethod, LossStage, register_method
 from graftkd.distill.fulldata import spot_distiller
 from graftkd.distill.losses import kd_loss

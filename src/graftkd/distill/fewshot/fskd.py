@@ -39,7 +39,7 @@ from graftkd.derive.repair import (
     solve_correction,
 )
 from graftkd.distill.base import FewShotMethod, FewShotTask, MethodOutcome, register_method
-from graftkd.distill.fskd_pruning import _Layer, load_pruned, prune_plan
+from graftkd.distill.fewshot.fskd_pruning import _Layer, load_pruned, prune_plan
 from graftkd.errors import GraftkdError
 
 __all__ = ["FSKD", "prune_plan", "load_pruned", "solve_correction"]

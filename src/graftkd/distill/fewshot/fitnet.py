@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from graftkd.distill.base import LossMethod, LossStage, register_method
-from graftkd.distill.inherit import block_output_path, inherit_blocks
+from graftkd.distill.fewshot.inherit import block_output_path, inherit_blocks
 from graftkd.distill.losses import kd_loss
 from graftkd.distill.zoo import build_distiller
 from graftkd.engine.hooks import FeatureTap

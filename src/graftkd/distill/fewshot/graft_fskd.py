@@ -6,7 +6,7 @@ least-squares 1×1 corrections) reached about 91 % without a gradient step
 (results/cifar10-vgg16-graft/NOTES.md). This method asks whether grafting's stages add to that start or
 wear it down.
 
-How: the student is pruned, and with ``init="fskd"`` corrected, exactly as :mod:`graftkd.distill.fskd`
+How: the student is pruned, and with ``init="fskd"`` corrected, exactly as :mod:`graftkd.distill.fewshot.fskd`
 does it (``init="pruned"`` skips the corrections). Every adapter then starts as the channel choice the
 pruning made at its cut: teacher→student keeps the kept channels, student→teacher writes them back
 (zeros for pruned channels). Their product is the identity, so the merged student before the first step
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from graftkd.distill.base import FewShotTask, MethodOutcome, register_method
-from graftkd.distill.fskd import FSKD
-from graftkd.distill.graft_method import Graft
+from graftkd.distill.fewshot.fskd import FSKD
+from graftkd.distill.fewshot.graft_method import Graft
 from graftkd.errors import GraftkdError, UnsupportedPairing
 
 INITS = ("fskd", "pruned")

@@ -1,7 +1,7 @@
 """KD (Hinton et al. 2015) on the few unlabeled images: soft targets only, labels never used."""
 from __future__ import annotations
 
-from graftkd.distill.inherit import inherit_blocks
+from graftkd.distill.fewshot.inherit import inherit_blocks
 from graftkd.distill.base import LossMethod, LossStage, register_method
 from graftkd.distill.losses import kd_loss
 

@@ -4,7 +4,7 @@ The paper's Figure 3 baseline: same loss, same data, same budget as grafting, bu
 """
 from __future__ import annotations
 
-from graftkd.distill.inherit import inherit_blocks
+from graftkd.distill.fewshot.inherit import inherit_blocks
 from graftkd.distill.base import LossMethod, LossStage, register_method
 from graftkd.graft.loss import normalized_logit_loss
 

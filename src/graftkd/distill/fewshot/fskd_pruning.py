@@ -3,7 +3,7 @@
 ``prune_plan`` traces teacher and student with torch.fx and propagates the kept channel sets through the
 graph (per-channel modules, norms, flatten); a student that is not a channel-pruned teacher is refused as
 an unsupported pairing. ``load_pruned`` copies the kept weights. The closed-form correction that follows is
-``graftkd.derive.repair``'s; the method is ``graftkd.distill.fskd``.
+``graftkd.derive.repair``'s; the method is ``graftkd.distill.fewshot.fskd``.
 """
 from __future__ import annotations
 
