@@ -40,6 +40,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # options that set a config field are declared once, on the field (schema.option): name, type, choices, help
+    from graftkd.distill.fulldata import KDRecipe
+    from graftkd.engine.supervised import TeacherRecipe
+    from graftkd.refine import DeriveOptions
+    from graftkd.schema import add_options
+
     parser = argparse.ArgumentParser(prog="graftkd", description="Few-shot distillation by network grafting.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,16 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="run directory (checkpoint, model.pt, result.json)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine"])
-    p.add_argument("--padding", type=int, default=4)
-    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (e.g. digits, text)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    add_options(p, TeacherRecipe)
     p.add_argument("--checkpoint-every-s", type=float, default=300.0,
                    help="also checkpoint inside an epoch this often (seconds; 0 = every step)")
     _add_common(p)
@@ -128,45 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --method: paper (default) gives the method a grid cell's epochs; patient trains it "
                         "in the shared loop with the patient recipe (mixed views, --samples budget, warm-up + "
                         "cosine), for kd, fitnet, whole and feature_kd")
-    p.add_argument("--init", default="auto", choices=["auto", "derived", "fresh"],
-                   help="auto (default): build the student from the teacher's own weights (units and channels "
-                        "chosen) wherever it fits inside the teacher, else fresh; fresh: the paper's grafting")
-    p.add_argument("--depth-rule", default="auto", choices=["auto", "even", "first", "greedy"],
-                   help="which teacher units a shallower student stage takes (greedy: by few-shot logit error; "
-                        "auto: greedy on the default path, even when --refine/--refine-loss/--repair is given)")
-    p.add_argument("--width-rule", default="l1", choices=["l1", "activation"],
-                   help="which teacher channels a narrower student layer takes")
-    p.add_argument("--bn-start", default="auto", choices=["auto", "teacher", "reestimate"],
-                   help="derived students' BatchNorm statistics: the teacher's, re-estimated on the images, or auto "
-                        "(whichever gives the smaller few-shot logit error)")
-    p.add_argument("--refine", default=None, choices=["auto", "kd", "graft", "none"],
-                   help="derived students: auto (the default with --init auto when neither --repair nor "
-                        "--refine-loss is given: repair, training and loss chosen from the derivation, recorded in "
-                        "result.json), patient KD (the default otherwise), grafting stages (paper recipe), or no "
-                        "training")
-    p.add_argument("--repair", action="store_true",
-                   help="derived students: closed-form least-squares 1x1 corrections before any step (FSKD's)")
-    p.add_argument("--repair-views", type=int, default=0, metavar="N",
-                   help="--repair: also regress on N crop-and-flip copies of every few-shot image (default 0)")
-    p.add_argument("--repair-ridge", type=float, default=1e-4,
-                   help="--repair: ridge towards the identity, relative to the Gram matrix's mean diagonal (default 1e-4)")
-    p.add_argument("--refine-loss", default=None, choices=["kd", "feature_kd", "fitnet"],
-                   help="derived students, --refine kd: KD on logits (kd, the default), KD plus the teacher's "
-                        "feature maps (feature_kd), or FitNet's hint stage then KD (fitnet)")
-    p.add_argument("--unit-features", action="store_true",
-                   help="--refine-loss feature_kd after a depth derivation: also match every kept unit's output")
-    p.add_argument("--fade", type=float, default=None, metavar="SHARE",
-                   help="students derived in one piece, --refine kd or auto: start from the whole teacher and fade "
-                        "the dropped units and channels out over this share of the budget (0: cut them before the "
-                        "first step; default: 0.25 with --refine auto when only units were chosen, else 0)")
-    p.add_argument("--samples", type=int, default=None,
-                   help="the patient recipe (derived students with --refine kd, or --recipe patient): training "
-                        "budget in images seen (batches of 64; default 256000)")
-    p.add_argument("--refine-lr", type=float, default=0.01,
-                   help="the patient recipe: peak SGD rate (default 0.01)")
-    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
-                   help="the patient recipe: return an exponential moving average of the weights with this decay "
-                        "per step, e.g. 0.999 (default 0: off)")
+    add_options(p, DeriveOptions)  # how a derived student is built and refined: --init ... --ema
     p.add_argument("--measure-teacher", action="store_true",
                    help="measure a registered teacher's test accuracy again (default: its registry record, when the "
                         "test data is the one it was measured on)")
@@ -188,25 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-arch", help="zoo architecture of a teacher weights file")
     p.add_argument("--teachers-dir", help="folder holding registered teacher files (also: GRAFTKD_TEACHERS)")
     p.add_argument("--data", required=True, help="labeled data: cifar100, cifar10, digits, a folder or archive")
-    p.add_argument("--distiller", default="none", help="feature distiller (`graftkd methods`), or none")
-    p.add_argument("--distiller-weight", type=float, help="beta (default: the benchmark's value for the distiller)")
-    p.add_argument("--kd-weight", type=float, default=1.0, help="alpha: weight of logit KD (0: off)")
-    p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--epochs", type=int, default=240)
-    p.add_argument("--batch-size", type=int, default=64, help="global batch, split over processes")
-    p.add_argument("--lr", type=float, help="default: 0.05, 0.01 for MobileNetV2/ShuffleNet students")
-    p.add_argument("--milestones", type=_int_list, default=[150, 180, 210])
-    p.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations (0: last only)")
+    add_options(p, KDRecipe)
     p.add_argument("--limit-train", type=int, help="use a fixed random subset of N training images (smoke runs)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
-    p.add_argument("--adaptive", default="none", choices=["none", "sakd", "anti"],
-                   help="sakd: spot-adaptive KD; anti: its inverted-mask ablation; none: fixed spots")
-    p.add_argument("--agent-every", type=int, default=1, metavar="N",
-                   help="SAKD: update the agent (policy, routing adapters) on every N-th step only; the policy still "
-                        "picks every step's spots. 1 (default) is the paper's; 2 bounds a step at 2x a standard one")
-    p.add_argument("--homo", choices=["auto", "yes", "no"], default="auto",
-                   help="SAKD: start from distilling everywhere (auto: when teacher and student share a family)")
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
     _add_common(p)
 
@@ -284,13 +226,10 @@ def _cmd_fewshot(args) -> None:
 def _cmd_train_teacher(args) -> None:
     _check_out_dir(args.out)
     from graftkd.engine.supervised import TeacherRecipe
+    from graftkd.schema import build_options
     from graftkd.workflows import train_teacher
 
-    recipe = TeacherRecipe(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, schedule=args.schedule, padding=args.padding, flip=not args.no_flip,
-        seed=args.seed, precision=args.precision,
-    )
+    recipe = build_options(args, TeacherRecipe, "train-teacher", seed=args.seed)
     result = train_teacher(args.arch, args.data, args.out, recipe, args.device, not args.no_progress,
                            checkpoint_every_s=args.checkpoint_every_s)
     print(f"{args.arch} on {args.data}: {result['test_acc']:.2f}% test accuracy in {result['wall_seconds']:.0f} s; "
@@ -319,9 +258,10 @@ def _cmd_distill(args) -> None:
     from graftkd.graft import GraftConfig, ScheduleConfig
     from graftkd.workflows import distill, load_teacher, summary_table
 
-    from graftkd.engine.recipe import Recipe
+    from graftkd.schema import build_options, fill_defaults, with_overrides
     from graftkd.workflows import DeriveOptions
 
+    fill_defaults(args, DeriveOptions, skip=("refine", "loss"))  # those two the command resolves below
     _check_out_dir(args.out)
     from graftkd.students import compression_target
 
@@ -366,13 +306,9 @@ def _cmd_distill(args) -> None:
                                "patient KD: add --refine graft, or use --init fresh")
         if args.init == "auto":
             init, reason = "fresh", f"grafting options given ({', '.join(grafting)}): the paper's grafting"
-    derive = DeriveOptions(init=init, reason=reason, depth_rule=args.depth_rule, width_rule=args.width_rule,
-                           bn_start=args.bn_start, refine=args.refine, repair=args.repair, loss=args.refine_loss,
-                           repair_views=args.repair_views, repair_ridge=args.repair_ridge,
-                           unit_features=args.unit_features, fade=args.fade,
-                           recipe=Recipe(lr=args.refine_lr, ema=args.ema,
-                                         **({"samples": args.samples} if args.samples is not None else {})))  # bad values fail before any work
-    from graftkd.schema import with_overrides
+    # bad values fail here, before any work
+    derive = build_options(args, DeriveOptions, "distill", init=init, reason=reason, refine=args.refine,
+                           loss=args.refine_loss)
 
     # --set: every assignment is checked here, before any work (graft.* against the defaults); graft.* is applied
     # to the run's own GraftConfig once it is built below
@@ -454,26 +390,22 @@ def _cmd_distill(args) -> None:
 def _cmd_train_kd(args) -> None:
     _check_out_dir(args.out)
     from graftkd.distill.fulldata import KDRecipe
+    from graftkd.schema import build_options
     from graftkd.workflows import distill_full
 
-    distiller = None if args.distiller.lower() in ("none", "") else args.distiller
+    distiller = None if (args.distiller or "none").lower() in ("none", "") else args.distiller
     if distiller:
         from graftkd.distill.zoo import distiller_class
 
         distiller_class(distiller)  # an unknown name fails here, before any data is read
-    recipe = KDRecipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, milestones=list(args.milestones) if isinstance(args.milestones, list) else [args.milestones],
-                      temperature=args.temperature, kd_weight=args.kd_weight, distiller=distiller,
-                      distiller_weight=args.distiller_weight, seed=args.seed, precision=args.precision,
-                      eval_every=args.eval_every, sync_bn=args.sync_bn, adaptive=args.adaptive,
-                      agent_every=args.agent_every,
-                      homo=None if args.homo == "auto" else args.homo == "yes")
+    recipe = build_options(args, KDRecipe, "train-kd", seed=args.seed, distiller=distiller)
     payload = distill_full(args.student_arch, args.data, args.out, recipe, teacher=args.teacher,
                            teacher_arch=args.teacher_arch, teachers_dir=args.teachers_dir, device=args.device,
                            progress=not args.no_progress, limit_train=args.limit_train)
     if payload["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
         return
     last, best = payload["last_epoch_test_acc"], payload["best_epoch"]
-    method = "+".join(["ce"] + (["kd"] if args.kd_weight else []) + ([payload["distiller"]] if payload["distiller"] else []))
+    method = "+".join(["ce"] + (["kd"] if recipe.kd_weight else []) + ([payload["distiller"]] if payload["distiller"] else []))
     print(f"{args.student_arch} ({method}): last epoch "
           f"{last:.2f}% test" + (f"; best epoch {best['epoch']}: {best['test_acc']:.2f}% (selected on test)" if best else "")
           + f"; {payload['world_size']} process(es), {payload['seconds']:.0f} s")

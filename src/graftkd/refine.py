@@ -10,43 +10,61 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from graftkd.derive import DEPTH_RULES, INITS, WIDTH_RULES
 from graftkd.engine.recipe import Recipe
 from graftkd.engine.runtime import seed_everything
 from graftkd.errors import GraftkdError
 from graftkd.graft import GraftConfig, graft
 from graftkd.loaded import LoadedModel, num_outputs
+from graftkd.schema import option
 
 
 @dataclass(frozen=True)
 class DeriveOptions:
     """How ``distill`` builds and refines a student from the teacher's own weights (``graftkd.derive``)."""
 
-    init: str = "auto"  # auto | derived | fresh
+    init: str = field(default="auto", metadata=option(
+        "auto (default): build the student from the teacher's own weights (units and channels chosen) wherever it "
+        "fits inside the teacher, else fresh; fresh: the paper's grafting", words=INITS))
     reason: str = ""  # why ``init`` is what it is, when the caller resolved it (recorded in result.json)
-    # even | first | greedy | auto: greedy when the refinement is left to the resolver (``refine`` 'auto', the
-    # default path), even otherwise, so rows that name their refinement keep the rule they were made with
-    depth_rule: str = "auto"
-    width_rule: str = "l1"  # l1 | activation
-    bn_start: str = "auto"  # teacher | reestimate (on the images) | auto (the smaller few-shot logit error)
-    # kd (patient recipe) | graft (block then network stages, paper recipe) | none | auto: repair, refinement and
-    # loss chosen from the derivation (``resolve_refinement``; `distill`'s default when none of them is given)
-    refine: str = "kd"
-    repair: bool = False  # closed-form least-squares 1x1 corrections before any step (FSKD, generalised)
+    # auto: greedy when the refinement is left to the resolver (``refine`` 'auto', the default path), even
+    # otherwise, so rows that name their refinement keep the rule they were made with
+    depth_rule: str = field(default="auto", metadata=option(
+        "which teacher units a shallower student stage takes (greedy: by few-shot logit error; auto, the default: "
+        "greedy when the refinement is left to the resolver, even when --refine/--refine-loss/--repair is given)", words=("auto", *DEPTH_RULES)))
+    width_rule: str = field(default="l1", metadata=option(
+        "which teacher channels a narrower student layer takes", words=WIDTH_RULES))
+    bn_start: str = field(default="auto", metadata=option(
+        "derived students' BatchNorm statistics: the teacher's, re-estimated on the images, or auto (whichever "
+        "gives the smaller few-shot logit error)", words=("auto", "teacher", "reestimate")))
+    # auto: repair, refinement and loss chosen from the derivation (``resolve_refinement``); `distill` takes it
+    # when none of them is given
+    refine: str = field(default="kd", metadata=option(
+        "derived students: auto (the default with --init auto when neither --repair nor --refine-loss is given: "
+        "repair, training and loss chosen from the derivation, recorded in result.json), patient KD (the default "
+        "otherwise), grafting stages (paper recipe), or no training", words=("auto", "kd", "graft", "none")))
+    repair: bool = field(default=False, metadata=option(
+        "derived students: closed-form least-squares 1x1 corrections before any step (FSKD's)"))
     # the repair's regression also sees this many augmented copies (crop + flip) of every few-shot image
-    repair_views: int = 0
-    repair_ridge: float = 1e-4  # ridge towards the identity, relative to the Gram matrix's mean diagonal
-    loss: str = "kd"  # kd | feature_kd (KD plus the teacher's feature maps at every block boundary) | fitnet
-    unit_features: bool = False  # feature_kd: also match every kept unit's output to the teacher's stream
-    # > 0 (derived in one piece, patient KD): the student starts as the whole teacher and the dropped units and
-    # channels fade out linearly over this share of the budget's steps, instead of being cut before the first step;
+    repair_views: int = field(default=0, metadata=option(
+        "--repair: also regress on N crop-and-flip copies of every few-shot image", metavar="N"))
+    repair_ridge: float = field(default=1e-4, metadata=option(
+        "--repair: ridge towards the identity, relative to the Gram matrix's mean diagonal"))
+    loss: str = field(default="kd", metadata=option(
+        "derived students, --refine kd: KD on logits (kd, the default), KD plus the teacher's feature maps "
+        "(feature_kd), or FitNet's hint stage then KD (fitnet)", flag="--refine-loss",
+        words=("kd", "feature_kd", "fitnet")))
+    unit_features: bool = field(default=False, metadata=option(
+        "--refine-loss feature_kd after a depth derivation: also match every kept unit's output"))
     # None: refine 'auto' chooses (``resolve_refinement``), any other refinement cuts them (0)
-    fade: float | None = None
+    fade: float | None = field(default=None, metadata=option(
+        "students derived in one piece, --refine kd or auto: start from the whole teacher and fade the dropped units "
+        "and channels out over this share of the budget (0: cut them before the first step; default: 0.25 with "
+        "--refine auto when only units were chosen, else 0)", metavar="SHARE"))
     loss_options: dict = field(default_factory=dict)  # the loss method's own options, e.g. {"temperature": 1.0}
     recipe: Recipe = field(default_factory=Recipe)
 
     def __post_init__(self) -> None:
-        from graftkd.derive import DEPTH_RULES, INITS, WIDTH_RULES
-
         for name, value, allowed in (("init", self.init, INITS), ("depth rule", self.depth_rule, ("auto", *DEPTH_RULES)),
                                      ("width rule", self.width_rule, WIDTH_RULES),
                                      ("bn start", self.bn_start, ("auto", "teacher", "reestimate")),

@@ -197,3 +197,129 @@ def _replace_at(obj: Any, parts: list[str], value: Any, path: str, where: str) -
     else:
         new = _check(value, get_type_hints(type(obj))[name], here, where)
     return dataclasses.replace(obj, **{name: new})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command-line options from the same dataclasses: a field that carries ``option(...)`` metadata becomes an option
+# of a command, so its name, type, choices, default and help are declared once, where the setting lives.
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """How a dataclass field appears on the command line."""
+
+    help: str
+    flag: str | None = None  # default: --field-name; a True-by-default bool takes --no-field-name
+    words: tuple[str, ...] | dict[str, Any] | None = None  # allowed words, or words -> the field's values
+    metavar: str | None = None
+
+
+def option(help: str, *, flag: str | None = None, words: tuple[str, ...] | dict[str, Any] | None = None,
+           metavar: str | None = None) -> dict:
+    """Field metadata making the field a command-line option: ``field(default=..., metadata=option("..."))``."""
+    return {"option": Option(help, flag, words, metavar)}
+
+
+def _comma_list(item: type):
+    def parse(text: str) -> list:
+        return [item(p) for p in text.split(",") if p.strip()]
+
+    parse.__name__ = f"comma-separated {item.__name__}"  # argparse names the type in its error message
+    return parse
+
+
+def _options(cls: type, path: str = "") -> list[tuple[str, dataclasses.Field, Any, Option]]:
+    """(dotted path, field, annotation, Option) of every field with an option, nested dataclasses included."""
+    hints = get_type_hints(cls)
+    found = []
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            found += _options(annotation, f"{path}{f.name}.")
+        elif "option" in f.metadata:
+            found.append((path + f.name, f, annotation, f.metadata["option"]))
+    return found
+
+
+def _flag(f: dataclasses.Field, spec: Option) -> str:
+    if spec.flag:
+        return spec.flag
+    name = f.name.replace("_", "-")
+    return f"--no-{name}" if f.default is True else f"--{name}"
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_options(parser: Any, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Add the options ``cls`` declares to an argparse ``parser``. Every option's default is None, meaning
+    "not given": the dataclass's own default is the only one (see :func:`given_options`)."""
+    for path, f, annotation, spec in _options(cls):
+        if path in skip:
+            continue
+        flag = _flag(f, spec)
+        if get_origin(annotation) in (Union, types.UnionType):
+            members = [a for a in get_args(annotation) if a is not type(None)]
+            annotation = members[0] if len(members) == 1 else annotation
+        help = spec.help
+        switch = annotation is bool and spec.words is None
+        if "default" not in help and not switch:  # said from the field, so it cannot drift
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(spec.words, dict):
+                default = next(word for word, value in spec.words.items() if value == default)
+            elif isinstance(default, list):
+                default = ",".join(str(v) for v in default)
+            help += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": _dest(flag), "default": None, "help": help}
+        if switch:
+            kwargs["action"] = "store_const"
+            kwargs["const"] = not flag.startswith("--no-")
+        else:
+            if spec.words is not None:
+                kwargs["choices"] = list(spec.words)
+            elif get_origin(annotation) is list:
+                (item,) = get_args(annotation)
+                kwargs["type"] = _comma_list(item)
+            elif annotation in (int, float):
+                kwargs["type"] = annotation
+            if spec.metavar:
+                kwargs["metavar"] = spec.metavar
+        parser.add_argument(flag, **kwargs)
+
+
+def given_options(args: Any, cls: type, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The options of ``cls`` that the command line gave, as a nested mapping for :func:`from_mapping`
+    (``{"fade": 0.25, "recipe": {"samples": 64000}}``); an option's words become the field's values."""
+    given: dict[str, Any] = {}
+    for path, f, _annotation, spec in _options(cls):
+        value = getattr(args, _dest(_flag(f, spec)), None)
+        if path in skip or value is None:
+            continue
+        if isinstance(spec.words, dict):
+            value = spec.words[value]
+        *groups, name = path.split(".")
+        target = given
+        for group in groups:
+            target = target.setdefault(group, {})
+        target[name] = value
+    return given
+
+
+def build_options(args: Any, cls: type[T], where: str = "the command line", **fixed: Any) -> T:
+    """``cls`` from the options the command line gave (others keep their defaults) and the ``fixed`` values."""
+    return from_mapping(cls, {**given_options(args, cls), **fixed}, where)
+
+
+def fill_defaults(args: Any, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Set every option of ``cls`` the command line did not give to its field's default (options in ``skip``
+    stay None: the command resolves those itself)."""
+    for path, f, _annotation, spec in _options(cls):
+        dest = _dest(_flag(f, spec))
+        if path in skip or getattr(args, dest, None) is not None:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(spec.words, dict):  # the word that stands for the default, as if it had been given
+            default = next(word for word, value in spec.words.items() if value == default)
+        elif _flag(f, spec).startswith("--no-"):
+            default = None  # a negated switch not given: the field keeps its default
+        setattr(args, dest, default)

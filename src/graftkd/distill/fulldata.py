@@ -32,6 +32,7 @@ from graftkd.engine.runtime import autocast, resolve_precision
 from graftkd.engine.signals import StopRequest
 from graftkd.engine.training import StageRun, run_stage
 from graftkd.errors import GraftkdError, Interrupted
+from graftkd.schema import option
 
 from graftkd.engine.distributed import World, _barrier, _Closure, _wrap, init_distributed  # noqa: F401
 
@@ -40,32 +41,42 @@ SMALL_LR_STUDENTS = ("mobilenetv2", "shufflev1", "shufflev2")
 
 @dataclass
 class KDRecipe:
-    epochs: int = 240
-    batch_size: int = 64  # global: split evenly over the processes
-    lr: float | None = None  # None: 0.05, or 0.01 for MobileNetV2/ShuffleNet students (the protocol)
+    epochs: int = field(default=240, metadata=option("passes over the training set"))
+    batch_size: int = field(default=64, metadata=option("global batch, split over processes"))
+    lr: float | None = field(default=None, metadata=option(  # None: the protocol's rate for the student
+        "SGD learning rate (default: 0.05, 0.01 for MobileNetV2/ShuffleNet students)"))
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210], metadata=option(
+        "epochs where the rate drops x0.1, comma-separated"))
     gamma: float = 0.1
-    temperature: float = 4.0
+    temperature: float = field(default=4.0, metadata=option("KD temperature"))
     ce_weight: float = 1.0
-    kd_weight: float = 1.0  # alpha; 0 turns logit KD off
-    distiller: str | None = None  # a graftkd.distill.zoo name; None: CE (+ KD) only
-    distiller_weight: float | None = None  # beta; None: the distiller's benchmark default
+    kd_weight: float = field(default=1.0, metadata=option("alpha: weight of logit KD (0: off)"))
+    distiller: str | None = field(default=None, metadata=option(  # None: CE (+ KD) only
+        "feature distiller (`graftkd methods`), or none (the default)"))
+    distiller_weight: float | None = field(default=None, metadata=option(  # None: the distiller's benchmark default
+        "beta (default: the benchmark's value for the distiller)"))
     distiller_options: dict = field(default_factory=dict)
     padding: int = 4
     flip: bool = True
     seed: int = 0
-    precision: str = "auto"
-    eval_every: int = 1  # epochs between test evaluations (0: only the last epoch)
-    sync_bn: bool = False
-    adaptive: str = "none"  # "sakd": spot-adaptive KD; "anti": its inverted-mask ablation; "none": fixed spots
+    precision: str = field(default="auto", metadata=option(
+        "auto (default): bf16 autocast on CUDA and on CPUs with native bf16, else fp32", words=("auto", "fp32", "bf16")))
+    eval_every: int = field(default=1, metadata=option("epochs between test evaluations (0: last only)"))
+    sync_bn: bool = field(default=False, metadata=option("SyncBatchNorm across processes (CUDA only)"))
+    adaptive: str = field(default="none", metadata=option(
+        "sakd: spot-adaptive KD; anti: its inverted-mask ablation; none: fixed spots",
+        words=("none", "sakd", "anti")))
     tau: float = 5.0  # SAKD's Gumbel-softmax temperature
     agent_gamma: float = 1.0  # SAKD's gamma (weights the routed CE)
-    homo: bool | None = None  # SAKD: start from "distil everywhere"; None = when teacher and student share a family
-    # SAKD: the agent (policy + routing adapters) updates on every n-th step; the policy still decides every
-    # step's masks. 1 is the paper's; 2 bounds the step at 2x a standard one (the routing pass is half the steps)
-    agent_every: int = 1
+    homo: bool | None = field(default=None, metadata=option(  # None = when teacher and student share a family
+        "SAKD: start from distilling everywhere (auto, the default: when teacher and student share a family)",
+        words={"auto": None, "yes": True, "no": False}))
+    # the routing pass is then half the steps
+    agent_every: int = field(default=1, metadata=option(
+        "SAKD: update the agent (policy, routing adapters) on every N-th step only; the policy still picks every "
+        "step's spots. 1 (default) is the paper's; 2 bounds a step at 2x a standard one", metavar="N"))
 
     def resolved_lr(self, student_arch: str) -> float:
         if self.lr is not None:

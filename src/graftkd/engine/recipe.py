@@ -7,11 +7,12 @@ A recipe is data: it is recorded in ``result.json`` and keys the checkpoint, so 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from graftkd.errors import GraftkdError
+from graftkd.schema import option
 
 RECIPES = ("paper", "patient")
 MIXES = ("none", "mixup", "cutmix", "mixup+cutmix")
@@ -23,11 +24,14 @@ class Recipe:
     name: str = "patient"
     # images seen in training (the schedule's unit); 256k: 83.8 vs 74.4 % at 32k on the validation split
     # (ResNet-56 -> derived ResNet-20, K=10), about 6 min on 2 CPU cores in bf16 (results/cifar10-derived/dev)
-    samples: int = 256_000
+    samples: int = field(default=256_000, metadata=option(
+        "the patient recipe (derived students with --refine kd, or --recipe patient): training budget in images "
+        "seen (batches of 64)"))
     batch_size: int = 64  # fixed whatever K: batches repeat images, each copy with its own augmentation
     steps_per_chunk: int = 50  # checkpoint / log granularity (a chunk plays the role of an epoch)
     optimizer: str = "sgd"
-    lr: float = 0.01
+    lr: float = field(default=0.01, metadata=option("the patient recipe: peak SGD rate",
+                                                    flag="--refine-lr"))
     momentum: float = 0.9
     weight_decay: float = 0.0
     warmup: float = 0.05  # fraction of the steps with a linear warm-up
@@ -45,7 +49,9 @@ class Recipe:
     freeze_bn: bool = False
     # > 0: the student handed back is an exponential moving average of its weights with this decay per step
     # (bias-corrected early on: min(ema, (1 + t) / (10 + t))); BatchNorm statistics are then recalibrated
-    ema: float = 0.0
+    ema: float = field(default=0.0, metadata=option(
+        "the patient recipe: return an exponential moving average of the weights with this decay per step, e.g. "
+        "0.999 (0: off)", metavar="DECAY"))
     # > 0: L2-SP, a pull of the weights towards the run's starting point (the derived student): this strength
     # times (w - w_start) is added to each gradient, as the loss term strength / 2 * ||w - w_start||^2 would
     anchor: float = 0.0

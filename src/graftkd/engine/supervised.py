@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,22 +20,25 @@ from graftkd.engine.runtime import autocast, resolve_precision, seed_everything
 from graftkd.engine.signals import StopRequest
 from graftkd.engine.training import StageRun, run_stage
 from graftkd.errors import GraftkdError, Interrupted
+from graftkd.schema import option
 
 
 @dataclass
 class TeacherRecipe:
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
+    epochs: int = field(default=30, metadata=option("passes over the training set"))
+    batch_size: int = field(default=128, metadata=option("images per step"))
+    lr: float = field(default=0.1, metadata=option("peak SGD learning rate"))
     momentum: float = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    schedule: str = "onecycle"  # or "cosine"
-    padding: int = 4
-    flip: bool = True
+    weight_decay: float = field(default=5e-4, metadata=option("L2 weight decay"))
+    label_smoothing: float = field(default=0.1, metadata=option("label smoothing of the cross-entropy"))
+    schedule: str = field(default="onecycle", metadata=option("learning-rate schedule",
+                                                              words=("onecycle", "cosine")))
+    padding: int = field(default=4, metadata=option("random-crop padding in pixels"))
+    flip: bool = field(default=True, metadata=option("no horizontal flips (e.g. digits, text)"))
     seed: int = 0
-    precision: str = "auto"  # bf16 autocast on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16)
+    precision: str = field(default="auto", metadata=option(
+        "auto (default): bf16 autocast on CUDA and on CPUs with native bf16, else fp32", words=("auto", "fp32", "bf16")))
     channels_last: bool | None = None  # None: channels_last for image models (faster on CPU and GPU)
 
     def to_dict(self) -> dict:
