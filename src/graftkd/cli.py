@@ -15,11 +15,6 @@ def _int_list(text: str) -> list[int] | int:
     return parts[0] if len(parts) == 1 else parts
 
 
-def _float_list(text: str) -> list[float] | float:
-    parts = [float(p) for p in text.split(",") if p.strip()]
-    return parts[0] if len(parts) == 1 else parts
-
-
 def _method_options(pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings as a dict; values read as YAML scalars (0.5, true, pkt)."""
     import yaml
@@ -39,10 +34,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+# where `graftkd distill` differs from the library's GraftConfig: a user's run compiles where it pays (the library
+# and the grids stay eager, as the committed cells ran)
+DISTILL_DEFAULTS = {"compile": "auto"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     # options that set a config field are declared once, on the field (schema.option): name, type, choices, help
     from graftkd.distill.fulldata import KDRecipe
     from graftkd.engine.supervised import TeacherRecipe
+    from graftkd.graft import GraftConfig
     from graftkd.refine import DeriveOptions
     from graftkd.schema import add_options
 
@@ -90,30 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --data: which of several disjoint K-per-class subsets to draw (0, 1, ...)")
     p.add_argument("--test-data", help="labeled data whose 'test' split is used for reporting only")
     p.add_argument("--num-classes", type=int, help="classes the teacher predicts (default: from the data)")
-    p.add_argument("--preset", default="cifar10",
-                   help="learning-rate/epoch defaults: cifar10, cifar100, imagenet, digits, or cifar10-reference "
-                        "(the reference code's rates: adapters at 10x in block stages, network stages unscaled)")
-    p.add_argument("--block-epochs", type=_int_list, help="epochs per block stage (one value or a list)")
-    p.add_argument("--net-epochs", type=_int_list, help="epochs per network stage (one value or a list)")
-    p.add_argument("--block-lr", type=_float_list, help="learning rate(s) at batch 64 for block grafting")
-    p.add_argument("--net-lr", type=_float_list, help="learning rate(s) at batch 64 for network grafting")
-    p.add_argument("--batch-size", type=int, help="default: floor(64*K/10)")
-    p.add_argument("--inherit", default="auto", help="auto, none, or block numbers 1,2,3 to copy from the teacher")
-    p.add_argument("--inherit-trainable", action="store_true", help="train inherited blocks in network grafting")
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--padding", type=int, help="crop padding (default: 4, digits 1)")
-    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (always off for digits)")
-    p.add_argument("--mixup", action="store_true", help="blend pairs of few-shot images (not in the paper)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto (default): the loop times fp32/bf16 x memory formats on this machine and takes the fastest")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the teacher and student of KD-like training: auto (default) where the run is "
-                        "long enough to pay the compilation back (2,000 steps), on, or off (eager, as the committed "
-                        "grids ran)")
+    add_options(p, GraftConfig, defaults=DISTILL_DEFAULTS)  # grafting's settings: --preset ... --checkpoint-every-s
     p.add_argument("--on-bad-image", default="error", choices=["error", "skip"])
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
-    p.add_argument("--checkpoint-every-s", type=float, default=60.0,
-                   help="checkpoint at the first epoch end after this many seconds (0 = every epoch)")
     p.add_argument("--method", default="auto",
                    help="auto (default): a derived student refined by patient KD where the student fits inside the "
                         "teacher, else the paper's grafting; or any method `graftkd methods` lists (kd, fitnet, "
@@ -255,13 +235,16 @@ def _check_out_dir(out: str | None) -> None:
 def _cmd_distill(args) -> None:
     from graftkd.data import load_dataset, resolve_augment
     from graftkd.data.fewshot import FewShotManifest, make_manifest
-    from graftkd.graft import GraftConfig, ScheduleConfig
+    from graftkd.graft import GraftConfig
     from graftkd.workflows import distill, load_teacher, summary_table
 
     from graftkd.schema import build_options, fill_defaults, with_overrides
     from graftkd.workflows import DeriveOptions
 
     fill_defaults(args, DeriveOptions, skip=("refine", "loss"))  # those two the command resolves below
+    # padding and flips stay None unless given: the data's own augmentation decides them (digits: 1, no flips)
+    fill_defaults(args, GraftConfig, skip=("padding", "schedule.block_lr", "schedule.net_lr", "schedule.block_epochs",
+                                           "schedule.net_epochs", "batch_size"), defaults=DISTILL_DEFAULTS)
     _check_out_dir(args.out)
     from graftkd.students import compression_target
 
@@ -354,22 +337,9 @@ def _cmd_distill(args) -> None:
         channels = getattr(teacher.model, "input_shape", (3,))[0]
         fewshot = load_unlabeled_folder(args.unlabeled, grayscale=channels == 1, on_bad_image=args.on_bad_image)
     augment = resolve_augment(getattr(test, "dataset", None) or (manifest.source if manifest else None),
-                              args.padding, False if args.no_flip else None)
-    config = GraftConfig(
-        shots=args.k,
-        batch_size=args.batch_size,
-        schedule=ScheduleConfig.from_fields(args),
-        inherit=args.inherit,
-        inherit_trainable=args.inherit_trainable,
-        augment=not args.no_augment,
-        padding=augment.padding,
-        flip=augment.flip,
-        mixup=args.mixup,
-        seed=args.seed,
-        precision=args.precision,
-        compile=args.compile,
-        checkpoint_every_s=args.checkpoint_every_s,
-    )
+                              args.padding, args.flip)
+    config = build_options(args, GraftConfig, "distill", shots=args.k, padding=augment.padding, flip=augment.flip,
+                           seed=args.seed)
     config = with_overrides({"derive": derive, "graft": config}, args.overrides)["graft"]
     payload = distill(
         teacher=teacher, student_arch=args.student_arch, fewshot=fewshot, test=test, config=config,

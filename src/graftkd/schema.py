@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import re
 import types
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from graftkd.errors import GraftkdError
@@ -219,12 +220,29 @@ def option(help: str, *, flag: str | None = None, words: tuple[str, ...] | dict[
     return {"option": Option(help, flag, words, metavar)}
 
 
-def _comma_list(item: type):
-    def parse(text: str) -> list:
-        return [item(p) for p in text.split(",") if p.strip()]
+def _comma_list(item: type, scalar_if_one: bool = False):
+    def parse(text: str):
+        parts = [item(p) for p in text.split(",") if p.strip()]
+        return parts[0] if scalar_if_one and len(parts) == 1 else parts
 
     parse.__name__ = f"comma-separated {item.__name__}"  # argparse names the type in its error message
     return parse
+
+
+def _value_type(annotation: Any):
+    """The argparse ``type`` for a field's annotation: int, float, a comma list, or None (a string)."""
+    if annotation in (int, float):
+        return annotation
+    if get_origin(annotation) in (list, Sequence):
+        (item,) = get_args(annotation)
+        return _comma_list(item) if item in (int, float) else None
+    if get_origin(annotation) in (Union, types.UnionType):  # X | Sequence[X]: one value or a list of them
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        scalars = [a for a in members if a in (int, float)]
+        lists = [a for a in members if get_origin(a) in (list, Sequence) and get_args(a) == tuple(scalars[:1])]
+        if len(scalars) == 1 and lists:
+            return _comma_list(scalars[0], scalar_if_one=True)
+    return None
 
 
 def _options(cls: type, path: str = "") -> list[tuple[str, dataclasses.Field, Any, Option]]:
@@ -247,13 +265,26 @@ def _flag(f: dataclasses.Field, spec: Option) -> str:
     return f"--no-{name}" if f.default is True else f"--{name}"
 
 
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
+def _dest(f: dataclasses.Field, flag: str) -> str:
+    """Where argparse puts the option: its name (``--refine-loss``: ``refine_loss``); a negated switch
+    (``--no-flip``) under the field's name, holding the field's value (False when given)."""
+    return f.name if flag.startswith("--no-") else flag.lstrip("-").replace("-", "_")
 
 
-def add_options(parser: Any, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+def _default(f: dataclasses.Field, spec: Option, defaults: dict[str, Any], path: str) -> Any:
+    """The field's default as the command line would write it (a command may have its own, ``defaults``)."""
+    if path in defaults:
+        return defaults[path]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(spec.words, dict):  # the word that stands for the default
+        return next(word for word, value in spec.words.items() if value == default)
+    return default
+
+
+def add_options(parser: Any, cls: type, *, skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
     """Add the options ``cls`` declares to an argparse ``parser``. Every option's default is None, meaning
-    "not given": the dataclass's own default is the only one (see :func:`given_options`)."""
+    "not given": the dataclass's own default, or the command's own in ``defaults`` (by field path), is the one
+    its help states and :func:`fill_defaults` sets."""
     for path, f, annotation, spec in _options(cls):
         if path in skip:
             continue
@@ -264,24 +295,17 @@ def add_options(parser: Any, cls: type, *, skip: tuple[str, ...] = ()) -> None:
         help = spec.help
         switch = annotation is bool and spec.words is None
         if "default" not in help and not switch:  # said from the field, so it cannot drift
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if isinstance(spec.words, dict):
-                default = next(word for word, value in spec.words.items() if value == default)
-            elif isinstance(default, list):
-                default = ",".join(str(v) for v in default)
-            help += f" (default: {default})"
-        kwargs: dict[str, Any] = {"dest": _dest(flag), "default": None, "help": help}
+            default = _default(f, spec, defaults or {}, path)
+            help += f" (default: {','.join(map(str, default)) if isinstance(default, list) else default})"
+        kwargs: dict[str, Any] = {"dest": _dest(f, flag), "default": None, "help": help}
         if switch:
             kwargs["action"] = "store_const"
             kwargs["const"] = not flag.startswith("--no-")
         else:
             if spec.words is not None:
                 kwargs["choices"] = list(spec.words)
-            elif get_origin(annotation) is list:
-                (item,) = get_args(annotation)
-                kwargs["type"] = _comma_list(item)
-            elif annotation in (int, float):
-                kwargs["type"] = annotation
+            elif _value_type(annotation) is not None:
+                kwargs["type"] = _value_type(annotation)
             if spec.metavar:
                 kwargs["metavar"] = spec.metavar
         parser.add_argument(flag, **kwargs)
@@ -292,7 +316,7 @@ def given_options(args: Any, cls: type, *, skip: tuple[str, ...] = ()) -> dict[s
     (``{"fade": 0.25, "recipe": {"samples": 64000}}``); an option's words become the field's values."""
     given: dict[str, Any] = {}
     for path, f, _annotation, spec in _options(cls):
-        value = getattr(args, _dest(_flag(f, spec)), None)
+        value = getattr(args, _dest(f, _flag(f, spec)), None)
         if path in skip or value is None:
             continue
         if isinstance(spec.words, dict):
@@ -310,16 +334,12 @@ def build_options(args: Any, cls: type[T], where: str = "the command line", **fi
     return from_mapping(cls, {**given_options(args, cls), **fixed}, where)
 
 
-def fill_defaults(args: Any, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """Set every option of ``cls`` the command line did not give to its field's default (options in ``skip``
-    stay None: the command resolves those itself)."""
+def fill_defaults(args: Any, cls: type, *, skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
+    """Set every option of ``cls`` the command line did not give to its default (the command's own in
+    ``defaults``, else the field's); options in ``skip`` stay None: the command resolves those itself."""
     for path, f, _annotation, spec in _options(cls):
-        dest = _dest(_flag(f, spec))
-        if path in skip or getattr(args, dest, None) is not None:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(spec.words, dict):  # the word that stands for the default, as if it had been given
-            default = next(word for word, value in spec.words.items() if value == default)
-        elif _flag(f, spec).startswith("--no-"):
-            default = None  # a negated switch not given: the field keeps its default
-        setattr(args, dest, default)
+        flag = _flag(f, spec)
+        dest = _dest(f, flag)
+        if path in skip or getattr(args, dest, None) is not None or flag.startswith("--no-"):
+            continue  # a negated switch not given: None, the field keeps its default
+        setattr(args, dest, _default(f, spec, defaults or {}, path))

@@ -11,6 +11,7 @@ from torch import nn
 from graftkd.engine.checkpoint import Checkpointer, fingerprint
 from graftkd.engine.runtime import Timer, resolve_device, resolve_precision, seed_everything
 from graftkd.errors import GraftkdError
+from graftkd.schema import option
 from graftkd.graft.blocks import BlockList
 from graftkd.graft.plan import GraftPlan, InheritSpec, build_plan
 from graftkd.graft.schedule import ScheduleConfig, StageSpec, batch_size_for, build_schedule
@@ -26,19 +27,30 @@ class GraftConfig:
     """Everything that changes the result of a grafting run (and so keys its checkpoint)."""
 
     shots: int | None = None  # K, for the batch-size rule; None → images / classes
-    batch_size: int | None = None  # None → ⌊64·K/10⌋, learning rates scaled by B/64
+    batch_size: int | None = field(default=None, metadata=option(  # learning rates scaled by B/64
+        "images per step (default: floor(64*K/10))"))
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    inherit: InheritSpec = "auto"
-    inherit_trainable: bool = False
-    augment: bool = True  # random crop (zero padding) + horizontal flip, batched on the device
-    padding: int = 4
-    flip: bool = True
-    mixup: bool = False  # not in the paper: blend pairs of few-shot images (teacher sees the same blend)
+    inherit: InheritSpec = field(default="auto", metadata=option(
+        "auto (the default), none, or block numbers 1,2,3 to copy from the teacher"))
+    inherit_trainable: bool = field(default=False, metadata=option("train inherited blocks in network grafting"))
+    augment: bool = field(default=True, metadata=option(  # random crop (zero padding) + flip, batched on the device
+        "no random crops and flips of the few-shot images"))
+    padding: int = field(default=4, metadata=option("crop padding (default: 4, digits 1)"))
+    flip: bool = field(default=True, metadata=option("no horizontal flips (always off for digits)"))
+    mixup: bool = field(default=False, metadata=option(  # the teacher sees the same blend
+        "blend pairs of few-shot images (not in the paper)"))
     seed: int = 0
-    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    precision: str = field(default="auto", metadata=option(  # bf16 autocast on CUDA, fp32 on CPU
+        "auto (default): the loop times fp32/bf16 x memory formats on this machine and takes the fastest",
+        words=("auto", "fp32", "bf16")))
     channels_last: bool | None = None  # None → on when the precision is bf16 (CUDA by default)
-    compile: str = "off"  # torch.compile in the one loop's plain step (kd-like methods): off | on | auto
-    checkpoint_every_s: float = 60.0
+    # torch.compile in the one loop's plain step (kd-like methods); "off" here keeps library runs and grid
+    # cells eager, as the committed grids ran; `graftkd distill` defaults to auto
+    compile: str = field(default="off", metadata=option(
+        "torch.compile the teacher and student of KD-like training: auto where the run is long enough to pay the "
+        "compilation back (2,000 steps), on, or off (eager, as the committed grids ran)", words=("auto", "on", "off")))
+    checkpoint_every_s: float = field(default=60.0, metadata=option(
+        "checkpoint at the first epoch end after this many seconds (0 = every epoch)"))
     log_every: int = 10
     eval_every: int = 0  # epochs between optional evaluation-curve points; 0 = off (the default)
     # BatchNorm layers of trained blocks keep their running statistics and normalise with them, instead of

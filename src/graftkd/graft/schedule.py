@@ -7,9 +7,10 @@ frozen blocks are identical to the teacher's, so they stay in the shared teacher
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from graftkd.errors import GraftkdError
+from graftkd.schema import option
 from graftkd.graft.plan import GraftPlan
 
 # Paper defaults (Implementation Details) at batch size 64; CIFAR-10 epochs as in the reference code.
@@ -61,11 +62,18 @@ class ScheduleConfig:
     says whether network-stage rates follow the B/64 rule. None takes the preset's value.
     """
 
-    preset: str = "cifar10"
-    block_lr: float | Sequence[float] | None = None
-    net_lr: float | Sequence[float] | None = None
-    block_epochs: int | Sequence[int] | None = None
-    net_epochs: int | Sequence[int] | None = None
+    preset: str = field(default="cifar10", metadata=option(
+        "learning-rate/epoch defaults: cifar10 (the default), cifar100, imagenet, digits, or cifar10-reference (the "
+        "reference code's rates: adapters at 10x in block stages, network stages unscaled)",
+        words=tuple(PRESETS)))
+    block_lr: float | Sequence[float] | None = field(default=None, metadata=option(
+        "learning rate(s) at batch 64 for block grafting (default: the preset's)"))
+    net_lr: float | Sequence[float] | None = field(default=None, metadata=option(
+        "learning rate(s) at batch 64 for network grafting (default: the preset's)"))
+    block_epochs: int | Sequence[int] | None = field(default=None, metadata=option(
+        "epochs per block stage, one value or a list (default: the preset's)"))
+    net_epochs: int | Sequence[int] | None = field(default=None, metadata=option(
+        "epochs per network stage, one value or a list (default: the preset's)"))
     block_adapter_lr_scale: float | None = None
     net_lr_batch_scaled: bool | None = None
 
