@@ -89,3 +89,20 @@ def test_the_commands_declare_their_recipes_options_once() -> None:
                                                  "--schedule", "cosine"])
     assert build_options(args, TeacherRecipe) == TeacherRecipe(flip=False, schedule="cosine")
     assert "(default: 240)" in commands["train-kd"].format_help()  # KDRecipe.epochs, said once
+
+
+def test_every_option_of_every_command_has_a_line_of_help() -> None:
+    from graftkd.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command, sub in action.choices.items():
+                    walk(sub, f"{name} {command}")
+            elif action.option_strings and not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{name} {action.option_strings[0]}")
+
+    walk(build_parser(), "graftkd")
+    assert not missing, missing

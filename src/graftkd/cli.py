@@ -30,7 +30,7 @@ def _method_options(pairs: list[str]) -> dict:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the run (few-shot draw, initialisation, batches)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -52,20 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="graft a digits CNN from 1 and 5 unlabeled images per class (no download)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's runs and its summary (default: runs/demo)")
     _add_common(p)
 
     p = sub.add_parser("fewshot", help="write a few-shot manifest: K images per class, labels dropped")
     p.add_argument("--data", required=True, help="digits, cifar10, cifar100, a .tar.gz or an image folder")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="which split to draw from (default: train)")
     p.add_argument("--k", type=int, required=True, help="images per class")
     p.add_argument("--subset", type=int, default=0, help="which of several disjoint subsets (0, 1, ...)")
     p.add_argument("--out", required=True, help="manifest JSON path")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw: the same seed and subset give the same images")
 
     p = sub.add_parser("train-teacher", help="supervised training of a zoo model (resumable)")
-    p.add_argument("--arch", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--arch", required=True, help="zoo architecture to train (`graftkd models`), e.g. resnet56")
+    p.add_argument("--data", required=True, help="labeled data: digits, cifar10, cifar100, a .tar.gz or an image folder")
     p.add_argument("--out", required=True, help="run directory (checkpoint, model.pt, result.json)")
     add_options(p, TeacherRecipe)
     p.add_argument("--checkpoint-every-s", type=float, default=300.0,
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-data", help="labeled data whose 'test' split is used for reporting only")
     p.add_argument("--num-classes", type=int, help="classes the teacher predicts (default: from the data)")
     add_options(p, GraftConfig, defaults=DISTILL_DEFAULTS)  # grafting's settings: --preset ... --checkpoint-every-s
-    p.add_argument("--on-bad-image", default="error", choices=["error", "skip"])
+    p.add_argument("--on-bad-image", default="error", choices=["error", "skip"],
+                   help="an unreadable image in --unlabeled: stop with its name (error, the default) or leave it out")
     p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
     p.add_argument("--method", default="auto",
                    help="auto (default): a derived student refined by patient KD where the student fits inside the "
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="classes of a teacher weights file")
 
     p = sub.add_parser("models", help="list the zoo with parameters, FLOPs and blocks")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the models' heads, for parameters and FLOPs (default: 10)")
 
     p = sub.add_parser("evaluate", help="test accuracy of a registered teacher or of a weights file")
     which = p.add_mutually_exclusive_group(required=True)
@@ -154,14 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--weights", help="weights file (a graftkd student.pt names its architecture; others need --arch)")
     p.add_argument("--arch", help="zoo architecture of --weights")
     p.add_argument("--data", help="labeled data (default for --teacher: its registered dataset)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="which split to score (default: test)")
     p.add_argument("--teachers-dir", help="folder holding registered teacher files (also: GRAFTKD_TEACHERS)")
     p.add_argument("--tolerance", type=float, default=0.1,
                    help="fail when a teacher's accuracy differs from the registry by more (points)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
     p.add_argument("--out", help="write the measurement (with command, commit, device, time) to this JSON")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     p = sub.add_parser("bench", help="run (or finish) an experiment grid: methods x shots x seeds x subsets")
     p.add_argument("--config", required=True, help="grid YAML, e.g. configs/digits.yaml")
@@ -175,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="do not regenerate results.md/json and plots")
     p.add_argument("--jobs", type=int, default=1,
                    help="cells to run at once, each in its own process with the grid's thread count (default 1)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     p = sub.add_parser("report", help="tables (Markdown, JSON) and plots from a grid's result files or a folder of distill runs")
     p.add_argument("results_dir", help="results/<grid name>, or any folder of `graftkd distill` runs")
