@@ -136,6 +136,13 @@ def test_quality_warnings_name_what_to_try_and_reach_the_model_card():
            "graft": {"stages": [{"name": "net 1-3", "loss_curve": [(1, 1.63), (2, 1.85)]}]}}
     warnings = quality_warnings(bad)
     assert len(warnings) == 2 and "derived" in warnings[0] and "lower the learning rate" in warnings[1]
+    # a fading student starts as the teacher: its loss is judged from the end of the fading (chunk 2 of 4) on
+    fading = {"label_free": {"agreement": 95.0}, "init": {"used": "derived"}, "fade": {"share": 0.5, "steps": 100},
+              "refine": {"stages": [{"name": "kd", "epochs": 4, "steps": 200,
+                                     "loss_curve": [(1, 0.5), (2, 3.0), (3, 1.5), (4, 1.0)]}]}}
+    assert quality_warnings(fading) == []
+    fading["refine"]["stages"][0]["loss_curve"][-1] = (4, 3.5)
+    assert "ended above where the fading ended (3 -> 3.5)" in quality_warnings(fading)[0]
     config = {"arch": "digits_cnn_half", "module": "graftkd.models", "function": "digits_cnn_half", "kwargs": {},
               "input_shape": [1, 8, 8], "mean": [0.0], "std": [1.0]}
     card = _card(config, {"warnings": warnings}, {"formats": {}}, 10, 20, "student.pt", "graftkd export")

@@ -325,13 +325,21 @@ def quality_warnings(payload: dict) -> list[str]:
                   "`graftkd students --teacher ...`)")
         warnings.append(f"the label-free agreement is low ({free['agreement']:.1f}% < {AGREEMENT_WARNING:g}%), so "
                         f"expect a test accuracy far below the teacher's; {advice} may help")
+    fade_steps = (payload.get("fade") or {}).get("steps") or 0
     for part in ("graft", "refine"):
         stages = (payload.get(part) or {}).get("stages") if isinstance(payload.get(part), dict) else None
-        for stage in stages or []:
+        for index, stage in enumerate(stages or []):
             curve = stage.get("loss_curve") or []
-            if len(curve) >= 2 and curve[-1][1] > curve[0][1]:
-                warnings.append(f"the loss of stage '{stage.get('name')}' ended above where it started "
-                                f"({curve[0][1]:.4g} -> {curve[-1][1]:.4g}): the student got worse at matching the "
+            start, since = (curve[0], "where it started") if curve else (None, "")
+            if part == "refine" and index == 0 and fade_steps and stage.get("steps"):
+                # a fading student starts as the teacher itself: its loss rises while the dropped units and
+                # channels fade out, and the training proper starts where they are gone
+                faded = stage["epochs"] * fade_steps / stage["steps"]
+                after = [point for point in curve if point[0] >= faded]
+                start, since = (after[0], "where the fading ended") if after else (None, "")
+            if start is not None and len(curve) >= 2 and curve[-1][1] > start[1]:
+                warnings.append(f"the loss of stage '{stage.get('name')}' ended above {since} "
+                                f"({start[1]:.4g} -> {curve[-1][1]:.4g}): the student got worse at matching the "
                                 "teacher; lower the learning rate or raise the budget")
     return warnings
 
