@@ -184,6 +184,9 @@ CONFIGS = {
     "r20-fade025-greedy-t16-128k-auto": ("resnet56-cifar10", "resnet20",
                                          {"fade": 0.25, "depth_rule": "greedy", "loss_options": {"temperature": 16.0}},
                                          {"samples": 128_000}, {"precision": "auto"}),
+    "r20-fade025-greedy-t32-128k-auto": ("resnet56-cifar10", "resnet20",
+                                         {"fade": 0.25, "depth_rule": "greedy", "loss_options": {"temperature": 32.0}},
+                                         {"samples": 128_000}, {"precision": "auto"}),
     # half-width VGG: the width analogue of fading (the dropped channels fade out of the whole teacher, then the
     # narrow student trains on), against the default path's repair + feature maps at the same budget
     "vh-repair-fkd-64k-auto": ("vgg16bn-cifar10", "vgg16_half_bn", {"loss": "feature_kd", "repair": True},
