@@ -286,6 +286,7 @@ def test_repair_on_augmented_views_regresses_on_more_rows_and_is_recorded() -> N
 def test_the_refinement_resolver_follows_the_derivation():
     from types import SimpleNamespace
 
+    from graftkd.refine import HOT_TEMPERATURE
     from graftkd.workflows import FADE, REPAIRED_ENOUGH, resolve_refinement
 
     def record(*statuses, whole=True):
@@ -295,6 +296,7 @@ def test_the_refinement_resolver_follows_the_derivation():
 
     depth = resolve_refinement(record("units chosen", "units chosen"))
     assert (depth["repair"], depth["loss"], depth["stop_at"], depth["fade"]) == (False, "kd", None, FADE)
+    assert depth["loss_options"] == {"temperature": HOT_TEMPERATURE} and "temperature 16" in depth["why"]
     assert resolve_refinement(record("inherited", "inherited"))["fade"] == 0.0
     width = resolve_refinement(record("inherited", "channels chosen", "units and channels chosen"))
     assert (width["repair"], width["loss"], width["stop_at"]) == (True, "feature_kd", REPAIRED_ENOUGH)
@@ -435,6 +437,13 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
     auto = _resnet_distill({"precision": "fp32"}, samples=8 * 8, refine="auto")
     assert auto["resolved"]["fade"] == FADE and auto["derive"]["fade"] == FADE and "fading" in auto["resolved"]["why"]
     assert auto["fade"]["steps"] == round(FADE * 8)
+    # ... with KD at the hot temperature, recorded; a temperature the user sets wins
+    from graftkd.refine import HOT_TEMPERATURE
+
+    assert auto["derive"]["loss_options"] == {"temperature": HOT_TEMPERATURE}
+    assert auto["refine"]["stages"][0]["name"] == "kd" and f"temperature {HOT_TEMPERATURE:g}" in auto["resolved"]["why"]
+    mine = _resnet_distill({"precision": "fp32"}, samples=8 * 8, refine="auto", loss_options={"temperature": 2.0})
+    assert mine["derive"]["loss_options"] == {"temperature": 2.0}
     # the default path chooses the units greedily by few-shot logit error; a named refinement keeps them even
     assert auto["init"]["depth_rule"]["used"] == "greedy" and auto["derivation"]["depth_rule"] == "greedy"
     assert payload["init"]["depth_rule"] == {"requested": "auto", "used": "even",

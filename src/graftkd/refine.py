@@ -159,11 +159,13 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
         if fade and resolved["repair"]:  # a fade the user named starts from the teacher: no repair to check first
             resolved.update(repair=False, stop_at=None, fade_below=None,
                             why=resolved["why"] + f"; --fade {fade:g} given: no repair, the start is the teacher")
-        options = with_changes(options, refine="kd", repair=resolved["repair"], loss=resolved["loss"], fade=fade)
+        options = with_changes(options, refine="kd", repair=resolved["repair"], loss=resolved["loss"], fade=fade,
+                               loss_options={**resolved.get("loss_options", {}), **options.loss_options})  # the user's win
         facts["resolved"] = resolved
     if options.fade is None:
         options = with_changes(options, fade=0.0)
     facts["derive"]["fade"] = options.fade
+    facts["derive"]["loss_options"] = dict(options.loss_options)
     facts["method"] = f"derived+{options.refine}"
     inputs = norm.to(device)(images).float()
     if options.repair:
@@ -280,12 +282,18 @@ FADE = 0.25
 #: the repaired student's label-free agreement (%) from which training it on the few images is left out
 REPAIRED_ENOUGH = 95.0
 
+#: the KD temperature of the default path after a depth derivation (the loss's own default is Hinton's 4): hotter
+#: targets carry more of the teacher's logits than its top class, which is what a student seeing a few images
+#: lacks (validation split, ResNet-56 -> ResNet-20, fading and greedy units, 128k samples, results/cifar10-derived/dev-amx:
+#: K=1 78.6 / 77.9 % against 75.0 / 76.0 at 4, seeds 0 / 1; K=10 84.4 / 83.7 against 82.2 / 83.0; 8 and 32 in NOTES.md)
+HOT_TEMPERATURE = 16.0
+
 
 def resolve_refinement(record) -> dict:
     """What a derived student gets when the user chose nothing (``refine`` 'auto'), and why.
 
     The rule comes from the validation split (``results/cifar10-derived/dev``, never test):
-    - only units chosen (a depth derivation): patient KD on logits, no repair. Repair then KD gave 72.9 % against
+    - only units chosen (a depth derivation): patient KD on logits at temperature ``HOT_TEMPERATURE``, no repair. Repair then KD gave 72.9 % against
       75.5 %; KD plus the stage outputs (with fading, 128k) 73.0 against 72.0 at K=1 and 83.8 against 83.8 at K=10,
       at 1.4x the time (the cheaper KD). The student starts as the whole teacher
       and the dropped units fade out over the first ``FADE`` of the budget (``results/cifar10-derived/dev-amx``:
@@ -310,8 +318,9 @@ def resolve_refinement(record) -> dict:
                 "fade_below": FADE, "why": "channels chosen: the closed-form repair first"}
     if units_chosen_only(record):
         return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None, "fade": FADE,
-                "why": f"units chosen: patient KD from the whole teacher, the dropped units fading out over the first "
-                       f"{FADE:g} of the budget"}
+                "loss_options": {"temperature": HOT_TEMPERATURE},
+                "why": f"units chosen: patient KD at temperature {HOT_TEMPERATURE:g} from the whole teacher, the dropped "
+                       f"units fading out over the first {FADE:g} of the budget"}
     return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None, "fade": 0.0,
             "why": "units chosen" if any("units" in status for status in statuses) else "every block inherited"}
 
