@@ -95,6 +95,7 @@ def test_the_resolver_stops_after_the_repair_only_when_the_student_is_close_enou
         assert result["derive"]["fade"] == refine.FADE and result["fade"]["steps"] == round(refine.FADE * 10)
         assert result["fade"]["faded_readers"] and result["bn_start"]["used"] == "teacher"
         assert "fading out" in result["resolved"]["why"] and result["repair"]["set_aside"]
+        assert "temperature 16" in result["resolved"]["why"] and result["derive"]["loss_options"] == {"temperature": 16.0}
         assert result["refine"]["bn_recalibrated"]["norms"] > 0
     else:
         assert result["refine"] is None

@@ -203,11 +203,13 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
             facts["repair"]["set_aside"] = True  # it ran for the check only
             facts["bn_start"] = {"rule": "teacher (fade: the start is the whole teacher)", "used": "teacher"}
             resolved["why"] += (f"; the repaired student agrees on {estimate['agreement']:.1f} % of the held-out views "
-                                f"(< {resolved['stop_at']:g} %): patient KD plus feature maps from the whole teacher, "
-                                f"the dropped channels fading out over the first {options.fade:g} of the budget")
+                                f"(< {resolved['stop_at']:g} %): patient KD at temperature "
+                                f"{options.loss_options.get('temperature', 4.0):g} plus feature maps from the whole "
+                                f"teacher, the dropped channels fading out over the first {options.fade:g} of the budget")
         else:
             resolved["why"] += (f"; the repaired student agrees on {estimate['agreement']:.1f} % of the held-out views "
-                                f"(< {resolved['stop_at']:g} %): patient KD plus feature maps")
+                                f"(< {resolved['stop_at']:g} %): patient KD at temperature "
+                                f"{options.loss_options.get('temperature', 4.0):g} plus feature maps")
         facts["method"] = f"derived+{options.refine}"
     num_classes = num_outputs(teacher.model, images.shape[1:])
     shots = config.shots or max(1, len(images) // num_classes)
@@ -282,10 +284,12 @@ FADE = 0.25
 #: the repaired student's label-free agreement (%) from which training it on the few images is left out
 REPAIRED_ENOUGH = 95.0
 
-#: the KD temperature of the default path after a depth derivation (the loss's own default is Hinton's 4): hotter
+#: the KD temperature of the default path for derived students (the loss's own default is Hinton's 4): hotter
 #: targets carry more of the teacher's logits than its top class, which is what a student seeing a few images
-#: lacks (validation split, ResNet-56 -> ResNet-20, fading and greedy units, 128k samples, results/cifar10-derived/dev-amx:
-#: K=1 78.6 / 77.9 % against 75.0 / 76.0 at 4, seeds 0 / 1; K=10 84.4 / 83.7 against 82.2 / 83.0; 8 and 32 in NOTES.md)
+#: lacks. Validation split (results/cifar10-derived/dev-amx): ResNet-56 -> ResNet-20, fading and greedy units, 128k
+#: samples, K=1 78.6 / 77.9 % against 75.0 / 76.0 at 4 (seeds 0 / 1), K=10 84.4 / 83.7 against 82.2 / 83.0 (8 and
+#: 32 in NOTES.md); VGG16-BN -> half width, fading with feature maps, 64k samples, K=1 89.4 against 88.2, K=10 91.6
+#: against 90.4 (seed 0)
 HOT_TEMPERATURE = 16.0
 
 
@@ -293,7 +297,7 @@ def resolve_refinement(record) -> dict:
     """What a derived student gets when the user chose nothing (``refine`` 'auto'), and why.
 
     The rule comes from the validation split (``results/cifar10-derived/dev``, never test):
-    - only units chosen (a depth derivation): patient KD on logits at temperature ``HOT_TEMPERATURE``, no repair. Repair then KD gave 72.9 % against
+    - only units chosen (a depth derivation): patient KD on logits, no repair. Repair then KD gave 72.9 % against
       75.5 %; KD plus the stage outputs (with fading, 128k) 73.0 against 72.0 at K=1 and 83.8 against 83.8 at K=10,
       at 1.4x the time (the cheaper KD). The student starts as the whole teacher
       and the dropped units fade out over the first ``FADE`` of the budget (``results/cifar10-derived/dev-amx``:
@@ -305,6 +309,7 @@ def resolve_refinement(record) -> dict:
       ``fade_below`` of the budget (half-width VGG on validation at 64k: 88.2 against 86.0 % for KD plus feature
       maps after the repair at K=1, 90.4 against 90.3 at K=10; on test 86.99 against 86.55 at K=10, n=3);
     - any block fresh: patient KD (the fresh blocks must be trained, and the repair needs one whole derivation).
+    Derived students train at the KD temperature ``HOT_TEMPERATURE``; students with fresh blocks keep the loss's own.
     ``stop_at`` is the agreement threshold to check after the repair (None: no check); ``fade`` the share of the
     budget over which dropped units fade out (0: cut before the first step); ``fade_below`` the fade that replaces
     the repaired start when the check fails."""
@@ -315,7 +320,8 @@ def resolve_refinement(record) -> dict:
                 "why": f"blocks {', '.join(map(str, fresh))} are fresh: patient KD trains them"}
     if any("channels" in status for status in statuses) and record.whole:
         return {"repair": True, "loss": "feature_kd", "refine": "kd", "stop_at": REPAIRED_ENOUGH, "fade": 0.0,
-                "fade_below": FADE, "why": "channels chosen: the closed-form repair first"}
+                "fade_below": FADE, "loss_options": {"temperature": HOT_TEMPERATURE},
+                "why": "channels chosen: the closed-form repair first"}
     if units_chosen_only(record):
         return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None, "fade": FADE,
                 "loss_options": {"temperature": HOT_TEMPERATURE},
