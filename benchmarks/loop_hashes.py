@@ -22,6 +22,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 from graftkd.data.normalize import Normalizer  # noqa: E402
 
+REPORT, sys.stdout = sys.stdout, sys.stderr  # the trainers' progress lines go to stderr; stdout gets the JSON only
+
 def h(module_or_sd, extra=None):  # noqa: E302
     sd = module_or_sd.state_dict() if hasattr(module_or_sd, "state_dict") else module_or_sd
     m = hashlib.sha256()
@@ -88,4 +90,4 @@ for name, rk in [("patient", {}), ("patient-ema-anchor", {"ema": 0.9, "anchor": 
     out[f"fewshot-{name}"] = h(o.student, [{k: v for k, v in s.items() if k not in ("seconds", "images_per_second")} for s in o.stages])
 from graftkd.engine.runtime import run_facts  # noqa: E402
 
-print(json.dumps({**run_facts(torch.device("cpu"), seed=0), "hashes": out}, indent=1))
+print(json.dumps({**run_facts(torch.device("cpu"), seed=0), "hashes": out}, indent=1), file=REPORT)
