@@ -196,20 +196,19 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
             resolved["refine"], resolved["loss"] = "none", None
             resolved["why"] += (f"; the repaired student agrees with the teacher on {estimate['agreement']:.1f} % of "
                                 f"the held-out views (>= {resolved['stop_at']:g} %): no training")
-        elif resolved.get("fade_below"):
-            # the repaired weights are set aside: the student starts as the whole teacher, its channels fading out
-            options = with_changes(options, repair=False, fade=resolved["fade_below"])
-            facts["derive"]["fade"] = options.fade
-            facts["repair"]["set_aside"] = True  # it ran for the check only
-            facts["bn_start"] = {"rule": "teacher (fade: the start is the whole teacher)", "used": "teacher"}
-            resolved["why"] += (f"; the repaired student agrees on {estimate['agreement']:.1f} % of the held-out views "
-                                f"(< {resolved['stop_at']:g} %): patient KD at temperature "
-                                f"{options.loss_options.get('temperature', 4.0):g} plus feature maps from the whole "
-                                f"teacher, the dropped channels fading out over the first {options.fade:g} of the budget")
         else:
+            hot = options.loss_options.get("temperature")  # absent: the loss's own default
             resolved["why"] += (f"; the repaired student agrees on {estimate['agreement']:.1f} % of the held-out views "
-                                f"(< {resolved['stop_at']:g} %): patient KD at temperature "
-                                f"{options.loss_options.get('temperature', 4.0):g} plus feature maps")
+                                f"(< {resolved['stop_at']:g} %): patient KD"
+                                + (f" at temperature {hot:g}" if hot else "") + " plus feature maps")
+            if resolved.get("fade_below"):
+                # the repaired weights are set aside: the student starts as the whole teacher, its channels fading out
+                options = with_changes(options, repair=False, fade=resolved["fade_below"])
+                facts["derive"]["fade"] = options.fade
+                facts["repair"]["set_aside"] = True  # it ran for the check only
+                facts["bn_start"] = {"rule": "teacher (fade: the start is the whole teacher)", "used": "teacher"}
+                resolved["why"] += (f" from the whole teacher, the dropped channels fading out over the first "
+                                    f"{options.fade:g} of the budget")
         facts["method"] = f"derived+{options.refine}"
     num_classes = num_outputs(teacher.model, images.shape[1:])
     shots = config.shots or max(1, len(images) // num_classes)
