@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from graftkd.data import default_augment, load_dataset
     from graftkd.data.fewshot import make_manifest
     from graftkd.graft import GraftConfig, ScheduleConfig
-    from graftkd.workflows import distill, load_teacher
+    from graftkd.commands.distill import distill
+    from graftkd.loaded import load_teacher
 
     out, runs = Path(args.out), Path(args.runs)
     teacher = load_teacher(args.teacher, None, None)

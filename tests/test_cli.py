@@ -187,7 +187,7 @@ def test_resnet56_teacher_loads_and_grafts_resnet20_on_cifar10_shapes(tmp_path):
     """The paper pair on the real teacher: a short schedule on 10-shot CIFAR-10, exact merge."""
     from graftkd.data import make_manifest
     from graftkd.graft import GraftConfig, ScheduleConfig, graft
-    from graftkd.workflows import load_model_file, normalizer
+    from graftkd.loaded import load_model_file, normalizer
 
     teacher = load_model_file("resnet56", SHARED / "teachers" / "resnet56-4bfd9763.th", num_classes=10)
     manifest = make_manifest(str(SHARED / "data" / "cifar10.tar.gz"), "train", 1, seed=0)
@@ -386,3 +386,22 @@ def test_a_named_fade_on_the_default_path_starts_from_the_teacher_without_the_re
     result = json.loads((cut / "result.json").read_text())
     assert result["derive"]["fade"] == 0 and "fade" not in result and result["resolved"]["repair"]
     assert result["method"] == "derived+kd" and not result["repair"].get("set_aside")
+
+
+def test_every_command_is_one_module_with_the_same_contract() -> None:
+    """A command lives in graftkd/commands/NAME.py with NAME, HELP, add_arguments and run; the parser and the
+    dispatch table are built from that list, so a module left out of it fails here."""
+    from pathlib import Path
+
+    import graftkd.commands as commands
+    from graftkd.cli import COMMANDS, build_parser
+
+    modules = commands.command_modules()
+    files = {p.stem for p in Path(commands.__file__).parent.glob("*.py")} - {"__init__", "common"}
+    assert {m.__name__.rsplit(".", 1)[1] for m in modules} == files
+    for module in modules:
+        assert module.NAME.replace("-", "_") == module.__name__.rsplit(".", 1)[1]
+        assert module.HELP and callable(module.add_arguments) and callable(module.run)
+    assert list(COMMANDS) == [m.NAME for m in modules]
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert list(sub.choices) == [m.NAME for m in modules]

@@ -263,7 +263,9 @@ def test_unit_feature_pairs_map_each_kept_unit_to_the_teacher_stream_where_the_n
 def test_repair_on_augmented_views_regresses_on_more_rows_and_is_recorded() -> None:
     from graftkd.data import load_dataset
     from graftkd.graft import GraftConfig
-    from graftkd.workflows import DeriveOptions, LoadedModel, distill
+    from graftkd.refine import DeriveOptions
+    from graftkd.loaded import LoadedModel
+    from graftkd.commands.distill import distill
 
     torch.manual_seed(0)
     teacher = build_model("digits_cnn").eval()
@@ -287,7 +289,7 @@ def test_the_refinement_resolver_follows_the_derivation():
     from types import SimpleNamespace
 
     from graftkd.refine import HOT_TEMPERATURE
-    from graftkd.workflows import FADE, REPAIRED_ENOUGH, resolve_refinement
+    from graftkd.refine import FADE, REPAIRED_ENOUGH, resolve_refinement
 
     def record(*statuses, whole=True):
         return SimpleNamespace(whole=whole, blocks=[{"block": i + 1, "status": s} for i, s in enumerate(statuses)],
@@ -410,7 +412,9 @@ def _resnet_distill(config: dict, samples: int = 8 * 4, pair=("resnet32", "resne
     from graftkd.data.dataset import ImageSet
     from graftkd.engine.recipe import Recipe
     from graftkd.graft import GraftConfig
-    from graftkd.workflows import DeriveOptions, LoadedModel, distill
+    from graftkd.refine import DeriveOptions
+    from graftkd.loaded import LoadedModel
+    from graftkd.commands.distill import distill
 
     torch.manual_seed(0)
     teacher = _randomise_norms(build_model(pair[0]))
@@ -425,7 +429,7 @@ def _resnet_distill(config: dict, samples: int = 8 * 4, pair=("resnet32", "resne
 
 
 def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
-    from graftkd.workflows import DeriveOptions
+    from graftkd.refine import DeriveOptions
 
     payload = _resnet_distill({"precision": "auto", "compile": "on"}, refine="kd", fade=0.5)
     assert payload["fade"]["steps"] == 2 and len(payload["fade"]["faded_units"]) == 6
@@ -433,7 +437,7 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
     compile_facts = payload["refine"]["compile"]  # asked for, but the fading student stays eager, and says why
     assert not compile_facts["used"] and "fade" in compile_facts["why"]
     # the default refinement fades a depth derivation's units over FADE of the budget, and says so
-    from graftkd.workflows import FADE
+    from graftkd.refine import FADE
 
     auto = _resnet_distill({"precision": "fp32"}, samples=8 * 8, refine="auto")
     assert auto["resolved"]["fade"] == FADE and auto["derive"]["fade"] == FADE and "fading" in auto["resolved"]["why"]
@@ -456,7 +460,7 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
 
 
 def test_fade_with_feature_kd_matches_the_teachers_stage_outputs():
-    from graftkd.workflows import DeriveOptions
+    from graftkd.refine import DeriveOptions
 
     payload = _resnet_distill({"precision": "fp32"}, refine="kd", fade=0.5, loss="feature_kd")
     (stage,) = payload["refine"]["stages"]

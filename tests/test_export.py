@@ -12,7 +12,7 @@ import torch
 
 from graftkd.export import export_model
 from graftkd.models import build_model
-from graftkd.workflows import LoadedModel, save_model
+from graftkd.loaded import LoadedModel, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -110,7 +110,7 @@ def test_exported_resnet20_predicts_the_cifar10_test_split_like_the_model(tmp_pa
         pytest.skip("../shared teachers/data not present")
     monkeypatch.setenv("GRAFTKD_DATA", str(SHARED / "data"))
     from graftkd.data import load_dataset
-    from graftkd.workflows import load_teacher, normalizer
+    from graftkd.loaded import load_teacher, normalizer
 
     loaded = load_teacher("resnet20-cifar10", None, 10, str(SHARED / "teachers"))
     save_model(tmp_path / "run" / "student.pt", loaded, {})
@@ -127,7 +127,7 @@ def test_exported_resnet20_predicts_the_cifar10_test_split_like_the_model(tmp_pa
 
 def test_quality_warnings_name_what_to_try_and_reach_the_model_card():
     from graftkd.export import _card
-    from graftkd.workflows import quality_warnings
+    from graftkd.commands.distill import quality_warnings
 
     good = {"label_free": {"agreement": 91.0}, "init": {"used": "derived"},
             "refine": {"stages": [{"name": "kd", "loss_curve": [(1, 2.0), (2, 1.0)]}]}}
@@ -151,7 +151,7 @@ def test_quality_warnings_name_what_to_try_and_reach_the_model_card():
 
 def test_safetensors_export_reloads_and_serves_as_a_teacher(tmp_path) -> None:
     pytest.importorskip("safetensors")
-    from graftkd.workflows import load_teacher, saved_arch
+    from graftkd.loaded import load_teacher, saved_arch
 
     weights, model = _student(tmp_path)
     report = export_model(weights, tmp_path / "export", formats=("safetensors",))

@@ -7,7 +7,7 @@ import-linter contracts in pyproject.toml, run by `lint-imports`).
     graft, then derive               (grafting; derivation builds on grafting's block contract)
     distill                          (the methods, the full-data trainer)
     loaded, then refine              (models as files; a derived student's refinement, a method's run)
-    everything else                  (workflows, bench, report, cli: the top)
+    everything else                  (commands, bench, report, cli: the top)
 """
 from __future__ import annotations
 

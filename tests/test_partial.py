@@ -12,7 +12,7 @@ from graftkd.cli import main
 from graftkd.errors import GraftkdError
 from graftkd.models import build_model, count_params
 from graftkd.models.hybrid import HybridModel, block_params
-from graftkd.workflows import load_model_file
+from graftkd.loaded import load_model_file
 
 
 def test_a_resnet56_with_resnet20_stage_2_has_that_stage_and_the_rest_of_the_teacher() -> None:

@@ -26,7 +26,7 @@ from graftkd.models.teacher_registry import (
     sha256_of,
 )
 from graftkd.models.teachers import load_pretrained
-from graftkd.workflows import load_teacher
+from graftkd.loaded import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -274,7 +274,7 @@ def test_registeredteacher_accuracy_comes_from_the_record_only_for_the_same_data
     from torch import nn
 
     from graftkd.data.dataset import ImageSet
-    from graftkd.workflows import LoadedModel, teacher_accuracy, normalizer
+    from graftkd.loaded import LoadedModel, teacher_accuracy, normalizer
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)

@@ -43,7 +43,9 @@ def main() -> None:
     from graftkd.engine.runtime import run_facts
     from graftkd.files import atomic_write_json
     from graftkd.graft import GraftConfig
-    from graftkd.workflows import DeriveOptions, distill, load_model_file, load_teacher, normalizer
+    from graftkd.refine import DeriveOptions
+    from graftkd.commands.distill import distill
+    from graftkd.loaded import load_model_file, load_teacher, normalizer
 
     started = time.perf_counter()
     train = load_dataset("cifar10", "train")

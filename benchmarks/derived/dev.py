@@ -240,7 +240,9 @@ def main() -> None:
     from graftkd.files import atomic_write_json
     from graftkd.engine.recipe import Recipe
     from graftkd.graft import GraftConfig
-    from graftkd.workflows import DeriveOptions, distill, load_teacher
+    from graftkd.refine import DeriveOptions
+    from graftkd.commands.distill import distill
+    from graftkd.loaded import load_teacher
 
     train = load_dataset("cifar10", "train")
     val = validation_set(train)

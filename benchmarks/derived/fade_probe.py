@@ -50,7 +50,7 @@ def main() -> None:
     from graftkd.engine.runtime import device_description, git_commit
     from graftkd.files import atomic_write_json
     from graftkd.models import build_model
-    from graftkd.workflows import load_teacher, normalizer
+    from graftkd.loaded import load_teacher, normalizer
 
     name = f"fade{args.fade:g}-{args.samples // 1000}k-lr{args.lr:g}-k{args.k}-s{args.seed}"
     path = Path(args.out) / f"probe-{name}.json"

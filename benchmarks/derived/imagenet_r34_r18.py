@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from graftkd.engine.recipe import Recipe
     from graftkd.graft import GraftConfig
-    from graftkd.workflows import DeriveOptions, LoadedModel, distill, summary_table
+    from graftkd.refine import DeriveOptions
+    from graftkd.loaded import LoadedModel
+    from graftkd.commands.distill import distill, summary_table
     from graftkd.models.teachers import load_pretrained
 
     root = Path(args.imagenet)

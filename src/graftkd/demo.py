@@ -11,7 +11,9 @@ from pathlib import Path
 
 from graftkd.engine.supervised import TeacherRecipe
 from graftkd.graft import GraftConfig, ScheduleConfig
-from graftkd.workflows import DeriveOptions, distill, summary_table, train_teacher
+from graftkd.refine import DeriveOptions
+from graftkd.commands.distill import distill, summary_table
+from graftkd.commands.train_teacher import train_teacher
 
 DEMO_SHOTS = (1, 5)
 # Digits are never mirrored (a flipped 2 is not a 2): crop with 1-pixel padding only, for teacher and student.
@@ -24,7 +26,7 @@ DEMO_TEACHER_RECIPE = TeacherRecipe(
 def run_demo(out: str | Path = "runs/demo", device: str = "cpu", seed: int = 0, progress: bool = True) -> list[dict]:
     from graftkd.data import load_dataset
     from graftkd.data.fewshot import make_manifest
-    from graftkd.workflows import load_model_file
+    from graftkd.loaded import load_model_file
 
     out = Path(out)
     print("graftkd demo: 8x8 handwritten digits (scikit-learn), teacher digits_cnn -> student digits_cnn_half")

@@ -58,7 +58,7 @@ def export_model(weights: str | Path, out: str | Path, formats: tuple[str, ...] 
     """Export ``weights`` (a graftkd student/teacher file) into ``out``; returns what was written and checked."""
     from graftkd.models.convert import read_checkpoint
     from graftkd.models.profile import count_flops, count_params
-    from graftkd.workflows import load_model_file
+    from graftkd.loaded import load_model_file
 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:

@@ -208,7 +208,8 @@ class GridRunner:
     # ------------------------------------------------------------------ shared inputs (loaded once)
     def teacher(self):
         if self._teacher is None:
-            from graftkd.workflows import load_model_file, load_teacher, train_teacher
+            from graftkd.loaded import load_model_file, load_teacher
+            from graftkd.commands.train_teacher import train_teacher
 
             spec = self.config.teacher
             test = self.test()
@@ -239,7 +240,7 @@ class GridRunner:
         measured on), computed once per runner."""
         if self._teacher_facts is None:
             from graftkd.models.profile import count_flops, count_params
-            from graftkd.workflows import teacher_accuracy, normalizer
+            from graftkd.loaded import teacher_accuracy, normalizer
 
             teacher, test = self.teacher(), self.test()
             acc, source = teacher_accuracy(teacher, test, normalizer(teacher.mean, teacher.std), self.device, False)
@@ -336,7 +337,7 @@ class GridRunner:
         from graftkd.graft.schedule import batch_size_for, paper_budget
         from graftkd.models import build_model
         from graftkd.models.profile import count_flops, count_params
-        from graftkd.workflows import normalizer
+        from graftkd.loaded import normalizer
 
         config = self.config
         teacher = self.teacher()
@@ -378,7 +379,7 @@ class GridRunner:
         arch = config.student if not method.own_student else outcome.extra.get("arch", config.student)
         kept = None
         if config.keep_students:
-            from graftkd.workflows import LoadedModel, save_model
+            from graftkd.loaded import LoadedModel, save_model
 
             kept = self.runs / "cells" / cell.key / "student.pt"
             save_model(kept, LoadedModel(model, arch, teacher.mean, teacher.std, f"graftkd bench {cell.key}",

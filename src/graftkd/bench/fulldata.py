@@ -93,7 +93,7 @@ def run_full_grid(config: FullGridConfig, config_path: str, out_root: str | Path
     from graftkd.distill.fulldata import KDRecipe, train_kd
     from graftkd.models import build_model
     from graftkd.models.profile import count_flops, count_params
-    from graftkd.workflows import load_teacher, normalizer
+    from graftkd.loaded import load_teacher, normalizer
 
     import torch
 

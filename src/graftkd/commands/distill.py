@@ -1,143 +1,227 @@
-"""One function per CLI command: load inputs, validate them up front, run, write results atomically."""
+"""`graftkd distill`: a student from a teacher and a few unlabeled images, by any few-shot method; the
+:func:`distill` workflow behind it, and what a finished run tells its user (:func:`quality_warnings`,
+:func:`summary_table`)."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import time
 from dataclasses import replace as with_changes
 from pathlib import Path
 
-import torch
-
-from graftkd.engine.checkpoint import Checkpointer, fingerprint
+from graftkd.commands.common import add_common, check_out_dir, input_kwargs
 from graftkd.engine.evaluate import evaluate_model
-from graftkd.files import atomic_write_json
 from graftkd.engine.recipe import Recipe
 from graftkd.engine.runtime import resolve_device, run_facts, seed_everything
-from graftkd.engine.supervised import TeacherRecipe, train_supervised
 from graftkd.errors import GraftkdError
+from graftkd.files import atomic_write_json
 from graftkd.graft import GraftConfig, GraftResult, graft
+from graftkd.loaded import (
+    LoadedModel, load_teacher, model_costs, normalizer, num_outputs, save_model, teacher_accuracy,
+)
 from graftkd.models import build_model
 from graftkd.models.profile import format_count
-from graftkd.loaded import (  # noqa: F401 - re-exported: the commands' callers load models from here
-    STUDENT_FORMAT, LoadedModel, load_model_file, load_teacher, model_costs, normalizer, num_outputs, save_model,
-    saved_arch, teacher_accuracy, teacher_status,
-)
-from graftkd.refine import (  # noqa: F401 - re-exported for the same reason
-    FADE, REPAIRED_ENOUGH, DeriveOptions, label_free_estimate, refine_derived, resolve_refinement, run_method, try_derive,
-)
+from graftkd.refine import DeriveOptions, label_free_estimate, refine_derived, run_method, try_derive
+from graftkd.schema import add_options, build_options, fill_defaults, with_overrides
+
+# where `graftkd distill` differs from the library's GraftConfig: a user's run compiles where it pays (the library
+# and the grids stay eager, as the committed cells ran)
+DISTILL_DEFAULTS = {"compile": "auto"}
 
 
-# ------------------------------------------------------------------------------------------ evaluate
+def _int_list(text: str) -> list[int] | int:
+    parts = [int(p) for p in text.split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 else parts
 
 
-def evaluate_weights(
-    *,
-    teacher: str | None = None,
-    weights: str | Path | None = None,
-    arch: str | None = None,
-    data: str | None = None,
-    split: str = "test",
-    teachers_dir: str | Path | None = None,
-    device: str = "auto",
-    batch_size: int = 500,
-    out: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """Top-1 accuracy of a registered teacher (sha256-verified) or a weights file, as a traceable record."""
-    from graftkd.data import load_dataset
-    from graftkd.models.teacher_registry import load_registry
+def _method_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings as a dict; values read as YAML scalars (0.5, true, pkt)."""
+    import yaml
 
-    device_ = resolve_device(device)
-    facts = run_facts(device_)
-    started = time.perf_counter()
-    entry = load_registry().get(teacher) if teacher else None
-    data = data or (entry.dataset if entry else None)
-    if not data:
-        raise GraftkdError("--data is needed: the labeled dataset to evaluate on")
-    dataset = load_dataset(data, split)
-    if dataset.labels is None:
-        raise GraftkdError(f"{data} ({split}) has no labels to evaluate against")
-    loaded = load_teacher(teacher or str(weights), arch, dataset.num_classes, teachers_dir)
-    if loaded.classes and dataset.classes and list(loaded.classes) != list(dataset.classes):
-        raise GraftkdError(f"{loaded.source} was trained on classes {loaded.classes[:3]}... but {data} has "
-                           f"{dataset.classes[:3]}...: evaluate on the data it was trained on")
-    acc = evaluate_model(loaded.model, dataset.images, dataset.labels, normalizer(loaded.mean, loaded.std), device_,
-                         batch_size=batch_size, progress=progress)
-    payload = {**facts, "kind": "evaluate", "model": teacher or str(weights), "arch": loaded.arch, "source": loaded.source,
-               "data": data, "split": split, "images": len(dataset), "accuracy": round(acc, 2),
-               "protocol": "top-1 on every image of the split, fp32, no test-time augmentation",
-               "wall_seconds": time.perf_counter() - started}
-    if entry is not None:
-        payload.update({"teacher": entry.name, "sha256": entry.sha256, "registry_accuracy": entry.accuracy,
-                        "reference_accuracy": entry.reference_accuracy})
-    if out:
-        atomic_write_json(Path(out), payload)
-    return payload
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise GraftkdError(f"--method-option {pair!r}: write KEY=VALUE, e.g. distiller=pkt")
+        options[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return options
 
 
-# ---------------------------------------------------------------------------------------- fewshot
-def build_fewshot(
-    source: str, k: int, seed: int, subset: int = 0, split: str = "train", out: str | Path | None = None
-):
-    """Sample K images per class (labels only stratify) and optionally write the manifest."""
-    from graftkd.data.fewshot import make_manifest
-
-    manifest = make_manifest(source, split, k, seed, subset)
-    if out is not None:
-        manifest.save(out)
-    return manifest
+NAME = "distill"
+HELP = "graft a student into a teacher from a few unlabeled images"
 
 
-# ------------------------------------------------------------------------------------- train-teacher
-def train_teacher(
-    arch: str,
-    data: str,
-    out: str | Path,
-    recipe: TeacherRecipe,
-    device: str = "auto",
-    progress: bool = True,
-    checkpoint_every_s: float = 300.0,
-) -> dict:
-    """Train zoo model ``arch`` on ``data`` (resumable in ``out``); write model.pt and result.json."""
-    from graftkd.data import load_dataset
-    from graftkd.data.normalize import channel_stats, stats_for
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # options that set a config field are declared once, on the field (schema.option): name, type, choices, help
+    p.add_argument("--teacher", required=True,
+                   help="a registered teacher name (`graftkd teachers list`) or a weights file")
+    p.add_argument("--teacher-arch", help="zoo architecture of a teacher weights file, e.g. resnet56")
+    p.add_argument("--teachers-dir", help="folder holding registered teacher files (also: GRAFTKD_TEACHERS)")
+    p.add_argument("--student-arch", required=True,
+                   help="zoo architecture of the student (e.g. resnet20), or auto[:Nx]: the zoo student closest to N "
+                        "times fewer parameters (3 by default) that can be derived from the teacher "
+                        "(`graftkd students --teacher NAME` lists them)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--fewshot", help="few-shot manifest written by `graftkd fewshot`")
+    src.add_argument("--data", help="labeled source to sample K per class from (labels are then dropped); "
+                                    "default with --k: the registered teacher's dataset, else --test-data")
+    src.add_argument("--unlabeled", help="a folder of unlabeled images: the few-shot set as is")
+    p.add_argument("--k", type=int, help="images per class (with --data)")
+    p.add_argument("--subset", type=int, default=0,
+                   help="with --data: which of several disjoint K-per-class subsets to draw (0, 1, ...)")
+    p.add_argument("--test-data", help="labeled data whose 'test' split is used for reporting only")
+    p.add_argument("--num-classes", type=int, help="classes the teacher predicts (default: from the data)")
+    add_options(p, GraftConfig, defaults=DISTILL_DEFAULTS)  # grafting's settings: --preset ... --checkpoint-every-s
+    p.add_argument("--on-bad-image", default="error", choices=["error", "skip"],
+                   help="an unreadable image in --unlabeled: stop with its name (error, the default) or leave it out")
+    p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
+    p.add_argument("--method", default="auto",
+                   help="auto (default): a derived student refined by patient KD where the student fits inside the "
+                        "teacher, else the paper's grafting; or any method `graftkd methods` lists (kd, fitnet, "
+                        "fskd, ...), run on a fresh student with a grid cell's budget")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of --method's (repeatable; `graftkd methods` lists them), e.g. "
+                        "--method zoo --method-option distiller=pkt")
+    p.add_argument("--recipe", default="paper", choices=["paper", "patient"],
+                   help="with --method: paper (default) gives the method a grid cell's epochs; patient trains it "
+                        "in the shared loop with the patient recipe (mixed views, --samples budget, warm-up + "
+                        "cosine), for kd, fitnet, whole and feature_kd")
+    add_options(p, DeriveOptions)  # how a derived student is built and refined: --init ... --ema
+    p.add_argument("--measure-teacher", action="store_true",
+                   help="measure a registered teacher's test accuracy again (default: its registry record, when the "
+                        "test data is the one it was measured on)")
+    p.add_argument("--replace", type=_int_list,
+                   help="partial grafting: replace only these teacher blocks (1-based, e.g. 2,3) by the student's")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
+                   help="override any field of the run's settings after the options above (repeatable): "
+                        "derive.* (DeriveOptions, e.g. derive.recipe.mix=cutmix, derive.recipe.warmup=0.1) or graft.* "
+                        "(GraftConfig, e.g. graft.schedule.block_lr=0.01); checked like a config file's values")
+    p.add_argument("--config", metavar="FILE",
+                   help="a YAML file of this command's options: a list of tokens, as a grid row gives them "
+                        "([--init, derived, --samples, \"64000\"]), or a mapping (samples: 64000, repair: true, "
+                        "set: [derive.loss=feature_kd]); options on the command line win")
+    add_common(p)
 
-    device_ = resolve_device(device)
-    train = load_dataset(data, "train")
-    test = load_dataset(data, "test")
-    if train.labels is None:
-        raise GraftkdError(f"train-teacher needs labeled data, but {data} has no class folders")
-    if train.dataset:
-        mean, std = stats_for(train.dataset)
-    else:  # a custom folder: measure its per-channel statistics once
-        mean, std = channel_stats(train.images)
-    seed_everything(recipe.seed)  # the initial weights are part of the run: seed them too
-    model = build_model(arch, num_classes=train.num_classes, **_input_kwargs(arch, train.images.shape[1]))
-    out = Path(out)
-    facts = run_facts(device_, recipe.seed)
-    checkpointer = Checkpointer(out, fingerprint({"arch": arch, "data": data, "recipe": recipe.to_dict()}), "supervised")
-    started = time.perf_counter()
-    result = train_supervised(
-        model, train.images, train.labels, normalize=normalizer(mean, std), recipe=recipe, device=device_,
-        checkpointer=checkpointer, test=(test.images, test.labels), progress=progress,
-        checkpoint_every_s=checkpoint_every_s,
+
+def run(args) -> None:
+    from graftkd.data import load_dataset, resolve_augment
+    from graftkd.data.fewshot import FewShotManifest, make_manifest
+
+    fill_defaults(args, DeriveOptions, skip=("refine", "loss"))  # those two the command resolves below
+    # padding and flips stay None unless given: the data's own augmentation decides them (digits: 1, no flips)
+    fill_defaults(args, GraftConfig, skip=("padding", "schedule.block_lr", "schedule.net_lr", "schedule.block_epochs",
+                                           "schedule.net_epochs", "batch_size"), defaults=DISTILL_DEFAULTS)
+    check_out_dir(args.out)
+    from graftkd.students import compression_target
+
+    compression_target(args.student_arch)  # a malformed auto:Nx fails before any work
+    epochs = [e for given in (args.block_epochs, args.net_epochs) if given is not None
+              for e in (given if isinstance(given, list) else [given])]
+    if args.block_epochs is not None and args.net_epochs is not None and not any(epochs):
+        raise GraftkdError("--block-epochs and --net-epochs are all 0: nothing would be trained; give at least one "
+                           "stage some epochs (or --refine none on a derived student for no training)")
+    method = None if args.method == "auto" else args.method.strip().lower()
+    method_options = _method_options(args.method_option)
+    if method_options and method is None:
+        raise GraftkdError("--method-option goes with --method NAME (the options are that method's)")
+    if args.recipe == "patient" and method is None:
+        raise GraftkdError("--recipe patient goes with --method NAME (a derived student always gets the patient "
+                           "recipe; set its budget with --samples)")
+    if method is not None:
+        from graftkd.distill.base import build_method
+
+        build_method(method, method_options)  # an unknown name or option fails here, naming the closest ones
+        if args.recipe == "patient" and method in ("graft", "fskd", "cross", "graft_fskd"):
+            raise GraftkdError(f"--recipe patient needs a method that trains in the shared loop (kd, fitnet, "
+                               f"whole, feature_kd); '{method}' has its own schedule: use --recipe paper")
+        if args.init == "derived":
+            raise GraftkdError(f"--method {method} runs on a fresh student; for KD or FitNet from a derived "
+                               "student use --init derived --refine-loss kd|fitnet (no --method)")
+    # grafting's own options mean the user asked for the paper's grafting: honour them instead of ignoring them
+    grafting = [flag for flag, given in (
+        ("--block-epochs", args.block_epochs is not None), ("--net-epochs", args.net_epochs is not None),
+        ("--block-lr", args.block_lr is not None), ("--net-lr", args.net_lr is not None),
+        ("--batch-size", args.batch_size is not None), ("--inherit", args.inherit != "auto"),
+        ("--inherit-trainable", args.inherit_trainable), ("--mixup", args.mixup)) if given]
+    if args.refine is None:  # the resolver decides only what the user left open
+        args.refine = "auto" if args.init == "auto" and not args.repair and args.refine_loss is None else "kd"
+    args.refine_loss = args.refine_loss or "kd"
+    init, reason = args.init, ""
+    if method is not None:  # grafting's options are then the method's budget
+        init, reason = "fresh", f"--method {method}"
+    elif grafting and args.refine != "graft":
+        if args.init == "derived":
+            raise GraftkdError(f"{', '.join(grafting)} set grafting's schedule, but a derived student is refined by "
+                               "patient KD: add --refine graft, or use --init fresh")
+        if args.init == "auto":
+            init, reason = "fresh", f"grafting options given ({', '.join(grafting)}): the paper's grafting"
+    # bad values fail here, before any work
+    derive = build_options(args, DeriveOptions, "distill", init=init, reason=reason, refine=args.refine,
+                           loss=args.refine_loss)
+
+    # --set: every assignment is checked here, before any work (graft.* against the defaults); graft.* is applied
+    # to the run's own GraftConfig once it is built below
+    derive = with_overrides({"derive": derive, "graft": GraftConfig()}, args.overrides)["derive"]
+    if not (args.fewshot or args.data or args.unlabeled):
+        from graftkd.models.teacher_registry import load_registry
+
+        registry = load_registry()
+        entry = registry.get(args.teacher) if args.teacher in registry else None
+        args.data = (entry.dataset if entry is not None else None) or args.test_data
+        if not args.data or args.k is None:
+            raise GraftkdError("say where the few-shot images come from: --data SOURCE --k K (K per class), "
+                               "--fewshot MANIFEST, or --unlabeled FOLDER")
+    manifest = None
+    if args.fewshot:
+        manifest = FewShotManifest.load(args.fewshot)
+        fewshot = manifest.materialize()
+    elif args.data:
+        if args.k is None:
+            raise GraftkdError("--data needs --k (images per class to sample)")
+        manifest = make_manifest(args.data, "train", args.k, args.seed, args.subset)
+        fewshot = manifest.materialize()
+    else:
+        fewshot = None  # read once the teacher says how many channels it expects
+    labeled_manifest = manifest is not None and manifest.num_classes > 0
+    test_source = args.test_data or (manifest.source if labeled_manifest else None)
+    test = load_dataset(test_source, "test") if test_source else None
+    num_classes = args.num_classes or (test.num_classes if test is not None else None)
+    num_classes = num_classes or (manifest.num_classes if labeled_manifest else None)
+    teacher = load_teacher(args.teacher, args.teacher_arch, num_classes, args.teachers_dir)
+    from graftkd.students import resolve_student
+
+    shape = tuple(getattr(teacher.model, "input_shape", None) or (fewshot.images.shape[1:] if fewshot else (3, 32, 32)))
+    args.student_arch, student_reason = resolve_student(args.student_arch, teacher.model, teacher.arch, shape,
+                                                        num_outputs(teacher.model, shape))
+    if student_reason:
+        print(student_reason)
+    if fewshot is None:
+        from graftkd.data.readers import load_unlabeled_folder
+
+        channels = getattr(teacher.model, "input_shape", (3,))[0]
+        fewshot = load_unlabeled_folder(args.unlabeled, grayscale=channels == 1, on_bad_image=args.on_bad_image)
+    augment = resolve_augment(getattr(test, "dataset", None) or (manifest.source if manifest else None),
+                              args.padding, args.flip)
+    config = build_options(args, GraftConfig, "distill", shots=args.k, padding=augment.padding, flip=augment.flip,
+                           seed=args.seed)
+    config = with_overrides({"derive": derive, "graft": config}, args.overrides)["graft"]
+    payload = distill(
+        teacher=teacher, student_arch=args.student_arch, fewshot=fewshot, test=test, config=config,
+        device=args.device, out=args.out, progress=not args.no_progress,
+        manifest=manifest.to_dict() if manifest is not None else None,
+        replace=([args.replace] if isinstance(args.replace, int) else args.replace) if args.replace else None,
+        derive=derive, measure_teacher=args.measure_teacher, method=method, method_options=method_options,
+        method_recipe=derive.recipe if method is not None and args.recipe == "patient" else None,
+        student_reason=student_reason,
     )
-    loaded = LoadedModel(model.cpu(), arch, mean, std, data, train.classes)
-    save_model(out / "model.pt", loaded, {"test_acc": result["test_acc"], "recipe": recipe.to_dict()})
-    payload = {**facts, "kind": "train-teacher", "arch": arch, "data": data, "recipe": recipe.to_dict(),
-               "precision": result["precision"], "channels_last": result["channels_last"],
-               "test_acc": result["test_acc"], "wall_seconds": time.perf_counter() - started,
-               "train_seconds": result["seconds"], "resumed_at": result["resumed_at"],
-               "history": result["history"], **model_costs(model, tuple(train.images.shape[1:]))}
-    atomic_write_json(out / "result.json", payload)
-    return payload
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun the first process reports
+    print(summary_table(payload))
+    if args.out:
+        print(f"student weights: {args.out}/student.pt; result: {args.out}/result.json")
 
 
-def _input_kwargs(arch: str, channels: int) -> dict:
-    return {} if channels == 3 or arch.startswith("digits") else {"in_channels": channels}
-
-
-# ------------------------------------------------------------------------------------------ distill
 def distill(
     *,
     teacher: LoadedModel,
@@ -193,12 +277,12 @@ def distill(
     if replace:
         arch_options = {"teacher_arch": teacher.arch, "student_arch": student_arch, "replace": sorted(set(replace))}
         student = build_model("hybrid", num_classes=num_classes, **arch_options,
-                              **_input_kwargs(student_arch, fewshot.images.shape[1]))
+                              **input_kwargs(student_arch, fewshot.images.shape[1]))
         kept = [i + 1 for i in range(len(student.blocks())) if i + 1 not in arch_options["replace"]]
         config = with_changes(config, inherit=kept or "none")  # kept blocks: the teacher's, frozen
     else:
         student = build_model(student_arch, num_classes=num_classes,
-                              **_input_kwargs(student_arch, fewshot.images.shape[1]))
+                              **input_kwargs(student_arch, fewshot.images.shape[1]))
     input_shape = tuple(fewshot.images.shape[1:])
     norm = normalizer(teacher.mean, teacher.std)
     facts = run_facts(device_, config.seed)
@@ -310,7 +394,6 @@ def _folder_listing(images, out_dir: Path | None) -> dict:
             "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
-# ----------------------------------------------------------------------------------------- reports
 AGREEMENT_WARNING = 70.0  # label-free agreement (%) below which a run ends with a warning
 
 
@@ -381,62 +464,3 @@ def summary_table(payload: dict) -> str:
         f"{payload['wall_seconds']:.1f} s on {payload['device']}"
     )
     return "\n".join(lines)
-
-
-def distill_full(
-    student_arch: str,
-    data: str,
-    out: str | Path | None,
-    recipe,
-    teacher: str | None = None,
-    teacher_arch: str | None = None,
-    teachers_dir: str | None = None,
-    device: str = "auto",
-    progress: bool = True,
-    limit_train: int | None = None,
-) -> dict:
-    """``graftkd train-kd``: full-data CE + KD (+ a feature distiller), one process or many (torchrun)."""
-    from graftkd.data import load_dataset
-    from graftkd.data.normalize import channel_stats, stats_for
-    from graftkd.distill.fulldata import init_distributed, train_kd
-
-    world, device = init_distributed(device)
-    device_ = resolve_device(device)
-    train = load_dataset(data, "train")
-    test = load_dataset(data, "test")
-    if train.labels is None or test.labels is None:
-        raise GraftkdError(f"train-kd needs labeled train and test splits, but {data} has none")
-    images, labels = train.images, train.labels
-    if limit_train:
-        from graftkd.distill.fulldata import training_subset
-
-        keep = training_subset(labels, limit_train)
-        images, labels = images[keep], labels[keep]
-    loaded = None
-    if teacher is not None:
-        loaded = load_teacher(teacher, teacher_arch, train.num_classes, teachers_dir)
-        mean, std = loaded.mean, loaded.std
-    elif recipe.kd_weight > 0 or recipe.distiller:
-        raise GraftkdError("--teacher is needed for KD and feature distillers (or pass --kd-weight 0 --distiller none)")
-    else:
-        mean, std = stats_for(train.dataset) if train.dataset else channel_stats(images)
-    torch.manual_seed(recipe.seed)
-    student = build_model(student_arch, num_classes=train.num_classes, **_input_kwargs(student_arch, images.shape[1]))
-    facts = run_facts(device_, recipe.seed)
-    started = time.perf_counter()
-    result = train_kd(student, loaded.model if loaded else None, (images, labels), normalize=normalizer(mean, std),
-                      recipe=recipe, device=device_, student_arch=student_arch,
-                      teacher_arch=loaded.arch if loaded else "", test=(test.images, test.labels),
-                      run_dir=out, world=world, progress=progress)
-    from dataclasses import asdict
-
-    payload = {**facts, "kind": "train-kd", "student_arch": student_arch, "teacher": loaded.source if loaded else None,
-               "data": data, "train_images": len(images), "recipe": asdict(recipe), **result,
-               "wall_seconds": time.perf_counter() - started,
-               **model_costs(student, tuple(images.shape[1:]))}
-    if out is not None and world.main:
-        out = Path(out)
-        save_model(out / "student.pt", LoadedModel(student.cpu(), student_arch, mean, std, data, train.classes),
-                   {"test_acc": result["last_epoch_test_acc"], "recipe": asdict(recipe)})
-        atomic_write_json(out / "result.json", payload)
-    return payload

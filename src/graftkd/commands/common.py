@@ -1,0 +1,35 @@
+"""What several commands share: the common options, the ``--out`` check, a zoo model's input options."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from graftkd.errors import GraftkdError
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the run (few-shot draw, initialisation, batches)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def check_out_dir(out: str | None) -> None:
+    """Refuse an ``--out`` that cannot become a directory before any work starts (not at the first save)."""
+    if not out:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise GraftkdError(f"--out {out} is a file, not a directory: choose another --out")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GraftkdError(f"--out {out} is below {parent}, which is a file: choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GraftkdError(f"--out {out}: {parent} is not writable: choose another --out")
+
+
+def input_kwargs(arch: str, channels: int) -> dict:
+    """``build_model`` options for images with ``channels`` channels (the digits models take 1 by design)."""
+    return {} if channels == 3 or arch.startswith("digits") else {"in_channels": channels}

@@ -1,0 +1,34 @@
+"""`graftkd students`: the zoo students that fit a teacher, and whether they can be derived from it."""
+from __future__ import annotations
+
+import argparse
+
+from graftkd.loaded import load_teacher, num_outputs
+
+
+NAME = "students"
+HELP = "list the zoo students that fit a teacher, and whether they can be derived"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="a registered teacher name or a weights file")
+    p.add_argument("--teacher-arch", help="architecture of a teacher weights file")
+    p.add_argument("--teachers-dir", help="folder with the registered teachers' files")
+    p.add_argument("--num-classes", type=int, help="classes of a teacher weights file")
+
+
+def run(args) -> None:
+    from graftkd.models.profile import format_count
+    from graftkd.students import fitting_students
+
+    teacher = load_teacher(args.teacher, args.teacher_arch, args.num_classes, args.teachers_dir)
+    shape = tuple(getattr(teacher.model, "input_shape", (3, 32, 32)))
+    fits = fitting_students(teacher.model, teacher.arch, shape, num_outputs(teacher.model, shape))
+    print(f"students that fit {teacher.source} ({teacher.arch}), smallest first:")
+    print(f"{'model':<16} {'params':>8} {'FLOPs':>8} {'smaller':>8}  derivable from the teacher")
+    for f in fits:
+        why = f" ({f.why})" if f.derivable == "no" and f.why else ""
+        print(f"{f.arch:<16} {format_count(f.params):>8} {format_count(f.flops):>8} {f.compression:>7.1f}x  "
+              f"{f.derivable}{why}")
+    if not fits:
+        print("none: name a student with --student-arch (`graftkd models` lists the zoo)")
