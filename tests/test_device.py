@@ -64,4 +64,9 @@ def test_the_device_script_dry_run_does_one_step_of_every_part(tmp_path, monkeyp
     assert outcome.startswith("test "), outcome
     cell = json.loads((out / "results" / "cifar10-patient" / "cells" / f"{point}.json").read_text())
     assert cell["test"]["images"] == 50 and cell["fewshot"]["shots"] == 1 and cell["row"] == "fresh-10m"
+    (point, outcome), = parts["derived_budget"]["outcome"].items()
+    assert outcome.startswith("test "), outcome
+    cell = json.loads((out / "results" / "cifar10-derived" / "cells" / f"{point}.json").read_text())
+    assert cell["row"] == "default-t16-2m" and cell["init"]["used"] == "derived"
+    assert cell["derive"]["loss_options"] == {"temperature": 16} and cell["derive"]["recipe"]["samples"] == 128
     assert json.loads((out / "device-report.json").read_text())["dry_run"] is True

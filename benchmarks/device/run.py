@@ -1,6 +1,6 @@
 """One prepared script for a lent GPU: parts in a fixed order, inside one time budget, resumable across calls.
 
-    bash benchmarks/device/run.sh [--parts speed,teacher_speed,patient_curve] [--budget-s 540] [--dry-run]
+    bash benchmarks/device/run.sh [--parts speed,teacher_speed,patient_curve,derived_budget] [--budget-s 540] [--dry-run]
 
 Before the call, on this machine: ``python benchmarks/device/pack.py`` (the few-shot draws, the test split as a
 uint8 tensor and the teachers, in ``device-payload/``; the archives never travel). The call carries
@@ -12,7 +12,13 @@ Parts, in order (``--parts`` picks some):
 * ``teacher_speed``: supervised training throughput of VGG16-BN, ResNet-20 and ResNet-56;
 * ``patient_curve``: the fresh-student scaling curve's 10 M-sample points (configs/cifar10-patient.yaml rows
   ``fresh-10m``), each a ``graftkd distill`` run whose cell file lands in
-  ``$OUT/results/cifar10-patient/cells/`` in the layout ``benchmarks/derived/grid.py`` writes.
+  ``$OUT/results/cifar10-patient/cells/`` in the layout ``benchmarks/derived/grid.py`` writes;
+* ``derived_budget``: the derived default path for ResNet-56 -> ResNet-20 at 2 M samples (configs/cifar10-derived.yaml
+  row ``default-t16-2m``, 8x the CPU cells' budget): how far the derived student goes with compute. Its cells land
+  in ``$OUT/results/cifar10-derived/cells/``.
+
+The grid parts take each cell's options from the committed grid config's row, so a cell's recorded command is
+the grid's (a dry run only shrinks ``--samples``).
 
 Each part starts only if the budget has room for it; a run that meets the end of the budget is stopped with
 SIGINT, saves its checkpoint under ``$OUT/device-runs`` and resumes on the next call. Every file written goes
@@ -32,13 +38,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("speed", "teacher_speed", "patient_curve")
-# (pair, teacher, student, shots, seed): the 10 M-sample points, most informative first
-CURVE_POINTS = [("resnet56-resnet20", "resnet56-cifar10", "resnet20", 10, 0),
-                ("resnet56-resnet20", "resnet56-cifar10", "resnet20", 1, 0),
-                ("vgg16bn-resnet18", "vgg16bn-cifar10", "resnet18_cifar", 10, 0),
-                ("vgg16bn-resnet18", "vgg16bn-cifar10", "resnet18_cifar", 1, 0)]
-CURVE_ROW, CURVE_SAMPLES = "fresh-10m", 10_000_000
+PARTS = ("speed", "teacher_speed", "patient_curve", "derived_budget")
+# grid part -> (grid config, row, [(pair, shots, seed)], most informative first); teacher and student come from the
+# config's pair
+GRID_PARTS = {
+    "patient_curve": ("configs/cifar10-patient.yaml", "fresh-10m",
+                      [("resnet56-resnet20", 10, 0), ("resnet56-resnet20", 1, 0),
+                       ("vgg16bn-resnet18", 10, 0), ("vgg16bn-resnet18", 1, 0)]),
+    "derived_budget": ("configs/cifar10-derived.yaml", "default-t16-2m",
+                       [("resnet56-resnet20", 10, 0), ("resnet56-resnet20", 1, 0)]),
+}
+DRY_RUN_SAMPLES = "128"
 
 
 class Budget:
@@ -95,14 +105,39 @@ def part_teacher_speed(args, budget: Budget, out: Path) -> dict:
 
 
 def part_patient_curve(args, budget: Budget, out: Path) -> dict:
+    return _grid_cells("patient_curve", args, budget, out)
+
+
+def part_derived_budget(args, budget: Budget, out: Path) -> dict:
+    return _grid_cells("derived_budget", args, budget, out)
+
+
+def row_options(config: Path, row: str, dry_run: bool) -> tuple[dict, list[str]]:
+    """The grid config and its row's options as tokens; a dry run's ``--samples`` shrunk to a few steps."""
+    import yaml
+
+    grid = yaml.safe_load(config.read_text())
+    tokens = [str(t) for t in grid["rows"][row]]
+    if dry_run:
+        if "--samples" in tokens:
+            tokens[tokens.index("--samples") + 1] = DRY_RUN_SAMPLES
+        else:
+            tokens += ["--samples", DRY_RUN_SAMPLES]
+    return grid, tokens
+
+
+def _grid_cells(part: str, args, budget: Budget, out: Path) -> dict:
+    """Run the part's cells, each a ``graftkd distill`` with the grid row's options, resumable across calls."""
+    config, row, points = GRID_PARTS[part]
+    grid, options = row_options(ROOT / config, row, args.dry_run)
     payload = Path(args.payload)
     done = {}
-    samples = 128 if args.dry_run else CURVE_SAMPLES
-    for pair, teacher, student, k, seed in CURVE_POINTS[1:2] if args.dry_run else CURVE_POINTS:
-        key = f"{pair}/{CURVE_ROW}/k{k}-s{seed}"
+    for pair, k, seed in points[1:2] if args.dry_run else points:
+        teacher, student = grid["pairs"][pair]["teacher"], grid["pairs"][pair]["student"]
+        key = f"{pair}/{row}/k{k}-s{seed}"
         manifest = payload / "fewshot" / f"k{k}-s{seed}.json"
-        cell = out / "results" / "cifar10-patient" / "cells" / pair / CURVE_ROW / f"k{k}-s{seed}.json"
-        committed = ROOT / "results" / "cifar10-patient" / "cells" / pair / CURVE_ROW / cell.name
+        cell = out / "results" / grid["name"] / "cells" / pair / row / f"k{k}-s{seed}.json"
+        committed = ROOT / "results" / grid["name"] / "cells" / pair / row / cell.name
         if cell.exists() or (committed.exists() and not args.dry_run):
             done[key] = "done before"
             continue
@@ -112,23 +147,22 @@ def part_patient_curve(args, budget: Budget, out: Path) -> dict:
         if budget.left() < 60:
             done[key] = "no time left in this call"
             continue
-        previous = Path(args.runs) / pair / CURVE_ROW / f"k{k}-s{seed}"
-        run_dir = out / "device-runs" / pair / CURVE_ROW / f"k{k}-s{seed}"
+        previous = Path(args.runs) / pair / row / f"k{k}-s{seed}"
+        run_dir = out / "device-runs" / pair / row / f"k{k}-s{seed}"
         if previous.is_dir() and not run_dir.exists():  # an earlier call's checkpoint: continue from it
             shutil.copytree(previous, run_dir)
         command = ["graftkd", "distill", "--teacher", teacher, "--student-arch", student,
                    "--fewshot", str(manifest), "--test-data", str(payload / "data.pt"), "--seed", str(seed),
-                   "--method", "kd", "--recipe", "patient", "--samples", str(samples),
-                   "--precision", "auto", "--device", args.device, "--no-progress", "--out", str(run_dir)]
+                   *options, "--device", args.device, "--no-progress", "--out", str(run_dir)]
         started = time.perf_counter()
         code = _run([str(Path(sys.executable).parent / "graftkd"), *command[1:]], budget,
-                    out / "logs" / "patient_curve.log", env={"GRAFTKD_TEACHERS": str(payload / "teachers")})
+                    out / "logs" / f"{part}.log", env={"GRAFTKD_TEACHERS": str(payload / "teachers")})
         if code != 0:
             done[key] = "stopped by the budget: resumes next call" if code is None else f"exit {code}"
             continue
         result = json.loads((run_dir / "result.json").read_text())
         cell.parent.mkdir(parents=True, exist_ok=True)
-        cell.write_text(json.dumps({**result, "grid": "cifar10-patient", "pair": pair, "row": CURVE_ROW,
+        cell.write_text(json.dumps({**result, "grid": grid["name"], "pair": pair, "row": row,
                                     "command": " ".join(command)}, indent=1))
         done[key] = f"test {result['student']['test_acc']:.2f} in {time.perf_counter() - started:.0f} s"
     return done
@@ -170,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.device_name = "gpu"
     else:
         args.device_name = "cpu-dry-run" if args.dry_run else "cpu"
-    if "patient_curve" in parts and not (Path(args.payload) / "data.pt").exists():
+    if set(parts) & set(GRID_PARTS) and not (Path(args.payload) / "data.pt").exists():
         raise SystemExit(f"{args.payload}/data.pt not found: run python benchmarks/device/pack.py first and carry "
                          "its folder")
     out = Path(args.out)
