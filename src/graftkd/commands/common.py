@@ -14,6 +14,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def add_teacher(p: argparse.ArgumentParser, *, required: bool = True,
+                help: str = "a registered teacher name (`graftkd teachers list`) or a weights file") -> None:
+    """The teacher: a registry name or a file, the file's architecture, and where registered files are."""
+    p.add_argument("--teacher", required=required, help=help)
+    p.add_argument("--teacher-arch", help="zoo architecture of a teacher weights file, e.g. resnet56")
+    p.add_argument("--teachers-dir", help="folder holding registered teacher files (also: GRAFTKD_TEACHERS)")
+
+
 def check_out_dir(out: str | None) -> None:
     """Refuse an ``--out`` that cannot become a directory before any work starts (not at the first save)."""
     if not out:

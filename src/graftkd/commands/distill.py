@@ -10,7 +10,7 @@ import time
 from dataclasses import replace as with_changes
 from pathlib import Path
 
-from graftkd.commands.common import add_common, check_out_dir, input_kwargs
+from graftkd.commands.common import add_common, add_teacher, check_out_dir, input_kwargs
 from graftkd.engine.evaluate import evaluate_model
 from graftkd.engine.recipe import Recipe
 from graftkd.engine.runtime import resolve_device, run_facts, seed_everything
@@ -54,10 +54,7 @@ HELP = "graft a student into a teacher from a few unlabeled images"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # options that set a config field are declared once, on the field (schema.option): name, type, choices, help
-    p.add_argument("--teacher", required=True,
-                   help="a registered teacher name (`graftkd teachers list`) or a weights file")
-    p.add_argument("--teacher-arch", help="zoo architecture of a teacher weights file, e.g. resnet56")
-    p.add_argument("--teachers-dir", help="folder holding registered teacher files (also: GRAFTKD_TEACHERS)")
+    add_teacher(p)
     p.add_argument("--student-arch", required=True,
                    help="zoo architecture of the student (e.g. resnet20), or auto[:Nx]: the zoo student closest to N "
                         "times fewer parameters (3 by default) that can be derived from the teacher "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from graftkd.commands.common import add_teacher
 from graftkd.loaded import load_teacher, num_outputs
 
 
@@ -11,9 +12,7 @@ HELP = "list the zoo students that fit a teacher, and whether they can be derive
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True, help="a registered teacher name or a weights file")
-    p.add_argument("--teacher-arch", help="architecture of a teacher weights file")
-    p.add_argument("--teachers-dir", help="folder with the registered teachers' files")
+    add_teacher(p)
     p.add_argument("--num-classes", type=int, help="classes of a teacher weights file")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from graftkd.commands.common import add_common, check_out_dir, input_kwargs
+from graftkd.commands.common import add_common, add_teacher, check_out_dir, input_kwargs
 from graftkd.distill.fulldata import KDRecipe
 from graftkd.engine.runtime import resolve_device, run_facts
 from graftkd.errors import GraftkdError
@@ -24,9 +24,8 @@ HELP = "full-data distillation: CE + KD (+ a feature distiller); torchrun for ma
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-arch", required=True, help="zoo architecture of the student, e.g. resnet8x4")
-    p.add_argument("--teacher", help="registered teacher name or weights file (not needed for --kd-weight 0 --distiller none)")
-    p.add_argument("--teacher-arch", help="zoo architecture of a teacher weights file")
-    p.add_argument("--teachers-dir", help="folder holding registered teacher files (also: GRAFTKD_TEACHERS)")
+    add_teacher(p, required=False, help="a registered teacher name or a weights file (not needed for --kd-weight 0 "
+                                       "--distiller none)")
     p.add_argument("--data", required=True, help="labeled data: cifar100, cifar10, digits, a folder or archive")
     add_options(p, KDRecipe)
     p.add_argument("--limit-train", type=int, help="use a fixed random subset of N training images (smoke runs)")
