@@ -49,7 +49,8 @@ def _method_options(pairs: list[str]) -> dict:
 
 
 NAME = "distill"
-HELP = "graft a student into a teacher from a few unlabeled images"
+HELP = ("a compact student from a teacher and a few unlabeled images: derived from its weights where it fits, "
+        "else grafted")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
