@@ -405,3 +405,27 @@ def test_every_command_is_one_module_with_the_same_contract() -> None:
     assert list(COMMANDS) == [m.NAME for m in modules]
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert list(sub.choices) == [m.NAME for m in modules]
+
+
+def test_the_command_lets_openmp_threads_sleep_unless_the_user_chose(tmp_path) -> None:
+    """OMP_WAIT_POLICY is read when torch loads the OpenMP runtime: importing the CLI sets PASSIVE before torch is
+    imported (an import hook records the variable at that moment), and keeps a value the user gave."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, sys\n"
+             "seen = {}\n"
+             "class Spy:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'torch': seen.setdefault('policy', os.environ.get('OMP_WAIT_POLICY'))\n"
+             "sys.meta_path.insert(0, Spy())\n"
+             "import graftkd.cli\n"
+             "assert 'torch' in sys.modules\n"
+             "print('POLICY', seen['policy'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert "POLICY PASSIVE" in out
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                         text=True, check=True).stdout
+    assert "POLICY ACTIVE" in out
