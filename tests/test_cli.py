@@ -42,6 +42,11 @@ def test_fewshot_then_distill_writes_a_loadable_student_and_a_traceable_result(t
     result = json.loads((out / "result.json").read_text())
     for key in ("command", "commit", "seed", "device", "wall_seconds", "protocol"):
         assert key in result
+    from test_records import documented_fields
+
+    from graftkd.records import RESULT_SCHEMA
+
+    assert result["schema_version"] == RESULT_SCHEMA and set(result) <= documented_fields()  # docs/results.md
     assert result["seed"] == 3 and result["fewshot"]["images"] == 20
     assert 0 <= result["student"]["test_acc"] <= 100 and result["teacher"]["test_acc"] > 50
     assert result["graft"]["merge_max_abs_diff"] <= 1e-4
@@ -68,6 +73,9 @@ def test_default_distill_derives_the_student_and_records_how(tmp_path, digits_te
     assert result["method"] == ("derived+kd" if trained else "derived+none") and resolved["refine"] == (
         "kd" if trained else "none")
     assert 0 <= result["label_free"]["agreement"] <= 100 and result["label_free"]["views"] == 2 * 8 * 20
+    from test_records import documented_fields
+
+    assert set(result) <= documented_fields(), set(result) - documented_fields()
     saved = torch.load(out / "student.pt", weights_only=True)
     build_model(saved["arch"], num_classes=10).load_state_dict(saved["state_dict"], strict=True)
     again = tmp_path / "again"

@@ -1,7 +1,7 @@
 """The import contract: layers import downward only, lazily or not (an AST check here, and the same layers as
 import-linter contracts in pyproject.toml, run by `lint-imports`).
 
-    errors, files, schema            (shared leaves)
+    errors, files, schema, records   (shared leaves)
     models, data                     (the bottom: neither imports the other's layer or anything above)
     engine                           (the loop, runtime, checkpoints: imports no method)
     graft, then derive               (grafting; derivation builds on grafting's block contract)
@@ -15,7 +15,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "graftkd"
-RANK = {"errors": 0, "files": 0, "schema": 0, "__init__": 0, "models": 1, "data": 1, "engine": 2, "graft": 3,
+RANK = {"errors": 0, "files": 0, "schema": 0, "records": 0, "__init__": 0, "models": 1, "data": 1, "engine": 2, "graft": 3,
         "derive": 3.5, "distill": 4, "loaded": 4.3, "refine": 4.6}
 TOP = 5
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from graftkd.errors import GraftkdError
 from graftkd.files import read_json
+from graftkd.records import record_version
 
 DONE = ("ok", "unsupported")  # a failed cell, a damaged file or a missing one is (re)computed
 
@@ -13,7 +14,10 @@ DONE = ("ok", "unsupported")  # a failed cell, a damaged file or a missing one i
 def finished(path: Path) -> bool:
     """True when ``path`` is a readable cell file whose status says the cell needs no more work."""
     record = read_json(path)  # None: missing or damaged
-    return isinstance(record, dict) and record.get("status") in DONE
+    if not isinstance(record, dict):
+        return False
+    record_version(record, path)  # a newer graftkd's cell: one line, not a silent recomputation
+    return record.get("status") in DONE
 
 
 def read_yaml(path: Path) -> Any:

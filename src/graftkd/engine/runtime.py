@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from graftkd.errors import GraftkdError
+from graftkd.records import RESULT_SCHEMA, SCHEMA_KEY
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -148,6 +149,7 @@ def _program_name() -> str:
 def run_facts(device: torch.device, seed: int | None = None) -> dict:
     """What every result file records so a number can be traced and reproduced."""
     return {
+        SCHEMA_KEY: RESULT_SCHEMA,  # graftkd.records: what a reader checks before it trusts the fields
         "command": " ".join([_program_name(), *sys.argv[1:]]) if sys.argv else "",
         "commit": git_commit(),
         "seed": seed,

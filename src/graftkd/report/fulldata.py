@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from graftkd.files import atomic_write_json, atomic_write_text, read_json
+from graftkd.records import record_version
 
 GRID_KIND = "fulldata-grid"  # the kind of the grid.json a full-data grid writes: this module reads it
 MODE_LABELS = {"standard": "Stan.", "sakd": "Adap.", "anti": "Anti"}
@@ -20,7 +21,12 @@ def write_full_report(results_dir: str | Path) -> dict:
     results_dir = Path(results_dir)
     grid = json.loads((results_dir / "grid.json").read_text())
     config = grid["config"]
-    cells = [c for c in (read_json(p) for p in sorted((results_dir / "cells").glob("*.json"))) if isinstance(c, dict)]
+    cells = []
+    for path in sorted((results_dir / "cells").glob("*.json")):
+        cell = read_json(path)
+        if isinstance(cell, dict):
+            record_version(cell, path)  # a newer graftkd's cell stops the report with one line
+            cells.append(cell)
     ok = [c for c in cells if c.get("status") == "ok"]
     modes = config["modes"]
     lines = [f"# {config.get('title') or config['name']}", ""]

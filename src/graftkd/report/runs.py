@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from graftkd.errors import GraftkdError
+from graftkd.records import record_version
 
 
 def distill_runs(folder: str | Path) -> list[tuple[Path, dict[str, Any]]]:
@@ -21,6 +22,7 @@ def distill_runs(folder: str | Path) -> list[tuple[Path, dict[str, Any]]]:
         except (OSError, ValueError):
             continue
         if isinstance(result, dict) and result.get("kind") == "distill":
+            record_version(result, path)
             found.append((path, result))
     return found
 

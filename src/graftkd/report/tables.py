@@ -18,6 +18,7 @@ from typing import Any, Iterable
 from graftkd.files import atomic_write_json, atomic_write_text
 from graftkd.errors import GraftkdError
 from graftkd.models.profile import format_count
+from graftkd.records import record_version
 
 #: Statistics a cell can belong to, in report order: ``noise+subset`` varies the training seed and the
 #: few-shot subset together (seed i uses subset i); ``noise`` keeps subset 0 and varies only the seed.
@@ -58,6 +59,7 @@ def collect(results_dir: str | Path) -> list[dict[str, Any]]:
         if data.get("kind", "bench-cell") != "bench-cell":
             warnings.warn(f"skipping {path}: kind is {data.get('kind')!r}, not 'bench-cell'", stacklevel=2)
             continue
+        record_version(data, path)
         data["_file"] = str(path)
         cells.append(data)
     return cells
