@@ -109,8 +109,20 @@ def _count(values) -> dict:
     return counts
 
 
+def read_cells(out: Path) -> list[dict]:
+    """The grid's cell files; one from a newer graftkd stops the report with one line (graftkd.records)."""
+    from graftkd.records import record_version
+
+    cells = []
+    for path in sorted((out / "cells").glob("*/*/*.json")):
+        cell = json.loads(path.read_text())
+        record_version(cell, path)
+        cells.append(cell)
+    return cells
+
+
 def report(out: Path, config: dict) -> None:
-    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/*.json"))]
+    cells = read_cells(out)
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
         groups.setdefault((c["pair"], c["row"], c["fewshot"]["shots"]), []).append(c)

@@ -68,13 +68,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/cifar10-patient.yaml")
     args = parser.parse_args(argv)
-    from grid import report
+    from grid import read_cells, report
 
     config = yaml.safe_load((ROOT / args.config).read_text() if not Path(args.config).is_absolute()
                             else Path(args.config).read_text())
     out = ROOT / "results" / config["name"]
     report(out, config)
-    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/*.json"))]
+    cells = read_cells(out)
     # cells of the same recipe committed by another grid (config key ``also``: pair -> cell files), marked
     borrowed = []
     for pair, files in (config.get("also") or {}).items():
