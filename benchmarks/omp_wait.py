@@ -13,12 +13,15 @@ Each case is a fresh process (the policy is read when the OpenMP runtime starts)
 * ``forward10``: a ResNet-56 forward of 10 images (the size of the greedy depth search's and the label-free
   estimate's batches), median seconds of 20;
 * ``kd_step``: a ResNet-56 -> ResNet-20 KD step at batch 64, fp32 (teacher forward, student forward and
-  backward, SGD), images per second over 10 steps after 2 warm-up steps.
+  backward, SGD), images per second over 30 steps after 3 warm-up steps.
 
 Both under two policies (the runtime's default, and PASSIVE), on a quiet machine and beside a *load*: another
 process running the same KD step in a loop on all threads with the default policy, as another graftkd run
-would. Cases run one after another, the load started and stopped for each busy case. The machine must be
-otherwise quiet for the quiet cases to mean anything.
+would. Every case runs once per round (``--rounds``, default 3), rounds interleaved so drift hits every case
+alike; the table reports each case's median and every value, and the ratios use the medians. Two single-round
+runs on the same machine differed a lot (beside the load, the default policy lost 14x in one and 1.35x in the
+other), which is why there are rounds. The machine must be otherwise quiet for the quiet cases to mean
+anything.
 """
 from __future__ import annotations
 
@@ -58,9 +61,9 @@ else:
             target = teacher(x).softmax(1)
         loss = -(target * student(x).log_softmax(1)).sum(1).mean()
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    for _ in range(2):
+    for _ in range(3):
         step()
-    steps = 10 if what == "kd_step" else 10**9  # "load": until killed
+    steps = 30 if what == "kd_step" else 10**9  # "load": until killed
     t = time.perf_counter()
     for _ in range(steps):
         step()
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads of the timed process and of the load (default: every core)")
+    parser.add_argument("--rounds", type=int, default=3, help="times every case is measured (default 3)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
@@ -93,28 +97,39 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     facts = run_facts(torch.device("cpu"))
     rows = []
-    for load in ("quiet", "busy"):
-        background = None
-        if load == "busy":
-            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-            env["PYTHONPATH"] = str(ROOT / "src")
-            background = subprocess.Popen([sys.executable, "-c", CASE, "load", str(args.threads)], env=env,
-                                          stdout=subprocess.DEVNULL)
-            time.sleep(8)  # the load past its imports and warm-up
-        try:
-            for policy in (None, "PASSIVE"):
-                for what in ("forward10", "kd_step"):
-                    result = _case(what, args.threads, policy)
-                    rows.append({"load": load, "policy": policy or "default", "case": what, **result})
-                    print(json.dumps(rows[-1]), flush=True)
-        finally:
-            if background is not None:
-                background.kill()
-                background.wait()
+    for round_ in range(args.rounds):
+        for load in ("quiet", "busy"):
+            background = None
+            if load == "busy":
+                env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+                env["PYTHONPATH"] = str(ROOT / "src")
+                background = subprocess.Popen([sys.executable, "-c", CASE, "load", str(args.threads)], env=env,
+                                              stdout=subprocess.DEVNULL)
+                time.sleep(8)  # the load past its imports and warm-up
+            try:
+                for policy in (None, "PASSIVE"):
+                    for what in ("forward10", "kd_step"):
+                        result = _case(what, args.threads, policy)
+                        rows.append({"round": round_, "load": load, "policy": policy or "default", "case": what,
+                                     **result})
+                        print(json.dumps(rows[-1]), flush=True)
+            finally:
+                if background is not None:
+                    background.kill()
+                    background.wait()
+
+    import statistics
+
+    def values(load, policy, case):
+        return [r.get("seconds") or r.get("images_per_second") for r in rows
+                if (r["load"], r["policy"], r["case"]) == (load, policy, case)]
 
     def value(load, policy, case):
-        row = next(r for r in rows if (r["load"], r["policy"], r["case"]) == (load, policy, case))
-        return row.get("seconds") or row.get("images_per_second")
+        return statistics.median(values(load, policy, case))
+
+    medians = {f"{load}, {policy}, {case}": {"median": round(value(load, policy, case), 4),
+                                              "all": [round(v, 4) for v in values(load, policy, case)]}
+               for load in ("quiet", "busy") for policy in ("default", "PASSIVE") for case in ("forward10", "kd_step")}
 
     ratios = {
         # > 1: PASSIVE is faster (forward: time ratio default / passive; KD step: throughput passive / default)
@@ -123,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
             else value(load, "PASSIVE", case) / value(load, "default", case), 3)
         for load in ("quiet", "busy") for case in ("forward10", "kd_step")
     }
-    payload = {**facts, "threads": args.threads, "rows": rows, "speedup_of_passive": ratios,
+    payload = {**facts, "threads": args.threads, "rounds": args.rounds, "rows": rows, "medians": medians,
+               "speedup_of_passive": ratios,
                "wall_seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(ratios, indent=1))
     if args.out:
