@@ -17,10 +17,8 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/graftkd demo
 
-# OpenMP threads sleep while they wait, as the graftkd command sets them (benchmarks/omp_wait.py): a suite run
-# beside another busy process is otherwise many times slower
 test: install
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest
+	$(PY) -m pytest
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -415,25 +415,36 @@ def test_every_command_is_one_module_with_the_same_contract() -> None:
     assert list(sub.choices) == [m.NAME for m in modules]
 
 
-def test_the_command_lets_openmp_threads_sleep_unless_the_user_chose(tmp_path) -> None:
+def test_the_command_lets_openmp_threads_sleep_on_a_busy_machine_unless_the_user_chose(tmp_path) -> None:
     """OMP_WAIT_POLICY is read when torch loads the OpenMP runtime: importing the CLI sets PASSIVE before torch is
-    imported (an import hook records the variable at that moment), and keeps a value the user gave."""
+    imported (an import hook records the variable at that moment) when the load average says the machine is busy,
+    leaves the runtime's default on a quiet one, and keeps a value the user gave."""
     import os
     import subprocess
     import sys
 
-    probe = ("import os, sys\n"
-             "seen = {}\n"
-             "class Spy:\n"
-             "    def find_spec(self, name, path=None, target=None):\n"
-             "        if name == 'torch': seen.setdefault('policy', os.environ.get('OMP_WAIT_POLICY'))\n"
-             "sys.meta_path.insert(0, Spy())\n"
-             "import graftkd.cli\n"
-             "assert 'torch' in sys.modules\n"
-             "print('POLICY', seen['policy'])\n")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
-    assert "POLICY PASSIVE" in out
-    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
-                         text=True, check=True).stdout
-    assert "POLICY ACTIVE" in out
+    from graftkd.cli import machine_is_busy
+
+    assert machine_is_busy(1.0, 2) and machine_is_busy(3.5, 4) and not machine_is_busy(0.4, 2)
+
+    def policy_at_torch_import(load: float, user: str | None = None) -> str:
+        probe = ("import os, sys\n"
+                 f"os.getloadavg = lambda: ({load}, {load}, {load})\n"
+                 "seen = {}\n"
+                 "class Spy:\n"
+                 "    def find_spec(self, name, path=None, target=None):\n"
+                 "        if name == 'torch': seen.setdefault('policy', os.environ.get('OMP_WAIT_POLICY'))\n"
+                 "sys.meta_path.insert(0, Spy())\n"
+                 "import graftkd.cli\n"
+                 "assert 'torch' in sys.modules\n"
+                 "print('POLICY', seen['policy'])\n")
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if user:
+            env["OMP_WAIT_POLICY"] = user
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+        return out.split("POLICY ")[1].strip()
+
+    cores = os.cpu_count() or 1
+    assert policy_at_torch_import(2.0 * cores) == "PASSIVE"
+    assert policy_at_torch_import(0.0) == "None"
+    assert policy_at_torch_import(2.0 * cores, user="ACTIVE") == "ACTIVE"

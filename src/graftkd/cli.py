@@ -10,16 +10,25 @@ from pathlib import Path
 from graftkd.errors import GraftkdError, Interrupted
 
 
-def sleeping_openmp_threads() -> None:
-    """Let OpenMP's threads sleep, not spin, while they wait (``OMP_WAIT_POLICY=PASSIVE``), unless the user chose.
+def machine_is_busy(load: float, cpus: int) -> bool:
+    """Whether other work already keeps the cores busy: a 1-minute load average of half the cores or more."""
+    return load >= 0.5 * max(1, cpus)
 
-    Spinning saves a little on a machine of its own, but beside another busy process (a second run, a test suite)
-    the spinning threads starve each other: a KD step ran 14x and a small forward 89x slower than with sleeping
-    threads, against 1.3 % and 19 % lost on a quiet machine (``benchmarks/results/omp_wait-cpu.json``). The runtime
-    reads the variable once, when torch loads it, so this must run before torch is imported; a library caller who
-    imported torch first sets it in the environment instead."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def sleeping_openmp_threads() -> None:
+    """On a busy machine, let OpenMP's threads sleep rather than spin while they wait (``OMP_WAIT_POLICY=PASSIVE``),
+    unless the user chose a policy.
+
+    Beside another process training on the same cores, spinning threads starve each other: with sleeping threads a
+    KD step ran about 2x faster and a small forward 1.3-87x faster; on a quiet machine sleeping cost about 5 % of
+    a KD step (``benchmarks/results/omp_wait-cpu.json``, 3 rounds). Hence the rule: passive only when the load
+    average says the machine is busy at the start. The runtime reads the variable once, when torch loads it, so
+    this runs before torch is imported; ``result.json`` records the policy (``omp_wait_policy``)."""
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        return
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if machine_is_busy(load, os.cpu_count() or 1):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 sleeping_openmp_threads()  # before the commands' modules import torch
