@@ -157,7 +157,7 @@ def run_facts(device: torch.device, seed: int | None = None) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
-        # how OpenMP threads wait (PASSIVE: they sleep; the graftkd command's default): speed only, never the numbers
+        # how OpenMP threads waited (PASSIVE: they slept; the graftkd command sets it on a busy machine): speed only
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
