@@ -71,13 +71,18 @@ else:
 """
 
 
-def _case(what: str, threads: int, policy: str | None) -> dict:
+def _env(policy: str | None) -> dict:
+    """This environment with the given wait policy (None: the runtime's default) and graftkd's sources."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if policy:
         env["OMP_WAIT_POLICY"] = policy
     env["PYTHONPATH"] = str(ROOT / "src")
-    done = subprocess.run([sys.executable, "-c", CASE, what, str(threads)], env=env, capture_output=True, text=True,
-                          check=True)
+    return env
+
+
+def _case(what: str, threads: int, policy: str | None) -> dict:
+    done = subprocess.run([sys.executable, "-c", CASE, what, str(threads)], env=_env(policy), capture_output=True,
+                          text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -101,10 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         for load in ("quiet", "busy"):
             background = None
             if load == "busy":
-                env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-                env["PYTHONPATH"] = str(ROOT / "src")
-                background = subprocess.Popen([sys.executable, "-c", CASE, "load", str(args.threads)], env=env,
-                                              stdout=subprocess.DEVNULL)
+                background = subprocess.Popen([sys.executable, "-c", CASE, "load", str(args.threads)],
+                                              env=_env(None), stdout=subprocess.DEVNULL)
                 time.sleep(8)  # the load past its imports and warm-up
             try:
                 for policy in (None, "PASSIVE"):
