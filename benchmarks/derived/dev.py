@@ -120,6 +120,15 @@ CONFIGS = {
                                     {"samples": 50_000, "lr": 0.05, "ema": 0.999}, {"precision": "auto"}),
     "r20-fresh-50k-lr05-rrc-auto": ("resnet56-cifar10", "resnet20", {"method": "kd"},
                                     {"samples": 50_000, "lr": 0.05, "crop": "resized"}, {"precision": "auto"}),
+    # the hot KD temperature that the derived default path adopted (16 against 4), tried on fresh students;
+    # "method_options" are the method's own options (`--method-option temperature=16`)
+    "r20-fresh-50k-t16-auto": ("resnet56-cifar10", "resnet20", {"method": "kd", "method_options": {"temperature": 16.0}},
+                               {"samples": 50_000}, {"precision": "auto"}),
+    "r20-fresh-200k-auto": ("resnet56-cifar10", "resnet20", {"method": "kd"}, {"samples": 200_000},
+                            {"precision": "auto"}),
+    "r20-fresh-200k-t16-auto": ("resnet56-cifar10", "resnet20",
+                                {"method": "kd", "method_options": {"temperature": 16.0}}, {"samples": 200_000},
+                                {"precision": "auto"}),
     # L2-SP: the gradient is pulled towards the derived start (Recipe.anchor); the gap between the student's
     # agreement on the few-shot views (93-96 %) and its test accuracy says it overfits the few images
     "r20-kd-32k-anchor001-auto": ("resnet56-cifar10", "resnet20", {}, {"samples": 32_000, "anchor": 0.01},
@@ -252,8 +261,8 @@ def main() -> None:
     out = Path(args.out)
     for name in args.configs.split(","):
         teacher_name, student_arch, derive_over, recipe_over, *rest = CONFIGS[name]
-        method = derive_over.get("method")
-        derive_over = {k: v for k, v in derive_over.items() if k != "method"}
+        method, method_options = derive_over.get("method"), derive_over.get("method_options")
+        derive_over = {k: v for k, v in derive_over.items() if k not in ("method", "method_options")}
         config_over = {"precision": "fp32", **(rest[0] if rest else {})}
         path = out / f"{name}-k{args.k}-s{args.seed}.json"
         if path.exists():
@@ -269,7 +278,8 @@ def main() -> None:
         payload = distill(teacher=teacher, student_arch=student_arch, fewshot=fewshot, test=val,
                           config=GraftConfig(shots=args.k, seed=args.seed, **config_over), device="cpu",
                           out=None, progress=False, manifest=manifest.to_dict(), derive=options,
-                          method=method, method_recipe=options.recipe if method else None)
+                          method=method, method_options=method_options,
+                          method_recipe=options.recipe if method else None)
         record = {"config": name, "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
                   "commit": commit + ("+dirty" if dirty else ""), "seed": args.seed, "k": args.k,
                   "threads": torch.get_num_threads(), "evaluated_on": "validation (1,000 training images, never test)",
