@@ -16,7 +16,8 @@ on several pools drawn from the same few-shot images, none of them used in train
   training distribution than any the recipe trains on (32 per image);
 - noise: crop-and-flip views plus Gaussian noise (sigma 0.05 on [0, 1] pixels; 32 per image).
 
-Each pool is scored by agreement (%) and KL(teacher || student). The development measure is each student's accuracy
+Each pool is scored by agreement (%), KL(teacher || student), and the agreement on the views where the teacher gives
+its top class at least 0.8 probability (views a student has a fair chance to get right). The development measure is each student's accuracy
 on the fixed labeled validation split (1,000 CIFAR-10 training images that no few-shot subset uses,
 `benchmarks/derived/dev.py`); the test accuracy the cell recorded is shown beside it and chooses nothing. Writes
 `<out>/study.json` (every cell, every estimate) and `<out>/README.md` (Spearman rank correlations per pair, over
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "derived"))
 
 GRIDS = ("results/cifar10-derived/cells", "results/cifar10-patient/cells")
 POOLS = ("standard", "clean", "mixed", "strong", "noise")
+CONFIDENT = 0.8  # a view counts as confident when the teacher gives its top class at least this probability
 SEED = 1_000_003  # the recorded pool's seed (graftkd.engine.agreement.POOL_SEED); the other pools offset it
 
 
@@ -88,6 +90,22 @@ def pools(images: torch.Tensor, norm, views: int = 8, extra: int = 32) -> dict[s
             "noise": torch.cat(noisy)}
 
 
+@torch.no_grad()
+def score(student, teacher, pool: torch.Tensor, batch_size: int = 500) -> dict:
+    """Agreement (%) and KL(teacher || student) as `graftkd.engine.agreement.agreement` computes them, plus the
+    agreement on the views where the teacher is confident (top probability >= CONFIDENT) and their share."""
+    import torch.nn.functional as F
+
+    t = torch.cat([teacher(pool[i:i + batch_size]).float() for i in range(0, len(pool), batch_size)])
+    s = torch.cat([student(pool[i:i + batch_size]).float() for i in range(0, len(pool), batch_size)])
+    same = s.argmax(1) == t.argmax(1)
+    kl = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="sum") / len(pool)
+    confident = F.softmax(t, 1).amax(1) >= CONFIDENT
+    return {"agreement": 100.0 * float(same.float().mean()), "kl": float(kl), "views": len(pool),
+            "confident_agreement": 100.0 * float(same[confident].float().mean()) if confident.any() else None,
+            "confident_share": 100.0 * float(confident.float().mean())}
+
+
 def cells(limit: int | None) -> list[tuple[Path, dict, Path]]:
     """(cell file, cell record, student.pt) for every committed cell whose command's --out still holds a student."""
     found = []
@@ -113,7 +131,6 @@ def main() -> None:
 
     from graftkd.data import load_dataset
     from graftkd.data.fewshot import FewShotManifest
-    from graftkd.engine.agreement import agreement
     from graftkd.files import atomic_write_json, atomic_write_text
     from graftkd.loaded import load_teacher, normalizer
     from graftkd.engine.runtime import run_facts
@@ -139,10 +156,8 @@ def main() -> None:
         student = load_teacher(str(weights), None, 10, None)
         norm = normalizer(teacher.mean, teacher.std)
         images = FewShotManifest.from_dict(record["fewshot"]["manifest"]).materialize().images
-        scores = {}
-        for pool_name, pool in pools(images, norm).items():
-            with torch.no_grad():
-                scores[pool_name] = agreement(student.model.eval(), teacher.model.eval(), pool)
+        scores = {name: score(student.model.eval(), teacher.model.eval(), pool)
+                  for name, pool in pools(images, norm).items()}
         with torch.no_grad():
             student_norm = normalizer(student.mean, student.std)
             logits = torch.cat([student.model(student_norm(val.images[i:i + 500])).float()
@@ -153,8 +168,7 @@ def main() -> None:
                      "k": record["fewshot"]["shots"], "seed": record["seed"],
                      "init": (record.get("init") or {}).get("used") or record.get("method"),
                      "test_acc": recorded, "val_acc": val_acc, "recorded_agreement": recorded_free.get("agreement"),
-                     "scores": {p: {"agreement": s["agreement"], "kl": s["kl"], "views": s["views"]}
-                                for p, s in scores.items()}})
+                     "scores": scores})
         print(f"{name}: test {recorded:.2f} val {val_acc:.2f} | " + " ".join(
             f"{p} {s['agreement']:.1f}" for p, s in scores.items()), flush=True)
     facts = run_facts(torch.device("cpu"))
@@ -186,11 +200,12 @@ def correlations(rows: list[dict]) -> list[dict]:
     for pair, what, part in groups:
         entry = {"pair": pair, "group": what, "cells": len(part), "rho": {}}
         for pool in POOLS:
-            for metric, sign in (("agreement", 1.0), ("kl", -1.0)):
-                score = [sign * r["scores"][pool][metric] for r in part]
+            for metric, sign in (("agreement", 1.0), ("kl", -1.0), ("confident_agreement", 1.0)):
+                kept = [r for r in part if r["scores"][pool][metric] is not None]
+                values = [sign * r["scores"][pool][metric] for r in kept]
                 entry["rho"][f"{pool}:{metric}"] = {
-                    "val": spearman(score, [r["val_acc"] for r in part]),
-                    "test": spearman(score, [r["test_acc"] for r in part])}
+                    "val": spearman(values, [r["val_acc"] for r in kept]),
+                    "test": spearman(values, [r["test_acc"] for r in kept])}
         out.append(entry)
     return out
 
@@ -207,13 +222,15 @@ def report(rows: list[dict], skipped: list[str], summary: list[dict], commit: st
              "images no few-shot subset uses; the development measure) and, after the slash, with the test "
              "accuracy the cell recorded (shown, not used to choose).", ""]
     for pair in sorted({e["pair"] for e in summary}):
-        lines += [f"## {pair}", "", "| cells | n | " + " | ".join(f"{p} agr. / KL (val; test)" for p in POOLS) + " |",
+        lines += [f"## {pair}", "", "| cells | n | " + " | ".join(f"{p} agr. / KL / conf. agr. (val; test)"
+                                                             for p in POOLS) + " |",
                   "|---|---|" + "---|" * len(POOLS)]
         for e in (e for e in summary if e["pair"] == pair):
             cols = []
             for pool in POOLS:
-                a, k = e["rho"][f"{pool}:agreement"], e["rho"][f"{pool}:kl"]
-                cols.append(f"{rho(a['val'])} / {rho(k['val'])} ({rho(a['test'])}; {rho(k['test'])})")
+                a, k, c = (e["rho"][f"{pool}:{m}"] for m in ("agreement", "kl", "confident_agreement"))
+                cols.append(f"{rho(a['val'])} / {rho(k['val'])} / {rho(c['val'])} "
+                            f"({rho(a['test'])}; {rho(k['test'])}; {rho(c['test'])})")
             lines.append(f"| {e['group']} | {e['cells']} | " + " | ".join(cols) + " |")
         lines.append("")
     lines += ["## Every cell", "", "| cell | K | test | val | recorded agr. | "
