@@ -72,14 +72,12 @@ def spearman(x: list[float], y: list[float]) -> float | None:
 
 def pools(images: torch.Tensor, norm, views: int = 8, extra: int = 32) -> dict[str, torch.Tensor]:
     """Every pool of the study for one cell's few-shot images (uint8, N x C x H x W)."""
-    from graftkd.data.augment import Augment, color_jitter, random_resized_crop
-    from graftkd.engine.agreement import agreement_pool
+    from graftkd.data.augment import Augment
+    from graftkd.engine.agreement import agreement_pool, far_pool
 
     standard = agreement_pool(images, norm, Augment(4, True), views=views, mixed=True, seed=SEED)
     half = len(standard) // 2
-    generator = torch.Generator().manual_seed(SEED + 1)
-    strong = torch.cat([norm(color_jitter(random_resized_crop(images, scale=(0.1, 0.5), generator=generator), 0.4,
-                                          generator)).float() for _ in range(extra)])
+    strong = far_pool(images, norm, views=extra, seed=SEED + 1)  # what `distill` now records as label_free.far
     generator = torch.Generator().manual_seed(SEED + 2)
     crop = Augment(4, True)
     noisy = []

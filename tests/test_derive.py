@@ -175,6 +175,21 @@ def test_label_free_agreement_of_a_model_with_itself_and_a_pool_that_does_not_to
     assert same["agreement"] == 100.0 and abs(same["kl"]) < 1e-6
 
 
+@torch.no_grad()
+def test_far_pool_is_deterministic_off_the_training_stream_and_farther_than_the_near_pool():
+    from graftkd.engine.agreement import FAR_VIEWS, far_pool
+
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    state = torch.random.get_rng_state()
+    pool = far_pool(images, lambda x: x.float())
+    assert torch.equal(state, torch.random.get_rng_state()) and pool.shape == (6 * FAR_VIEWS, 3, 16, 16)
+    assert torch.equal(pool, far_pool(images, lambda x: x.float())) and not torch.equal(pool, far_pool(
+        images, lambda x: x.float(), seed=1))
+    # crops of at most half the area, resized back: every far view differs from the image it came from
+    plain = (images.float() / 255).repeat(FAR_VIEWS, 1, 1, 1)
+    assert float((pool - plain).abs().flatten(1).amax(1).min()) > 0.05
+
+
 def test_patient_recipe_schedule_batches_and_mixing():
     recipe = Recipe(samples=64 * 100, warmup=0.1)
     assert recipe.steps == 100 and recipe.chunks == 2

@@ -136,6 +136,12 @@ def test_quality_warnings_name_what_to_try_and_reach_the_model_card():
            "graft": {"stages": [{"name": "net 1-3", "loss_curve": [(1, 1.63), (2, 1.85)]}]}}
     warnings = quality_warnings(bad)
     assert len(warnings) == 2 and "derived" in warnings[0] and "lower the learning rate" in warnings[1]
+    # high agreement on the near views, low on the far ones (a fresh student that memorised its few images)
+    memorised = {"label_free": {"agreement": 93.0, "far": {"agreement": 31.7}}, "init": {"used": "fresh"}}
+    (warning,) = quality_warnings(memorised)
+    assert "31.7% of far views" in warning and "derived" in warning
+    memorised["label_free"]["far"]["agreement"] = 56.5
+    assert quality_warnings(memorised) == []
     # a fading student starts as the teacher: its loss is judged from the end of the fading (chunk 2 of 4) on
     fading = {"label_free": {"agreement": 95.0}, "init": {"used": "derived"}, "fade": {"share": 0.5, "steps": 100},
               "refine": {"stages": [{"name": "kd", "epochs": 4, "steps": 200,

@@ -477,11 +477,17 @@ def derived_adapters(plan, record) -> None:
 
 
 def label_free_estimate(student: nn.Module, teacher: nn.Module, images: torch.Tensor, norm: nn.Module, config: GraftConfig,
-                device: torch.device, mixed: bool) -> dict:
-    """Top-1 agreement and KL on a held-out pool of augmented views (its own seed, never trained on)."""
-    from graftkd.engine.agreement import agreement, agreement_pool
+                device: torch.device, mixed: bool, far: bool = False) -> dict:
+    """Top-1 agreement and KL on a held-out pool of augmented views (its own seed, never trained on); with ``far``,
+    the same on a pool of far views under the key "far" (`graftkd.engine.agreement.far_pool`)."""
+    from graftkd.engine.agreement import FAR_SEED, agreement, agreement_pool, far_pool
     from graftkd.graft.api import augmenter
 
     with torch.no_grad():
         pool = agreement_pool(images.to(device), norm.to(device), augmenter(config), mixed=mixed)
-    return agreement(student.to(device), teacher.to(device), pool)
+    estimate = agreement(student.to(device), teacher.to(device), pool)
+    if far:
+        with torch.no_grad():
+            pool = far_pool(images.to(device), norm.to(device))
+        estimate["far"] = {**agreement(student, teacher, pool), "seed": FAR_SEED}
+    return estimate

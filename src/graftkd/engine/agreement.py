@@ -5,6 +5,13 @@ generator), so it is the same for every method of a cell and never seen by train
 agreement of student and teacher (in %), and KL(teacher ‖ student) at temperature 1. Mixed views
 (mixup blends of two pool images) are added when the run mixes. A user without labels can read these;
 the test split stays for reporting only.
+
+Those views are close to what training saw, and students memorise them: a fresh ResNet-20 at 25 % test accuracy
+agrees with its teacher on 91-95 % of them, as a derived one at 75 % does. A second pool of *far* views (small
+random-resized crops with colour jitter, farther from the training views than anything the recipes train on)
+tells them apart: over 34 ResNet-20 students of every start and K its agreement ranks validation accuracy with
+Spearman rho 0.85, against 0.45 for the near pool; over 19 half-width VGG students 0.70 against 0.67
+(`benchmarks/label_free_study.py`, `results/label-free-study/`).
 """
 from __future__ import annotations
 
@@ -15,6 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 POOL_SEED = 1_000_003  # not a training seed: the pool must not depend on, or feed, the training stream
+FAR_SEED = POOL_SEED + 1
+FAR_VIEWS = 32  # per image: at K=1 that is 320 views, a second of a ResNet-56's time on two cores
+FAR_SCALE = (0.1, 0.5)  # area fraction of the crops
+FAR_JITTER = 0.4  # brightness, contrast and saturation factors drawn from U(0.6, 1.4)
 
 
 @torch.no_grad()
@@ -32,6 +43,17 @@ def agreement_pool(images: torch.Tensor, normalize: nn.Module, augment: Callable
         weight = torch.rand((len(pool), 1, 1, 1), generator=generator)
         pool = torch.cat([pool, torch.lerp(pool[partner], pool, weight.to(pool.dtype))])
     return pool
+
+
+@torch.no_grad()
+def far_pool(images: torch.Tensor, normalize: nn.Module, *, views: int = FAR_VIEWS, seed: int = FAR_SEED) -> torch.Tensor:
+    """``views`` far views of every image (normalised): a random-resized crop of 10-50 % of its area, mirrored for
+    half, with colour jitter, all drawn from one generator seeded ``seed``."""
+    from graftkd.data.augment import color_jitter, random_resized_crop
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.cat([normalize(color_jitter(random_resized_crop(images, scale=FAR_SCALE, generator=generator),
+                                             FAR_JITTER, generator)).float() for _ in range(views)])
 
 
 @torch.no_grad()
