@@ -37,37 +37,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "derived"))
+from grid import _spearman as spearman  # noqa: E402  (the grids' own rank correlation)
 
 GRIDS = ("results/cifar10-derived/cells", "results/cifar10-patient/cells")
 POOLS = ("standard", "clean", "mixed", "strong", "noise")
 CONFIDENT = 0.8  # a view counts as confident when the teacher gives its top class at least this probability
 SEED = 1_000_003  # the recorded pool's seed (graftkd.engine.agreement.POOL_SEED); the other pools offset it
-
-
-def ranks(values: list[float]) -> list[float]:
-    """Average ranks (ties share the mean rank), 1-based."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for m in range(i, j + 1):
-            out[order[m]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
-def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman's rho: Pearson correlation of the ranks; None below 3 points or with a constant side."""
-    if len(x) < 3:
-        return None
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return None if sxx == 0 or syy == 0 else sxy / (sxx * syy) ** 0.5
 
 
 def pools(images: torch.Tensor, norm, views: int = 8, extra: int = 32) -> dict[str, torch.Tensor]:
