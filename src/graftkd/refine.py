@@ -480,14 +480,12 @@ def label_free_estimate(student: nn.Module, teacher: nn.Module, images: torch.Te
                 device: torch.device, mixed: bool, far: bool = False) -> dict:
     """Top-1 agreement and KL on a held-out pool of augmented views (its own seed, never trained on); with ``far``,
     the same on a pool of far views under the key "far" (`graftkd.engine.agreement.far_pool`)."""
-    from graftkd.engine.agreement import FAR_SEED, agreement, agreement_pool, far_pool
+    from graftkd.engine.agreement import FAR_SEED, POOL_SEED, agreement, agreement_pool, far_pool
     from graftkd.graft.api import augmenter
 
-    with torch.no_grad():
-        pool = agreement_pool(images.to(device), norm.to(device), augmenter(config), mixed=mixed)
-    estimate = agreement(student.to(device), teacher.to(device), pool)
+    images, norm, student, teacher = images.to(device), norm.to(device), student.to(device), teacher.to(device)
+    near = agreement_pool(images, norm, augmenter(config), mixed=mixed, seed=POOL_SEED)
+    estimate = {**agreement(student, teacher, near), "seed": POOL_SEED}
     if far:
-        with torch.no_grad():
-            pool = far_pool(images.to(device), norm.to(device))
-        estimate["far"] = {**agreement(student, teacher, pool), "seed": FAR_SEED}
+        estimate["far"] = {**agreement(student, teacher, far_pool(images, norm, seed=FAR_SEED)), "seed": FAR_SEED}
     return estimate

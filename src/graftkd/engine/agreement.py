@@ -75,5 +75,4 @@ def agreement(student: nn.Module, teacher: nn.Module, pool: torch.Tensor, *, bat
     finally:
         student.train(student_mode)
         teacher.train(teacher_mode)
-    return {"agreement": 100.0 * agree / max(count, 1), "kl": kl / max(count, 1), "views": count,
-            "seed": POOL_SEED}
+    return {"agreement": 100.0 * agree / max(count, 1), "kl": kl / max(count, 1), "views": count}
