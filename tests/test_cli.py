@@ -351,7 +351,7 @@ def test_config_file_and_set_reach_the_run_and_the_command_line_wins(tmp_path, d
 
 @pytest.mark.parametrize("extra, file_text, message", [
     (["--set", "derive.recipe.sampels=10"], None, "unknown key 'derive.recipe.sampels' (did you mean 'samples'?)"),
-    (["--set", "derive.recipe.samples=many"], None, "derive.recipe.samples must be an integer, got 'many'"),
+    (["--set", "derive.recipe.samples=many"], None, "derive.recipe.samples must be an integer or null, got 'many'"),
     (["--set", "derive.loss=l2"], None, "--set derive.loss=l2: unknown loss 'l2'"),
     (["--set", "graf.seed=1"], None, "unknown group 'graf' (did you mean 'graft'?)"),
     (["--set", "derive.recipe"], None, "write PATH=VALUE"),

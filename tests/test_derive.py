@@ -314,6 +314,9 @@ def test_the_refinement_resolver_follows_the_derivation():
     depth = resolve_refinement(record("units chosen", "units chosen"))
     assert (depth["repair"], depth["loss"], depth["stop_at"], depth["fade"]) == (False, "kd", None, FADE)
     assert depth["loss_options"] == {"temperature": HOT_TEMPERATURE} and "temperature 16" in depth["why"]
+    from graftkd.refine import SYNTH
+
+    assert depth["synth"] == SYNTH
     assert resolve_refinement(record("inherited", "inherited"))["fade"] == 0.0
     width = resolve_refinement(record("inherited", "channels chosen", "units and channels chosen"))
     assert (width["repair"], width["loss"], width["stop_at"]) == (True, "feature_kd", REPAIRED_ENOUGH)
@@ -443,7 +446,7 @@ def _resnet_distill(config: dict, samples: int = 8 * 4, pair=("resnet32", "resne
                                         recipe=Recipe(samples=samples, batch_size=8, steps_per_chunk=2)))
 
 
-def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
+def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded(monkeypatch):
     from graftkd.refine import DeriveOptions
 
     payload = _resnet_distill({"precision": "auto", "compile": "on"}, refine="kd", fade=0.5)
@@ -462,6 +465,14 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded():
 
     assert auto["derive"]["loss_options"] == {"temperature": HOT_TEMPERATURE}
     assert auto["refine"]["stages"][0]["name"] == "kd" and f"temperature {HOT_TEMPERATURE:g}" in auto["resolved"]["why"]
+    # ... with no synthetic images at so small a budget, and with them where the budget allows (scaled down here)
+    import graftkd.refine as refine
+
+    assert auto["derive"]["recipe"]["synth"] == 0 and auto["synth"] is None and "no synthetic" in auto["resolved"]["why"]
+    monkeypatch.setattr(refine, "SYNTH_SAMPLES_PER_IMAGE", 16)
+    made = _resnet_distill({"precision": "fp32"}, samples=8 * 8, refine="auto")
+    assert made["derive"]["recipe"]["synth"] == 4 and made["synth"]["made"] == 4 and made["resolved"]["synth"] == 4
+    assert "4 images synthesised" in made["resolved"]["why"]
     mine = _resnet_distill({"precision": "fp32"}, samples=8 * 8, refine="auto", loss_options={"temperature": 2.0})
     assert mine["derive"]["loss_options"] == {"temperature": 2.0}
     # the default path chooses the units greedily by few-shot logit error; a named refinement keeps them even

@@ -468,6 +468,8 @@ def summary_table(payload: dict) -> str:
     lines.append(
         f"few-shot: {few['images']} unlabeled images"
         + (f" ({few['shots']} per class)" if few.get("manifest") else " (from a folder: classes unknown)")
+        + (f", plus {payload['synth']['made']} synthesised from them and the teacher's BatchNorm statistics "
+           f"({payload['synth']['seconds']:.0f} s)" if payload.get("synth") else "")
         + ", wall time "
         f"{payload['wall_seconds']:.1f} s on {payload['device']}"
     )

@@ -1,0 +1,98 @@
+"""Synthetic training images from the teacher's BatchNorm statistics (graftkd.engine.inversion)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from graftkd.data.normalize import Normalizer
+from graftkd.engine.inversion import Inversion, invert_batchnorm
+from graftkd.errors import GraftkdError
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    from graftkd.engine.bn import reestimate_batchnorm
+
+    # the statistics of other images than the ones below (darker, smoother): reachable, but not where they start
+    other = torch.nn.functional.avg_pool2d(torch.rand(64, 3, 12, 12) * 0.4, 3, stride=1, padding=1)
+    reestimate_batchnorm(net, [(other - 0.5) / 0.25])
+    return net.eval()
+
+
+def _images(n: int = 6) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 12, 12), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+
+
+def test_inversion_moves_batches_towards_the_running_statistics_and_leaves_the_model_as_it_was():
+    net, norm = _net(), Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    made, record = invert_batchnorm(net, norm, _images(), Inversion(10, steps=30, batch_size=5, lr=0.1),
+                                    generator=torch.Generator().manual_seed(0), num_classes=5)
+    assert made.dtype == torch.uint8 and made.shape == (10, 3, 12, 12) and record["made"] == 10
+    firsts = [r["bn"] for r in record["log"] if r["step"] == 0]
+    lasts = [r["bn"] for r in record["log"] if r["step"] == 29]
+    assert len(firsts) == len(lasts) == 2 and all(b < a * 0.8 for a, b in zip(firsts, lasts)), record["log"]
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing trained, stats kept
+    assert not net.training and all(p.requires_grad for p in net.parameters())
+    assert all(not m._forward_hooks for m in net.modules())
+    again, _ = invert_batchnorm(net, norm, _images(), Inversion(10, steps=30, batch_size=5, lr=0.1),
+                                generator=torch.Generator().manual_seed(0), num_classes=5)
+    assert torch.equal(made, again)  # the generator decides every draw
+
+
+def test_batches_are_even_and_never_of_one_image():
+    assert Inversion(1000).batches() == [200] * 5
+    assert Inversion(401, batch_size=200).batches() == [134, 134, 133]
+    assert Inversion(0).batches() == []
+    with pytest.raises(GraftkdError, match="at least 2"):
+        Inversion(1)
+
+
+def test_a_teacher_without_batchnorm_is_one_clear_line():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    with pytest.raises(GraftkdError, match="no BatchNorm layer: set synth to 0"):
+        invert_batchnorm(net, Normalizer((0.5,) * 3, (0.25,) * 3), _images(), Inversion(4),
+                         generator=torch.Generator(), num_classes=5)
+
+
+def test_synth_is_refused_where_nothing_would_train_on_it():
+    from dataclasses import replace
+
+    from graftkd.engine.recipe import Recipe
+    from graftkd.refine import DeriveOptions
+
+    with pytest.raises(GraftkdError, match="--refine none"):
+        DeriveOptions(refine="none", recipe=replace(Recipe(), synth=100))
+    with pytest.raises(GraftkdError, match="synth must be 0 or at least 2"):
+        Recipe(synth=-3)
+
+
+def test_synthetic_images_are_made_once_per_run_and_read_back_on_resume(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import graftkd.engine.inversion as inversion
+    from graftkd.engine.recipe import Recipe
+    from graftkd.graft import GraftConfig
+    from graftkd.refine import synthetic_images
+
+    teacher = SimpleNamespace(model=_net())
+    norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    recipe, config = Recipe(synth=4, synth_steps=2), GraftConfig(seed=3, precision="fp32")
+    images = _images()
+    first, record = synthetic_images(teacher, images, norm, config, recipe, torch.device("cpu"), tmp_path, False)
+    assert first.shape[0] == 10 and torch.equal(first[:6], images) and record["made"] == 4
+    assert (tmp_path / "synthetic.pt").exists() and "reused" not in record
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("made again")
+
+    monkeypatch.setattr(inversion, "invert_batchnorm", refuse)
+    again, reused = synthetic_images(teacher, images, norm, config, recipe, torch.device("cpu"), tmp_path, False)
+    assert torch.equal(again, first) and reused["reused"] == "synthetic.pt"
+    none, nothing = synthetic_images(teacher, images, norm, config, Recipe(synth=0), torch.device("cpu"), tmp_path, False)
+    assert none is images and nothing is None
+    with pytest.raises(AssertionError, match="made again"):  # other images: the saved ones do not fit
+        synthetic_images(teacher, images.flip(0), norm, config, recipe, torch.device("cpu"), tmp_path, False)
