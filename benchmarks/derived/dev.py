@@ -353,7 +353,8 @@ def report(out: Path) -> None:
               "EPYC and the Xeon (74.40 at 32k, 81.60 at 128k)." if devices else ""]
     probes = sorted((json.loads(p.read_text()) for p in out.glob("probe-*.json")), key=lambda r: r["command"])
     if probes:
-        lines += ["", "Probes (`benchmarks/derived/fade_probe.py`: its own small loop, the control included):", "",
+        lines += ["", "Probes (`benchmarks/derived/fade_probe.py`, its own small loop, and `synth_probe.py`, synthetic "
+                  "images added to the few-shot set before the library's default path; each with its control):", "",
                   "| command | val acc. | s |", "|---|---|---|"]
         lines += [f"| `{r['command']}` | {r['val_acc']:.2f} | {r['wall_seconds']:.0f} |" for r in probes]
     oracles = sorted((json.loads(p.read_text()) for p in out.glob("bn-oracle-*.json")), key=lambda r: r["command"])
