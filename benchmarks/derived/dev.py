@@ -220,6 +220,8 @@ CONFIGS = {
     "r20-default-synth1000-128k-auto": ("resnet56-cifar10", "resnet20",
                                         {"fade": 0.25, "depth_rule": "greedy", "loss_options": {"temperature": 16.0}},
                                         {"samples": 128_000, "synth": 1000}, {"precision": "auto"}),
+    "r20-fresh-200k-synth1000-auto": ("resnet56-cifar10", "resnet20", {"method": "kd"},
+                                      {"samples": 200_000, "synth": 1000}, {"precision": "auto"}),
     "vh-fade025-fkd-t16-64k-synth1000-auto": ("vgg16bn-cifar10", "vgg16_half_bn",
                                               {"loss": "feature_kd", "fade": 0.25, "loss_options": {"temperature": 16.0}},
                                               {"samples": 64_000, "synth": 1000}, {"precision": "auto"}),
