@@ -368,7 +368,7 @@ SYNTH = 1000
 SYNTH_BUDGET = 128_000
 
 #: at most one synthetic image per this many training samples, so that a short run stays short (making the images
-#: costs about as much as training on 300 samples each): 1,000 from a 128k budget up
+#: costs about as much as training on 250 samples each): 1,000 from a 128k budget up
 SYNTH_SAMPLES_PER_IMAGE = 128
 
 
