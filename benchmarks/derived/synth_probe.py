@@ -14,11 +14,14 @@ derived and refined by the unchanged default path (`graftkd distill`'s workflow,
 sees them as more unlabeled images. ``--n 0`` is the control.
 
 One JSON file per run under --out (command, commit, device, threads, wall time, the synthesis's own time).
+The library's version of the synthesis is `graftkd.engine.inversion` (the same loss and schedule; its draws come
+from one generator, so its images differ from these); this copy stays because it made the committed probe numbers.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -121,6 +124,9 @@ def main() -> None:
     from graftkd.loaded import load_teacher, normalizer
     from graftkd.refine import DeriveOptions
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from dev import validation_set
+
     name = (f"synth-n{args.n}-it{args.iters}-lr{args.lr:g}-bn{args.bn:g}-ce{args.ce:g}-tv{args.tv:g}"
             f"-{args.samples // 1000}k-k{args.k}-s{args.seed}")
     path = Path(args.out) / f"probe-{name}.json"
@@ -130,7 +136,7 @@ def main() -> None:
     started = time.perf_counter()
     train = load_dataset("cifar10", "train")
     keep = torch.tensor(validation_indices(train.labels))
-    val = ImageSet(train.images[keep].contiguous(), train.labels[keep].clone(), train.classes, "val", dataset="cifar10")
+    val = validation_set(train)
     manifest = make_manifest("cifar10", "train", args.k, args.seed, 0)
     if set(manifest.indices or ()) & set(keep.tolist()):
         raise SystemExit("the few-shot subset overlaps the validation split")
