@@ -82,7 +82,7 @@ def test_synthetic_images_are_made_once_per_run_and_read_back_on_resume(tmp_path
     norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     recipe, config = Recipe(synth=4, synth_steps=2), GraftConfig(seed=3, precision="fp32")
     images = _images()
-    first, record = synthetic_images(teacher, images, norm, config, recipe, torch.device("cpu"), tmp_path, False)
+    first, record = synthetic_images(teacher, images, norm, config, recipe, torch.device("cpu"), tmp_path, False, 5)
     assert first.shape[0] == 10 and torch.equal(first[:6], images) and record["made"] == 4
     assert (tmp_path / "synthetic.pt").exists() and "reused" not in record
 
@@ -90,9 +90,10 @@ def test_synthetic_images_are_made_once_per_run_and_read_back_on_resume(tmp_path
         raise AssertionError("made again")
 
     monkeypatch.setattr(inversion, "invert_batchnorm", refuse)
-    again, reused = synthetic_images(teacher, images, norm, config, recipe, torch.device("cpu"), tmp_path, False)
+    again, reused = synthetic_images(teacher, images, norm, config, recipe, torch.device("cpu"), tmp_path, False, 5)
     assert torch.equal(again, first) and reused["reused"] == "synthetic.pt"
-    none, nothing = synthetic_images(teacher, images, norm, config, Recipe(synth=0), torch.device("cpu"), tmp_path, False)
+    none, nothing = synthetic_images(teacher, images, norm, config, Recipe(synth=0), torch.device("cpu"), tmp_path,
+                                     False, 5)
     assert none is images and nothing is None
     with pytest.raises(AssertionError, match="made again"):  # other images: the saved ones do not fit
-        synthetic_images(teacher, images.flip(0), norm, config, recipe, torch.device("cpu"), tmp_path, False)
+        synthetic_images(teacher, images.flip(0), norm, config, recipe, torch.device("cpu"), tmp_path, False, 5)

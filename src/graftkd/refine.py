@@ -258,7 +258,8 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
 
             trained = FadingStudent(teacher.model, record.depth, round(options.fade * recipe.steps)).to(device)
             facts["fade"] = {"share": options.fade, "steps": trained.steps, "faded_units": trained.faded}
-        train_images, facts["synth"] = synthetic_images(teacher, images, norm, config, recipe, device, out_dir, progress)
+        train_images, facts["synth"] = synthetic_images(teacher, images, norm, config, recipe, device, out_dir,
+                                                        progress, num_classes)
         task = few_shot_task(teacher, trained, train_images, norm, config, device, out_dir, progress, world,
                               batch_size=recipe.batch_size, epochs=recipe.chunks, lr=recipe.lr, shots=shots,
                               num_classes=num_classes, recipe=recipe, inherit="none")
@@ -288,7 +289,8 @@ SYNTH_SEED = 20_011
 
 
 def synthetic_images(teacher: LoadedModel, images: torch.Tensor, norm: nn.Module, config: GraftConfig, recipe: Recipe,
-                     device: torch.device, out_dir: Path | None, progress: bool) -> tuple[torch.Tensor, dict | None]:
+                     device: torch.device, out_dir: Path | None, progress: bool,
+                     num_classes: int) -> tuple[torch.Tensor, dict | None]:
     """The training images: the few-shot ``images``, followed by ``recipe.synth`` images inverted from the teacher's
     BatchNorm statistics (``graftkd.engine.inversion``), or ``images`` alone when ``recipe.synth`` is 0 or None.
 
@@ -319,7 +321,7 @@ def synthetic_images(teacher: LoadedModel, images: torch.Tensor, norm: nn.Module
             f"{spec.batch_size} ({precision})")
     made, record = invert_batchnorm(teacher.model.to(device), norm.to(device), images, spec,
                                     generator=torch.Generator().manual_seed(key["seed"]),
-                                    num_classes=num_outputs(teacher.model, images.shape[1:]),
+                                    num_classes=num_classes,
                                     precision=torch.bfloat16 if precision == "bf16" else None, report=say)
     record = {**record, "seed": key["seed"], "precision": precision}
     if path is not None:
@@ -519,7 +521,7 @@ def run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arch
                                   config.inherit)
     synth = None
     if recipe is not None:
-        images, synth = synthetic_images(teacher, images, norm, config, recipe, device, out_dir, progress)
+        images, synth = synthetic_images(teacher, images, norm, config, recipe, device, out_dir, progress, num_classes)
     task = few_shot_task(teacher, student, images, norm, config, device, out_dir, progress, world,
                           batch_size=batch_size, epochs=epochs, lr=lr, shots=shots, num_classes=num_classes,
                           recipe=recipe, inherit=config.inherit, student_arch=student_arch, mixup=config.mixup,

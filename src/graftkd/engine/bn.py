@@ -13,6 +13,11 @@ import torch
 from torch import nn
 
 
+def tracked_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm of ``model`` that keeps running statistics (``track_running_stats``), in module order."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Re-measure every BatchNorm's running statistics on ``batches`` (normalised inputs); returns how many norms.
@@ -20,7 +25,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> i
     Norms whose module is frozen elsewhere (``track_running_stats=False``) are skipped. The model ends in
     eval mode.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = tracked_norms(model)
     if not norms:
         return 0
     momenta = {m: m.momentum for m in norms}

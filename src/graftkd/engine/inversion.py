@@ -56,11 +56,6 @@ class Inversion:
         return asdict(self)
 
 
-def _norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None]
-
-
 def invert_batchnorm(model: nn.Module, normalize: nn.Module, images: torch.Tensor, spec: Inversion, *,
                      generator: torch.Generator, num_classes: int, precision: torch.dtype | None = None,
                      report: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
@@ -72,7 +67,9 @@ def invert_batchnorm(model: nn.Module, normalize: nn.Module, images: torch.Tenso
     """
     from graftkd.data.augment import random_crop_flip
 
-    norms = _norm_layers(model)
+    from graftkd.engine.bn import tracked_norms
+
+    norms = tracked_norms(model)
     if not norms:
         raise GraftkdError("synthetic images invert the teacher's BatchNorm statistics, and this teacher has no "
                            "BatchNorm layer: set synth to 0")
