@@ -75,6 +75,32 @@ def test_depth_rules_first_and_greedy():
         plan_depth(teacher, student, "greedy")
 
 
+def test_greedy_replays_the_units_before_a_trial_and_chooses_as_a_full_recompute_does(monkeypatch):
+    """The replayed units give the same errors, so the same units: a ResNet, and a chain with in-place ReLUs (which
+    write into what the unit before them returned)."""
+    import graftkd.derive.depth as depth
+    from graftkd.derive.depth import logit_error_fn
+
+    torch.manual_seed(3)
+    teacher, student = _randomise_norms(build_model("resnet32")), build_model("resnet20")
+    x = torch.randn(12, 3, 32, 32)
+
+    def block():
+        return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+
+    chain_t = _randomise_norms(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(*[block() for _ in range(6)]),
+                                             nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)))
+    chain_s = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(*[block() for _ in range(2)]), nn.ReLU(inplace=True),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    y = torch.randn(6, 3, 8, 8)
+    for model, small, inputs in ((teacher, student, x), (chain_t, chain_s, y)):
+        error = logit_error_fn(model, inputs, chunk=5)  # chunks: the replay keeps one output per call
+        replayed = plan_depth(model, small, "greedy", error).selections
+        monkeypatch.setattr(depth, "REPLAY_BYTES", -1)  # nothing recorded: every trial runs the whole network
+        assert plan_depth(model, small, "greedy", error).selections == replayed
+        monkeypatch.setattr(depth, "REPLAY_BYTES", 2 << 30)
+
+
 @torch.no_grad()
 def test_width_vgg_chain_takes_l1_channels_and_loads_strictly():
     torch.manual_seed(0)
@@ -473,6 +499,11 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded(monkeyp
     made = _resnet_distill({"precision": "fp32"}, samples=8 * 8, refine="auto")
     assert made["derive"]["recipe"]["synth"] == 4 and made["synth"]["made"] == 4 and made["resolved"]["synth"] == 4
     assert "4 images synthesised" in made["resolved"]["why"]
+    # the greedy units chosen on the few-shot images plus synthetic ones, when asked: recorded, the record replaced
+    chosen = _resnet_distill({"precision": "fp32"}, samples=8 * 8, refine="auto", synth_choice=3)
+    assert chosen["derive"]["choice_images"] == {"few_shot": 10, "synthetic": 3} and chosen["derive"]["synth_choice"] == 3
+    assert "3 synthetic ones" in chosen["resolved"]["why"] and chosen["derivation"]["depth_rule"] == "greedy"
+    assert made["derive"]["synth_choice"] == 0 and "choice_images" not in made["derive"]
     mine = _resnet_distill({"precision": "fp32"}, samples=8 * 8, refine="auto", loss_options={"temperature": 2.0})
     assert mine["derive"]["loss_options"] == {"temperature": 2.0}
     # the default path chooses the units greedily by few-shot logit error; a named refinement keeps them even

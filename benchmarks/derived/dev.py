@@ -220,6 +220,11 @@ CONFIGS = {
     "r20-default-synth1000-128k-auto": ("resnet56-cifar10", "resnet20",
                                         {"fade": 0.25, "depth_rule": "greedy", "loss_options": {"temperature": 16.0}},
                                         {"samples": 128_000, "synth": 1000}, {"precision": "auto"}),
+    # the greedy unit choice on the few-shot images plus 256 synthetic ones (synth_probe.py's choice saw all 1,000)
+    "r20-default-synth1000-choice256-128k-auto": ("resnet56-cifar10", "resnet20",
+                                                  {"fade": 0.25, "depth_rule": "greedy", "synth_choice": 256,
+                                                   "loss_options": {"temperature": 16.0}},
+                                                  {"samples": 128_000, "synth": 1000}, {"precision": "auto"}),
     "r20-fresh-200k-synth1000-auto": ("resnet56-cifar10", "resnet20", {"method": "kd"},
                                       {"samples": 200_000, "synth": 1000}, {"precision": "auto"}),
     "vh-fade025-fkd-t16-64k-synth1000-auto": ("vgg16bn-cifar10", "vgg16_half_bn",

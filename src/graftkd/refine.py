@@ -61,6 +61,10 @@ class DeriveOptions:
         "students derived in one piece, --refine kd or auto: start from the whole teacher and fade the dropped units "
         "and channels out over this share of the budget (0: cut them before the first step; default: 0.25 with "
         "--refine auto when only units were chosen, else 0)", metavar="SHARE"))
+    # None: refine 'auto' chooses (``resolve_refinement``), any other refinement 0
+    synth_choice: int | None = field(default=None, metadata=option(
+        "with --synth and the greedy depth rule: choose the units on the few-shot images plus the first N synthetic "
+        "ones (0: the few-shot images only; default: the default path's choice, else 0)", metavar="N"))
     loss_options: dict = field(default_factory=dict)  # the loss method's own options, e.g. {"temperature": 1.0}
     recipe: Recipe = field(default_factory=Recipe)
 
@@ -85,6 +89,8 @@ class DeriveOptions:
         if self.recipe.synth and self.refine in ("graft", "none"):
             raise GraftkdError(f"--synth {self.recipe.synth}: synthetic images feed the patient KD refinement; with "
                                f"--refine {self.refine} nothing would train on them: drop --synth or use --refine kd")
+        if self.synth_choice is not None and self.synth_choice < 0:
+            raise GraftkdError(f"--synth-choice must be >= 0 (got {self.synth_choice})")
         if self.repair_views < 0 or self.repair_ridge < 0:
             raise GraftkdError(f"repair views and ridge must be >= 0 (got {self.repair_views}, {self.repair_ridge})")
 
@@ -92,8 +98,8 @@ class DeriveOptions:
         return {"init": self.init, "reason": self.reason, "depth_rule": self.depth_rule, "width_rule": self.width_rule,
                 "bn_start": self.bn_start, "repair": self.repair, "refine": self.refine, "loss": self.loss,
                 **({"repair_views": self.repair_views, "repair_ridge": self.repair_ridge} if self.repair else {}),
-                "unit_features": self.unit_features, "fade": self.fade, "loss_options": dict(self.loss_options),
-                "recipe": self.recipe.to_dict()}
+                "unit_features": self.unit_features, "fade": self.fade, "synth_choice": self.synth_choice,
+                "loss_options": dict(self.loss_options), "recipe": self.recipe.to_dict()}
 
 
 def resolve_depth_rule(options: DeriveOptions) -> tuple[str, str]:
@@ -142,6 +148,18 @@ def try_derive(teacher: nn.Module, student: nn.Module, images: torch.Tensor, nor
     return record, {"requested": options.init, "used": "derived", "why": why, **depth}
 
 
+def rederive(teacher: nn.Module, student: nn.Module, images: torch.Tensor, norm: nn.Module, device: torch.device,
+             record):
+    """``record``'s derivation again, with its rules, on other (uint8) ``images``: the student's weights and the
+    record are replaced."""
+    from graftkd.derive import derive_student
+
+    with torch.no_grad():
+        inputs = norm.to(device)(images.to(device)).float()
+    return derive_student(teacher, student, tuple(images.shape[1:]), inputs=inputs, depth_rule=record.depth_rule,
+                          width_rule=record.width_rule)
+
+
 def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, norm: nn.Module, config: GraftConfig,
                     options: DeriveOptions, device: torch.device, out_dir: Path | None, progress: bool, world=None):
     """BatchNorm at the start, then the refinement; returns an object with ``.student`` and the facts to record."""
@@ -184,6 +202,21 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
         resolved["why"] += f"; --synth {options.recipe.synth} given"
     facts["derive"]["recipe"] = options.recipe.to_dict()
     facts["derive"]["fade"] = options.fade
+    choice = options.synth_choice if options.synth_choice is not None else (resolved or {}).get("synth_choice", 0)
+    facts["derive"]["synth_choice"] = choice
+    synthetic = None  # (training images, record) once made
+    if (choice and options.refine == "kd" and options.recipe.synth and record.depth is not None
+            and record.depth.selections and record.depth_rule == "greedy"):
+        # the greedy rule keeps the units whose removal changes the logits least: on a few images that measure is
+        # noisy, and the synthetic images stand for the teacher's training distribution
+        synthetic = synthetic_images(teacher, images, norm, config, options.recipe, device, out_dir, progress,
+                                     num_outputs(teacher.model, images.shape[1:]))
+        extra = synthetic[0][len(images):len(images) + choice]
+        record = rederive(teacher.model, student, torch.cat([images, extra]), norm, device, record)
+        facts["derivation"] = record.to_dict()
+        facts["derive"]["choice_images"] = {"few_shot": len(images), "synthetic": len(extra)}
+        if resolved is not None:
+            resolved["why"] += f"; the units chosen on the few-shot images and {len(extra)} synthetic ones"
     facts["derive"]["loss_options"] = dict(options.loss_options)
     facts["method"] = f"derived+{options.refine}"
     inputs = norm.to(device)(images).float()
@@ -258,8 +291,8 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
 
             trained = FadingStudent(teacher.model, record.depth, round(options.fade * recipe.steps)).to(device)
             facts["fade"] = {"share": options.fade, "steps": trained.steps, "faded_units": trained.faded}
-        train_images, facts["synth"] = synthetic_images(teacher, images, norm, config, recipe, device, out_dir,
-                                                        progress, num_classes)
+        train_images, facts["synth"] = synthetic or synthetic_images(teacher, images, norm, config, recipe, device,
+                                                                     out_dir, progress, num_classes)
         task = few_shot_task(teacher, trained, train_images, norm, config, device, out_dir, progress, world,
                               batch_size=recipe.batch_size, epochs=recipe.chunks, lr=recipe.lr, shots=shots,
                               num_classes=num_classes, recipe=recipe, inherit="none")
