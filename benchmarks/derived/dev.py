@@ -336,6 +336,14 @@ def write_manifest(out: Path) -> None:
     print(f"wrote {out / 'validation-manifest.json'} ({len(keep)} images)")
 
 
+def _ran_on(run: dict) -> str:
+    """The CPU family and the precision the run trained at (what ``precision=auto`` became on that machine)."""
+    device = str(run.get("device") or "?")
+    cpu = "Xeon" if "Xeon" in device else "EPYC" if "EPYC" in device else device
+    chosen = ((run.get("speed") or {}).get("chosen") or {}).get("precision", "fp32")
+    return f"{cpu}, {chosen}"
+
+
 def report(out: Path) -> None:
     """Every development run, in the order it was made: what was tried, on validation, and what it gave."""
     runs = [json.loads(p.read_text()) for p in out.glob("*-k*-s*.json") if not p.name.startswith(("probe-", "bn-oracle-"))]
@@ -347,17 +355,18 @@ def report(out: Path) -> None:
              "images (ResNet-56 scores 100 % on them, VGG16-BN 97.1 %), so absolute numbers run higher than on "
              "test; they serve to compare configurations. One run each (seed 0), unless a row gives another seed. Written by "
              "`python benchmarks/derived/dev.py --report`; each row's file holds its command, commit and device.", "",
-             "| config | K | seed | what differs from the defaults | val acc. | label-free agreement | s |",
-             "|---|---|---|---|---|---|---|"]
+             "| config | K | seed | what differs from the defaults | val acc. | label-free agreement | s | ran on |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         name = r["config"]
         derive_over, recipe_over, *rest = CONFIGS[name][2:]
         what = ", ".join([f"{k}={v}" for k, v in {**derive_over, **recipe_over, **(rest[0] if rest else {})}.items()]) or "-"
         lines.append(f"| {name} | {r['k']} | {r['seed']} | {what} | {r['val_acc']:.2f} | {r['label_free']['agreement']:.1f} | "
-                     f"{r['wall_seconds']:.0f} |")
+                     f"{r['wall_seconds']:.0f} | {_ran_on(r)} |")
     devices = sorted({str(r['device']) for r in runs if r.get('device')})
-    lines += ["", "Devices: " + "; ".join(devices) + ". bf16 rows (`precision=auto`) gave the same numbers on the AMD "
-              "EPYC and the Xeon (74.40 at 32k, 81.60 at 128k)." if devices else ""]
+    lines += ["", "Devices: " + "; ".join(devices) + ". bf16 rows (`precision=auto`) gave the same numbers on an AMD "
+              "EPYC with AVX512-BF16 and the Xeon (74.40 at 32k, 81.60 at 128k); on an AVX2-only EPYC `auto` trains "
+              "in fp32 (the last column)." if devices else ""]
     probes = sorted((json.loads(p.read_text()) for p in out.glob("probe-*.json")), key=lambda r: r["command"])
     if probes:
         lines += ["", "Probes (`benchmarks/derived/fade_probe.py`, its own small loop, and `synth_probe.py`, synthetic "
