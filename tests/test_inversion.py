@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from graftkd.data.normalize import Normalizer
-from graftkd.engine.inversion import Inversion, invert_batchnorm
+from graftkd.engine.inversion import Inversion, batch_gap, invert_batchnorm
 from graftkd.errors import GraftkdError
 
 
@@ -41,6 +41,23 @@ def test_inversion_moves_batches_towards_the_running_statistics_and_leaves_the_m
     again, _ = invert_batchnorm(net, norm, _images(), Inversion(10, steps=30, batch_size=5, lr=0.1),
                                 generator=torch.Generator().manual_seed(0), num_classes=5)
     assert torch.equal(made, again)  # the generator decides every draw
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_batch_gap_is_the_gap_of_the_batch_statistics_in_value_and_gradient(memory_format):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(4, 3, 5, 6, generator=g) * 2 + 1).contiguous(memory_format=memory_format).requires_grad_(True)
+    mean, var = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, 3.0, 0.5])
+    # golden value: the statistics over dims (0, 2, 3), biased variance, as BatchNorm measures them
+    ref = x.detach().clone().requires_grad_(True)
+    expected = (torch.linalg.vector_norm(ref.mean(dim=(0, 2, 3)) - mean)
+                + torch.linalg.vector_norm(ref.var(dim=(0, 2, 3), unbiased=False) - var))
+    got = batch_gap(x, mean, var)
+    assert torch.allclose(got, expected, rtol=1e-6)
+    got.backward()
+    expected.backward()
+    assert torch.allclose(x.grad, ref.grad, rtol=1e-5, atol=1e-7)
+    assert float(batch_gap(torch.zeros(2, 1, 2, 2), torch.tensor([3.0]), torch.tensor([4.0]))) == 7.0
 
 
 def test_batches_are_even_and_never_of_one_image():

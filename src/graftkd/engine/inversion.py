@@ -24,7 +24,7 @@ from torch import nn
 
 from graftkd.errors import GraftkdError
 
-__all__ = ["Inversion", "invert_batchnorm"]
+__all__ = ["Inversion", "batch_gap", "invert_batchnorm"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,18 @@ class Inversion:
         return asdict(self)
 
 
+def batch_gap(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``‖batch mean − mean‖ + ‖batch variance − var‖`` of ``x`` (N, C, H, W) per channel (biased variance).
+
+    The statistics are reductions over the rows of an (N·H·W, C) view, a view without a copy for the
+    channels_last batches the inversion makes: about 1.5x faster per inversion step than reducing over dims
+    (0, 2, 3) (``benchmarks/synth_speed.py``), with the same centred variance."""
+    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).float()
+    batch_mean = rows.mean(0)
+    batch_var = (rows - batch_mean).square().mean(0)
+    return torch.linalg.vector_norm(batch_mean - mean) + torch.linalg.vector_norm(batch_var - var)
+
+
 def invert_batchnorm(model: nn.Module, normalize: nn.Module, images: torch.Tensor, spec: Inversion, *,
                      generator: torch.Generator, num_classes: int, precision: torch.dtype | None = None,
                      report: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
@@ -85,9 +97,7 @@ def invert_batchnorm(model: nn.Module, normalize: nn.Module, images: torch.Tenso
     gaps: list[torch.Tensor] = []
 
     def hook(module, inputs, output):
-        x = inputs[0].float()
-        gaps.append(torch.linalg.vector_norm(x.mean(dim=(0, 2, 3)) - module.running_mean)
-                    + torch.linalg.vector_norm(x.var(dim=(0, 2, 3), unbiased=False) - module.running_var))
+        gaps.append(batch_gap(inputs[0], module.running_mean, module.running_var))
 
     handles = [m.register_forward_hook(hook) for m in norms]
     mean = normalize.mean.view(1, -1, 1, 1).to(device)
