@@ -340,9 +340,9 @@ def test_the_refinement_resolver_follows_the_derivation():
     depth = resolve_refinement(record("units chosen", "units chosen"))
     assert (depth["repair"], depth["loss"], depth["stop_at"], depth["fade"]) == (False, "kd", None, FADE)
     assert depth["loss_options"] == {"temperature": HOT_TEMPERATURE} and "temperature 16" in depth["why"]
-    from graftkd.refine import SYNTH
+    from graftkd.refine import SYNTH, SYNTH_CHOICE
 
-    assert depth["synth"] == SYNTH
+    assert depth["synth"] == SYNTH and depth["synth_choice"] == SYNTH_CHOICE
     assert resolve_refinement(record("inherited", "inherited"))["fade"] == 0.0
     width = resolve_refinement(record("inherited", "channels chosen", "units and channels chosen"))
     assert (width["repair"], width["loss"], width["stop_at"]) == (True, "feature_kd", REPAIRED_ENOUGH)
@@ -503,7 +503,11 @@ def test_fade_refines_a_depth_derivation_through_distill_and_is_recorded(monkeyp
     chosen = _resnet_distill({"precision": "fp32"}, samples=8 * 8, refine="auto", synth_choice=3)
     assert chosen["derive"]["choice_images"] == {"few_shot": 10, "synthetic": 3} and chosen["derive"]["synth_choice"] == 3
     assert "3 synthetic ones" in chosen["resolved"]["why"] and chosen["derivation"]["depth_rule"] == "greedy"
-    assert made["derive"]["synth_choice"] == 0 and "choice_images" not in made["derive"]
+    # the default path chooses on the synthetic images too (all 4 made here); --synth-choice 0 keeps to the real ones
+    assert made["derive"]["synth_choice"] == refine.SYNTH_CHOICE
+    assert made["derive"]["choice_images"] == {"few_shot": 10, "synthetic": 4}
+    real = _resnet_distill({"precision": "fp32"}, samples=8 * 8, refine="auto", synth_choice=0)
+    assert real["derive"]["synth_choice"] == 0 and "choice_images" not in real["derive"] and real["synth"]["made"] == 4
     mine = _resnet_distill({"precision": "fp32"}, samples=8 * 8, refine="auto", loss_options={"temperature": 2.0})
     assert mine["derive"]["loss_options"] == {"temperature": 2.0}
     # the default path chooses the units greedily by few-shot logit error; a named refinement keeps them even
