@@ -202,6 +202,8 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
         resolved["why"] += f"; --synth {options.recipe.synth} given"
     facts["derive"]["recipe"] = options.recipe.to_dict()
     facts["derive"]["fade"] = options.fade
+    num_classes = num_outputs(teacher.model, images.shape[1:])
+    shots = config.shots or max(1, len(images) // num_classes)
     choice = options.synth_choice if options.synth_choice is not None else (resolved or {}).get("synth_choice", 0)
     facts["derive"]["synth_choice"] = choice
     synthetic = None  # (training images, record) once made
@@ -210,7 +212,7 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
         # the greedy rule keeps the units whose removal changes the logits least: on a few images that measure is
         # noisy, and the synthetic images stand for the teacher's training distribution
         synthetic = synthetic_images(teacher, images, norm, config, options.recipe, device, out_dir, progress,
-                                     num_outputs(teacher.model, images.shape[1:]))
+                                     num_classes)
         extra = synthetic[0][len(images):len(images) + choice]
         record = rederive(teacher.model, student, torch.cat([images, extra]), norm, device, record)
         facts["derivation"] = record.to_dict()
@@ -262,8 +264,6 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
                 resolved["why"] += (f" from the whole teacher, the dropped channels fading out over the first "
                                     f"{options.fade:g} of the budget")
         facts["method"] = f"derived+{options.refine}"
-    num_classes = num_outputs(teacher.model, images.shape[1:])
-    shots = config.shots or max(1, len(images) // num_classes)
     started = time.perf_counter()
     if options.refine == "graft":
         graft_config = with_changes(config, freeze_norm_stats=True, inherit="none")
@@ -329,7 +329,8 @@ def synthetic_images(teacher: LoadedModel, images: torch.Tensor, norm: nn.Module
 
     The synthetic images are made once per run: saved under the run folder with what made them, and read back
     when a resumed run asks for the same (so a resume is bit-identical and does not pay for them twice).
-    Everything else (the derivation's choices, the label-free estimate) keeps to the real images."""
+    The label-free estimate, the repair and the BatchNorm start keep to the real images; the greedy unit choice
+    sees the first ``--synth-choice`` of them too."""
     import hashlib
 
     from graftkd.engine.inversion import Inversion, invert_batchnorm
