@@ -39,6 +39,14 @@ def _settings_file(tmp_path_factory):
     loop.settings_path = original
 
 
+@pytest.fixture(autouse=True)
+def _no_synthetic_cache(monkeypatch):
+    """Tests make their synthetic images and keep none between runs, unless a test points the cache somewhere."""
+    import graftkd.refine
+
+    monkeypatch.setattr(graftkd.refine, "synth_cache_dir", lambda: None)
+
+
 @pytest.fixture
 def stop_after_saves(monkeypatch):
     """``stop_after_saves(n)``: the shared loop raises KeyboardInterrupt right after its n-th checkpoint, as a

@@ -114,3 +114,61 @@ def test_synthetic_images_are_made_once_per_run_and_read_back_on_resume(tmp_path
     assert none is images and nothing is None
     with pytest.raises(AssertionError, match="made again"):  # other images: the saved ones do not fit
         synthetic_images(teacher, images.flip(0), norm, config, recipe, torch.device("cpu"), tmp_path, False, 5)
+
+
+def test_synthetic_images_are_kept_across_runs_by_their_whole_key(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import graftkd.engine.inversion as inversion
+    import graftkd.refine as refine
+    from graftkd.engine.recipe import Recipe
+    from graftkd.graft import GraftConfig
+
+    monkeypatch.setattr(refine, "synth_cache_dir", lambda: tmp_path / "cache")
+    teacher = SimpleNamespace(model=_net())
+    norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    recipe, config, cpu = Recipe(synth=4, synth_steps=2), GraftConfig(seed=3, precision="fp32"), torch.device("cpu")
+    images = _images()
+    made = inversion.invert_batchnorm
+    calls = []
+    monkeypatch.setattr(inversion, "invert_batchnorm", lambda *a, **k: calls.append(1) or made(*a, **k))
+
+    def run(folder, **changes):
+        return refine.synthetic_images(changes.get("teacher", teacher), images, norm,
+                                       changes.get("config", config), changes.get("recipe", recipe), cpu,
+                                       tmp_path / folder, False, 5)
+
+    first, record = run("a")
+    assert len(calls) == 1 and "reused" not in record and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    again, reused = run("b")  # another run, same teacher, images and settings: read, not made
+    assert len(calls) == 1 and torch.equal(again, first) and reused["reused"] == "cache"
+    assert (tmp_path / "b" / "synthetic.pt").exists()  # the run keeps its own copy for a resume
+    assert reused["seconds"] == record["seconds"]  # what making them cost, as the first run measured it
+    other = SimpleNamespace(model=_net())
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1e-3)  # another teacher: made again
+    run("c", teacher=other)
+    run("d", config=GraftConfig(seed=4, precision="fp32"))  # another seed
+    run("e", recipe=Recipe(synth=4, synth_steps=3))  # other settings
+    assert len(calls) == 4
+    run("f", recipe=Recipe(synth=4, synth_steps=2, synth_cache=False))  # the user asked for them to be made
+    assert len(calls) == 5 and "synth_cache" not in Recipe(synth=4).to_dict()
+    for kept in (tmp_path / "cache").glob("*.pt"):
+        kept.write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="unreadable synthetic images"):
+        run("g")
+    assert len(calls) == 6
+
+
+def test_the_run_summary_says_where_its_synthetic_images_came_from():
+    from graftkd.commands.distill import summary_table
+
+    model = {"arch": "net", "params": 100, "flops": 1000}
+    payload = {"teacher": {**model, "test_acc": 90.0}, "student": {**model, "test_acc": 80.0},
+               "fewshot": {"images": 10, "shots": 1, "manifest": "m.json"}, "wall_seconds": 12.0, "device": "cpu",
+               "synth": {"made": 4, "seconds": 700.0}}
+    assert "synthesised from them and the teacher's BatchNorm statistics (700 s)" in summary_table(payload)
+    payload["synth"]["reused"] = "cache"
+    assert "(read from the cache; making them took 700 s)" in summary_table(payload)
+    payload["synth"]["reused"] = "synthetic.pt"
+    assert "(read from synthetic.pt; making them took 700 s)" in summary_table(payload)

@@ -58,9 +58,11 @@ def main() -> None:
                 continue
             spec = config["pairs"][pair]
             run_dir = ROOT / "runs" / name / pair / row / f"k{k}-s{seed}"
+            # --no-synth-cache: a cell's wall time is the whole cost of its command, synthetic images included,
+            # even where another row's cell made the same ones
             command = ["graftkd", "distill", "--teacher", spec["teacher"], "--student-arch", spec["student"],
                        "--data", config["data"], "--k", str(k), "--seed", str(seed), "--test-data", config["data"],
-                       "--precision", "fp32", "--compile", "off", "--device", "cpu", "--no-progress", "--out", str(run_dir.relative_to(ROOT)),
+                       "--precision", "fp32", "--compile", "off", "--device", "cpu", "--no-progress", "--no-synth-cache", "--out", str(run_dir.relative_to(ROOT)),
                        *config["rows"][row]]
             started = time.perf_counter()
             print(f"[{index}/{len(cells)}] {pair} {row} K={k} seed {seed}: {' '.join(command)}", flush=True)

@@ -321,45 +321,98 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
 SYNTH_SEED = 20_011
 
 
+def synth_cache_dir() -> Path | None:
+    """Where synthetic images are kept between runs (``$GRAFTKD_CACHE/synthetic``); None keeps none."""
+    from graftkd.data.cache import cache_dir
+
+    return cache_dir() / "synthetic"
+
+
+def _state_sha256(model: nn.Module) -> str:
+    """sha256 of a model's parameters and buffers, persistent or not (names, dtypes, shapes and bytes)."""
+    import hashlib
+    from itertools import chain
+
+    digest = hashlib.sha256()
+    for name, tensor in chain(model.named_parameters(), model.named_buffers()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def synthetic_images(teacher: LoadedModel, images: torch.Tensor, norm: nn.Module, config: GraftConfig, recipe: Recipe,
                      device: torch.device, out_dir: Path | None, progress: bool,
                      num_classes: int) -> tuple[torch.Tensor, dict | None]:
     """The training images: the few-shot ``images``, followed by ``recipe.synth`` images inverted from the teacher's
     BatchNorm statistics (``graftkd.engine.inversion``), or ``images`` alone when ``recipe.synth`` is 0 or None.
 
-    The synthetic images are made once per run: saved under the run folder with what made them, and read back
-    when a resumed run asks for the same (so a resume is bit-identical and does not pay for them twice).
+    The synthetic images are made once: saved under the run folder with what made them, and read back when a
+    resumed run asks for the same (so a resume is bit-identical and does not pay for them twice). They are also kept
+    in the cache (``synth_cache_dir``, unless ``recipe.synth_cache`` is False), keyed by everything that decides
+    them bit for bit: the teacher's state, the images, the settings and seed, the precision, device type, thread
+    count, torch version and the inversion code. Another run with the same key (another student, loss or budget
+    from the same teacher and images) reads them instead of spending minutes on them; ``record["reused"]`` says so.
     The label-free estimate, the repair and the BatchNorm start keep to the real images; the greedy unit choice
     sees the first ``--synth-choice`` of them too."""
     import hashlib
+    import inspect
+    import warnings
 
-    from graftkd.engine.inversion import Inversion, invert_batchnorm
+    from graftkd.engine import inversion
     from graftkd.engine.runtime import resolve_precision
     from graftkd.files import atomic_torch_save
 
     count = recipe.synth or 0
     if count == 0:
         return images, None
-    spec = Inversion(count, steps=recipe.synth_steps)
-    key = {**spec.to_dict(), "seed": int(config.seed) + SYNTH_SEED,
-           "images": hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()}
-    path = out_dir / "synthetic.pt" if out_dir is not None else None
-    if path is not None and path.exists():
-        saved = torch.load(path, weights_only=True)
-        if saved.get("key") == key:
-            return torch.cat([images, saved["images"].to(device)]), {**saved["record"], "reused": str(path.name)}
+    spec = inversion.Inversion(count, steps=recipe.synth_steps)
     precision = resolve_precision(device, config.precision, cpu_bf16=True)
+    key = {**spec.to_dict(), "seed": int(config.seed) + SYNTH_SEED,
+           "images": hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest(),
+           "teacher": _state_sha256(teacher.model), "normalize": _state_sha256(norm), "classes": int(num_classes),
+           "precision": precision, "device": device.type, "threads": torch.get_num_threads(),
+           "torch": str(torch.__version__), "code": hashlib.sha256(inspect.getsource(inversion).encode()).hexdigest()}
+    path = out_dir / "synthetic.pt" if out_dir is not None else None
+    folder = synth_cache_dir() if recipe.synth_cache else None
+    kept = folder / f"{hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:32]}.pt" if folder else None
+    for source, label in ((path, str(path.name) if path else ""), (kept, "cache")):
+        if source is None or not source.exists():
+            continue
+        try:
+            saved = torch.load(source, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign file costs a remake, not the run
+            warnings.warn(f"ignoring unreadable synthetic images {source} ({type(exc).__name__}); making them again",
+                          stacklevel=2)
+            continue
+        if saved.get("key") != key:
+            continue
+        made = saved["images"]
+        if source is kept and path is not None:  # the run folder keeps its own copy: a resume needs no cache
+            atomic_torch_save(path, saved)
+        if progress:
+            print(f"synthetic images: {count} read from {source} (made in {saved['record']['seconds']:.0f} s by "
+                  f"{'an earlier run' if source is kept else 'this run before it stopped'})", flush=True)
+        reused = {"reused": label, **({"cache_file": str(kept)} if source is kept else {})}
+        return torch.cat([images, made.to(device)]), {**saved["record"], **reused}
     say = (lambda text: print(text, flush=True)) if progress else None
     if say:
         say(f"synthetic images: {count} from {len(images)} few-shot images, {spec.steps} steps per batch of "
             f"{spec.batch_size} ({precision})")
-    made, record = invert_batchnorm(teacher.model.to(device), norm.to(device), images, spec,
-                                    generator=torch.Generator().manual_seed(key["seed"]),
-                                    num_classes=num_classes,
-                                    precision=torch.bfloat16 if precision == "bf16" else None, report=say)
+    made, record = inversion.invert_batchnorm(teacher.model.to(device), norm.to(device), images, spec,
+                                              generator=torch.Generator().manual_seed(key["seed"]),
+                                              num_classes=num_classes,
+                                              precision=torch.bfloat16 if precision == "bf16" else None, report=say)
     record = {**record, "seed": key["seed"], "precision": precision}
+    payload = {"key": key, "images": made.cpu(), "record": record}
     if path is not None:
-        atomic_torch_save(path, {"key": key, "images": made.cpu(), "record": record})
+        atomic_torch_save(path, payload)
+    if kept is not None:
+        try:
+            atomic_torch_save(kept, payload)
+        except OSError as exc:
+            warnings.warn(f"could not keep the synthetic images in {kept} ({exc}); set GRAFTKD_CACHE to a writable "
+                          "folder, or pass --no-synth-cache", stacklevel=2)
     return torch.cat([images, made.to(device)]), record
 
 

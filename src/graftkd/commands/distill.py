@@ -469,7 +469,10 @@ def summary_table(payload: dict) -> str:
         f"few-shot: {few['images']} unlabeled images"
         + (f" ({few['shots']} per class)" if few.get("manifest") else " (from a folder: classes unknown)")
         + (f", plus {payload['synth']['made']} synthesised from them and the teacher's BatchNorm statistics "
-           f"({payload['synth']['seconds']:.0f} s)" if payload.get("synth") else "")
+           + (f"(read from {'the cache' if payload['synth']['reused'] == 'cache' else payload['synth']['reused']}; "
+                 f"making them took {payload['synth']['seconds']:.0f} s)"
+              if payload["synth"].get("reused") else f"({payload['synth']['seconds']:.0f} s)")
+           if payload.get("synth") else "")
         + ", wall time "
         f"{payload['wall_seconds']:.1f} s on {payload['device']}"
     )

@@ -67,6 +67,11 @@ class Recipe:
         metavar="N"))
     synth_steps: int = field(default=100, metadata=option(
         "the patient recipe with --synth: optimisation steps per batch of synthetic images", metavar="STEPS"))
+    # False: make the synthetic images even when an earlier run with the same teacher, images, settings and machine
+    # left them in the cache. Either way they are the same images, so this is not part of the recipe's record
+    synth_cache: bool = field(default=True, metadata=option(
+        "the patient recipe with --synth: make the synthetic images again instead of reading the ones an earlier run "
+        "with the same teacher, images, settings and machine left in $GRAFTKD_CACHE/synthetic", flag="--no-synth-cache"))
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics at the end, on un-mixed augmented views
     recalibrate_views: int = 8
     clip_grad: float = 10.0  # gradient-norm clip: a derived start far from the teacher must not blow up
@@ -132,7 +137,9 @@ class Recipe:
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "samples": self.budget}
+        record = {**asdict(self), "samples": self.budget}
+        del record["synth_cache"]  # where the images come from, not what they are: the synth record says which
+        return record
 
 
 class StartAnchor:
