@@ -1,6 +1,6 @@
 """One prepared script for a lent GPU: parts in a fixed order, inside one time budget, resumable across calls.
 
-    bash benchmarks/device/run.sh [--parts speed,teacher_speed,patient_curve,derived_budget] [--budget-s 540] [--dry-run]
+    bash benchmarks/device/run.sh [--parts speed,teacher_speed,vgg16_grid,patient_curve,derived_budget] [--budget-s 540] [--dry-run]
 
 Before the call, on this machine: ``python benchmarks/device/pack.py`` (the few-shot draws, the test split as a
 uint8 tensor and the teachers, in ``device-payload/``; the archives never travel). The call carries
@@ -10,6 +10,10 @@ Parts, in order (``--parts`` picks some):
 
 * ``speed``: ``benchmarks/graft_speed.py`` for VGG16-BN -> vgg16-graft and ResNet-56 -> ResNet-20;
 * ``teacher_speed``: supervised training throughput of VGG16-BN, ResNet-20 and ResNet-56;
+* ``vgg16_grid``: the VGG16 grid's missing K=5 and K=10 cells (``configs/cifar10-vgg16-graft.yaml``, every method),
+  as many as the budget allows, by ``graftkd bench`` on the draws ``pack.py --bench-grid`` packed; the cells
+  committed here are skipped, the new ones land in ``$OUT/results/cifar10-vgg16-graft/cells/``. A cell the budget
+  cuts starts again on the next call: a VGG cell's checkpoint (about 65 MB) cannot travel with the teacher;
 * ``patient_curve``: the fresh-student scaling curve's 10 M-sample points (configs/cifar10-patient.yaml rows
   ``fresh-10m``), each a ``graftkd distill`` run whose cell file lands in
   ``$OUT/results/cifar10-patient/cells/`` in the layout ``benchmarks/derived/grid.py`` writes;
@@ -38,7 +42,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("speed", "teacher_speed", "patient_curve", "derived_budget")
+PARTS = ("speed", "teacher_speed", "vgg16_grid", "patient_curve", "derived_budget")
+# bench part -> (grid config, K values); the few-shot draws come from the payload (pack.py --bench-grid)
+BENCH_PARTS = {"vgg16_grid": ("configs/cifar10-vgg16-graft.yaml", (5, 10))}
 # grid part -> (grid config, row, [(pair, shots, seed)], most informative first); teacher and student come from the
 # config's pair
 GRID_PARTS = {
@@ -102,6 +108,56 @@ def part_teacher_speed(args, budget: Budget, out: Path) -> dict:
     code = _run([sys.executable, "benchmarks/teacher_speed.py", "--device", args.device, "--out", str(target),
                  *extra], budget, out / "logs" / "teacher_speed.log")
     return {"teacher_speed": {0: "ok", None: "stopped by the budget"}.get(code, f"exit {code}")}
+
+
+def part_vgg16_grid(args, budget: Budget, out: Path) -> dict:
+    return _bench_cells("vgg16_grid", args, budget, out)
+
+
+def _bench_cells(part: str, args, budget: Budget, out: Path) -> dict:
+    """A ``graftkd bench`` grid's cells at the part's K values, on the packed draws and test split."""
+    import yaml
+
+    from graftkd.data import resolve_augment
+    from graftkd.data.fewshot import FewShotManifest
+    from graftkd.files import atomic_write_json, atomic_write_text
+
+    config_file, shots = BENCH_PARTS[part]
+    grid = yaml.safe_load((ROOT / config_file).read_text())
+    name, teacher = grid["name"], grid["teacher"]["registry"]
+    payload = Path(args.payload).resolve()
+    packed = sorted((payload / "bench" / name / "manifests").glob("*.json"))
+    if not packed or not _has_teacher(teacher, payload / "teachers"):
+        return {name: f"skipped: {payload} lacks the grid's draws or its teacher (pack.py --bench-grid {config_file} "
+                      f"--teachers {teacher})"}
+    if budget.left() < 60:
+        return {name: "no time left in this call"}
+    results = out / "results"
+    cells = results / name / "cells"
+    for file in packed:  # the bench's own manifest files, pointing into the pack wherever the call runs
+        atomic_write_json(results / name / "manifests" / file.name,
+                          {**FewShotManifest.load(file).to_dict(), "source": str(payload / "data.pt")})
+    committed = ROOT / "results" / name / "cells"
+    for file in [] if args.dry_run else committed.glob("*.json"):  # done here: the bench skips them
+        if not (cells / file.name).exists():
+            cells.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, cells / file.name)
+    before = {f.name for f in cells.glob("*.json")} if cells.is_dir() else set()
+    # the grid as committed, reading the pack: its test split, and the crop and flip the source's name chose
+    augment = resolve_augment(grid["data"], grid.get("padding"), grid.get("flip"))
+    device_grid = {**grid, "data": str(payload / "data.pt"), "padding": augment.padding, "flip": augment.flip}
+    config = out / "configs" / Path(config_file).name
+    atomic_write_text(config, yaml.safe_dump(device_grid, sort_keys=False))
+    # a dry run: the one cell of the cheapest method (the pruned teacher, no training) at the smallest K
+    picked = (["--methods", "pruned_only", "--seeds", str(grid["seeds"][0]), "--shots", str(min(shots))]
+              if args.dry_run else ["--shots", ",".join(str(k) for k in shots)])
+    code = _run([str(Path(sys.executable).parent / "graftkd"), "bench", "--config", str(config), "--out",
+                 str(results), "--runs", str(out / "device-runs" / "bench"), "--device", args.device, "--no-progress",
+                 "--no-report", *picked], budget, out / "logs" / f"{part}.log",
+                env={"GRAFTKD_TEACHERS": str(payload / "teachers")})
+    made = sorted({f.name for f in cells.glob("*.json")} - before) if cells.is_dir() else []
+    state = {0: "all done", None: "stopped by the budget: the rest next call"}.get(code, f"exit {code}")
+    return {name: f"{state}; {len(made)} new cells", "new_cells": made}
 
 
 def part_patient_curve(args, budget: Budget, out: Path) -> dict:
@@ -204,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.device_name = "gpu"
     else:
         args.device_name = "cpu-dry-run" if args.dry_run else "cpu"
-    if set(parts) & set(GRID_PARTS) and not (Path(args.payload) / "data.pt").exists():
+    if set(parts) & {*GRID_PARTS, *BENCH_PARTS} and not (Path(args.payload) / "data.pt").exists():
         raise SystemExit(f"{args.payload}/data.pt not found: run python benchmarks/device/pack.py first and carry "
                          "its folder")
     out = Path(args.out)
