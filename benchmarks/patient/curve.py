@@ -33,6 +33,12 @@ def samples_of(cell: dict) -> int:
     return int(sum(stage.get("images", 0) for stage in cell.get("stages", [])))
 
 
+def synth_of(cell: dict) -> int:
+    """The synthetic training images a cell added to its few-shot images (0: none): another curve."""
+    recipe = cell.get("recipe") or (cell.get("refine") or {}).get("recipe") or {}
+    return int(recipe.get("synth") or 0)
+
+
 def fit(points: list[tuple[float, float]]) -> dict:
     """Least squares acc = a + b x on x = log10(samples); the budget for TARGET and its 68 % interval."""
     n = len(points)
@@ -82,16 +88,16 @@ def main(argv: list[str] | None = None) -> dict:
             cell = json.loads((ROOT / name).read_text())
             borrowed.append(name)
             cells.append({**cell, "pair": pair, "borrowed_from": name})
-    curves: dict[tuple[str, int], list[dict]] = {}
-    for c in cells:
-        curves.setdefault((c["pair"], c["fewshot"]["shots"]), []).append(c)
+    curves: dict[tuple[str, int, int], list[dict]] = {}
+    for c in cells:  # one curve per pair, K and number of synthetic images
+        curves.setdefault((c["pair"], c["fewshot"]["shots"], synth_of(c)), []).append(c)
     rows = []
-    for (pair, k), mine in sorted(curves.items()):
+    for (pair, k, synth), mine in sorted(curves.items()):
         points = [(math.log10(samples_of(c)), c["student"]["test_acc"]) for c in mine]
         by_budget: dict[int, list[dict]] = {}
         for c in mine:
             by_budget.setdefault(samples_of(c), []).append(c)
-        rows.append({"pair": pair, "k": k, "fit": fit(points), "teacher": mine[0]["teacher"]["test_acc"],
+        rows.append({"pair": pair, "k": k, "synth": synth, "fit": fit(points), "teacher": mine[0]["teacher"]["test_acc"],
                      "points": [{"samples": s, "accuracies": [c["student"]["test_acc"] for c in group],
                                  "agreement": [c["label_free"]["agreement"] for c in group],
                                  "wall_seconds": [c["wall_seconds"] for c in group],
@@ -104,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     _plot(rows, out / "curve.png")
     lines = ["", "## The scaling curve", "",
              f"Last-epoch test accuracy against the samples seen (`curve.png`), and a line acc = a + b·log10(samples) "
-             f"fitted per pair and K over every cell: b is the gain per tenfold budget, and the budget where the line "
+             f"fitted per pair, K and number of synthetic training images (`--synth`, none unless the row says) over "
+             f"every cell: b is the gain per tenfold budget, and the budget where the line "
              f"reaches {TARGET:.0f} % is an extrapolation, with a 68 % interval from the fit's covariance where there "
              "are more cells than parameters. Written by `python benchmarks/patient/curve.py`."
              + (f" Also in the fits, from another grid with the same recipe: {', '.join(f'`{b}`' for b in borrowed)} "
@@ -123,11 +130,15 @@ def main(argv: list[str] | None = None) -> dict:
                        else f" (no interval: {f['cells']} cells at {f['budgets']} budgets)")
         else:
             target = f.get("target", f"— ({f['budgets']} budget)")
-        lines.append(f"| {r['pair']} | {r['k']} | {cells_text} | {agree} | {gain} | {target} |")
+        lines.append(f"| {_name(r)} | {r['k']} | {cells_text} | {agree} | {gain} | {target} |")
     with (out / "results.md").open("a") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"wrote {out / 'curve.png'} and {out / 'curve.json'} ({len(rows)} curves)")
     return {"curves": rows}
+
+
+def _name(row: dict) -> str:
+    return row["pair"] + (f" + {row['synth']:,} synthetic images" if row.get("synth") else "")
 
 
 def _human(samples: float) -> str:
@@ -144,7 +155,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         xs = [p["samples"] for p in r["points"]]
         means = [sum(p["accuracies"]) / len(p["accuracies"]) for p in r["points"]]
-        line, = ax.plot(xs, means, marker="o", label=f"{r['pair']}, K={r['k']}")
+        line, = ax.plot(xs, means, marker="o", label=f"{_name(r)}, K={r['k']}")
         for p in r["points"]:
             ax.scatter([p["samples"]] * len(p["accuracies"]), p["accuracies"], s=10, color=line.get_color(), alpha=0.5)
         f = r["fit"]
