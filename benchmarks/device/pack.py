@@ -15,7 +15,7 @@ Writes (``device-payload/`` is git-ignored; pass it to the device call's ``carry
 * ``teachers/``: the registered teachers' weight files (``GRAFTKD_TEACHERS`` on the device).
 
 Never the archives: the test split is 31 MB as a tensor, the archive 105 MB. The pack is compressed losslessly
-(``graftkd.data.pack``: the test split 23.8 MB), so the 30 MB VGG16-BN teacher travels with it in one call;
+(``graftkd.data.pack``: the test split 23.9 MB), so the 30 MB VGG16-BN teacher travels with it in one call;
 ``--no-compress`` writes plain tensors.
 
     python benchmarks/device/pack.py --teachers vgg16bn-cifar10 --shots "" \

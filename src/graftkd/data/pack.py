@@ -13,7 +13,7 @@ pack records the same few-shot images and test set as one on the archive.
 
 A compressed pack (``graftkd-pack/2``, ``save_pack(..., compress=True)``) stores a split's pixels losslessly as
 ``"images_zlib"`` (each row's left-neighbour differences, mod 256, deflated: PNG's Sub filter) with ``"shape"``
-instead of ``"images"``: the CIFAR-10 test split is 23.8 MB instead of 30.7, which lets it travel with the 30 MB
+instead of ``"images"``: the CIFAR-10 test split is 23.9 MB instead of 30.8 (``benchmarks/pack_size.py``), which lets it travel with the 30 MB
 VGG16-BN teacher in one 64 MiB device call. Reading gives the same uint8 tensor either way.
 """
 from __future__ import annotations
