@@ -385,7 +385,7 @@ def synthetic_images(teacher: LoadedModel, images: torch.Tensor, norm: nn.Module
             warnings.warn(f"ignoring unreadable synthetic images {source} ({type(exc).__name__}); making them again",
                           stacklevel=2)
             continue
-        if saved.get("key") != key:
+        if not isinstance(saved, dict) or saved.get("key") != key:  # another run's, or not ours
             continue
         made = saved["images"]
         if source is kept and path is not None:  # the run folder keeps its own copy: a resume needs no cache
