@@ -138,7 +138,8 @@ def _bench_cells(part: str, args, budget: Budget, out: Path) -> dict:
         atomic_write_json(results / name / "manifests" / file.name,
                           {**FewShotManifest.load(file).to_dict(), "source": str(payload / "data.pt")})
     committed = ROOT / "results" / name / "cells"
-    for file in [] if args.dry_run else committed.glob("*.json"):  # done here: the bench skips them
+    done_here = [f for k in shots for f in committed.glob(f"*-k{k}-*.json")] if not args.dry_run else []
+    for file in done_here:  # the part's cells committed here: the bench skips them
         if not (cells / file.name).exists():
             cells.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, cells / file.name)

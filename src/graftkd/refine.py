@@ -360,6 +360,7 @@ def synthetic_images(teacher: LoadedModel, images: torch.Tensor, norm: nn.Module
     import warnings
 
     from graftkd.engine import inversion
+    from graftkd.engine.checkpoint import fingerprint
     from graftkd.engine.runtime import resolve_precision
     from graftkd.files import atomic_torch_save
 
@@ -375,7 +376,7 @@ def synthetic_images(teacher: LoadedModel, images: torch.Tensor, norm: nn.Module
            "torch": str(torch.__version__), "code": hashlib.sha256(inspect.getsource(inversion).encode()).hexdigest()}
     path = out_dir / "synthetic.pt" if out_dir is not None else None
     folder = synth_cache_dir() if recipe.synth_cache else None
-    kept = folder / f"{hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:32]}.pt" if folder else None
+    kept = folder / f"{fingerprint(key)}.pt" if folder else None
     for source, label in ((path, str(path.name) if path else ""), (kept, "cache")):
         if source is None or not source.exists():
             continue

@@ -464,15 +464,16 @@ def summary_table(payload: dict) -> str:
     init = payload.get("init")
     if init:
         lines.append(f"start: {init['used']} ({init['why']})")
-    few = payload["fewshot"]
+    few, synth = payload["fewshot"], payload.get("synth")
+    if synth:
+        source = {None: "", "cache": "read from the cache; making them took "}.get(
+            synth.get("reused"), f"read from {synth.get('reused')}; making them took ")
+        synth_text = (f", plus {synth['made']} synthesised from them and the teacher's BatchNorm statistics "
+                      f"({source}{synth['seconds']:.0f} s)")
     lines.append(
         f"few-shot: {few['images']} unlabeled images"
         + (f" ({few['shots']} per class)" if few.get("manifest") else " (from a folder: classes unknown)")
-        + (f", plus {payload['synth']['made']} synthesised from them and the teacher's BatchNorm statistics "
-           + (f"(read from {'the cache' if payload['synth']['reused'] == 'cache' else payload['synth']['reused']}; "
-                 f"making them took {payload['synth']['seconds']:.0f} s)"
-              if payload["synth"].get("reused") else f"({payload['synth']['seconds']:.0f} s)")
-           if payload.get("synth") else "")
+        + (synth_text if synth else "")
         + ", wall time "
         f"{payload['wall_seconds']:.1f} s on {payload['device']}"
     )
