@@ -154,6 +154,8 @@ CASES: list[Case] = [
     Case("--fade outside [0, 1]", DISTILL + " --k 1 --fade 2", ("fade", "[0, 1]"), lambda t: _digits_teacher(t)),
     Case("--set with a misspelt field", DISTILL + " --k 1 --set derive.recipe.sampels=1000",
          ("derive.recipe.sampels", "did you mean 'samples'"), lambda t: _digits_teacher(t)),
+    Case("the patient recipe with a method it does not apply to", DISTILL + " --k 1 --method cross --recipe "
+         "patient", ("cross", "--recipe paper", "kd"), lambda t: _digits_teacher(t)),
     Case("--config naming an unknown option", DISTILL + " --k 1 --config <tmp>/run.yaml",
          ("run.yaml", "sampels", "did you mean 'samples'"),
          lambda t: (_digits_teacher(t), (t / "run.yaml").write_text("sampels: 1000\n"), {})[-1]),

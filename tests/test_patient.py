@@ -77,6 +77,18 @@ def test_a_budget_below_one_batch_is_refused() -> None:
         Recipe(ema=1.0)
 
 
+def test_the_recipe_is_refused_where_the_loop_does_not_train_the_student_itself() -> None:
+    from graftkd.distill.base import check_recipe, recipe_methods
+
+    takes = recipe_methods()
+    assert {"kd", "fitnet", "whole", "feature_kd"} <= set(takes)
+    assert not {"graft", "fskd", "graft_fskd", "cross"} & set(takes)  # own stages, closed form, merged student
+    check_recipe(build_method("kd"))
+    with pytest.raises(GraftkdError, match="'cross' is not one of them: use --recipe paper") as info:
+        check_recipe(build_method("cross"))
+    assert "kd" in str(info.value) and "cross" not in str(info.value).split("'cross'")[0]
+
+
 def test_weight_average_golden_values() -> None:
     layer = nn.Linear(1, 1, bias=False)
     with torch.no_grad():

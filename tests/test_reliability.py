@@ -56,6 +56,16 @@ def test_an_unexpected_exception_is_one_line_and_says_it_is_a_bug(monkeypatch, c
     assert err.startswith("graftkd: internal error: KeyError") and "--debug" in err and "\n" not in err
 
 
+def test_a_reader_that_stops_early_is_not_an_error() -> None:
+    """`graftkd methods | head -1`: the closed pipe ends the command quietly, as it would end `ls`."""
+    with subprocess.Popen([sys.executable, "-m", "graftkd.cli", "methods"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=_env()) as child:
+        child.stdout.close()  # the reader is gone before the first line is written
+        err = child.stderr.read().decode()
+        child.wait(timeout=120)
+    assert child.returncode == 141 and err == "", err
+
+
 # ------------------------------------------------------------------ SIGKILL at random points
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}

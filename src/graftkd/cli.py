@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graftkd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`graftkd methods | head`): not a bug, and nothing to say
+        _quiet_stdout()
+        return 141  # what a shell reports for a writer killed by SIGPIPE
     except Exception as exc:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             traceback.print_exc()
@@ -155,6 +158,15 @@ def main(argv: list[str] | None = None) -> int:
               "and report the traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's last flush at exit does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests): nothing is flushed at exit
+        pass
 
 
 if __name__ == "__main__":

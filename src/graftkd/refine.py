@@ -600,7 +600,7 @@ def run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arch
     """A registered few-shot method on ``student`` with a grid cell's budget (``recipe``: the patient recipe's
     sample budget instead, for methods that train in the shared loop); returns the result and its facts.
     ``options``: the method's own (``--method-option KEY=VALUE``)."""
-    from graftkd.distill.base import LossMethod, build_method
+    from graftkd.distill.base import build_method, check_recipe
     from graftkd.graft.schedule import batch_size_for, paper_budget
 
     runner = build_method(name, options)
@@ -611,9 +611,7 @@ def run_method(name: str, teacher: LoadedModel, student: nn.Module, student_arch
     shots = config.shots or max(1, len(images) // num_classes)
     batch_size = config.batch_size or batch_size_for(shots, len(images))
     if recipe is not None:
-        if not isinstance(runner, LossMethod):
-            raise GraftkdError(f"--recipe patient needs a method that trains in the shared loop (kd, fitnet, whole, "
-                               f"feature_kd); '{name}' has its own schedule: use --recipe paper")
+        check_recipe(runner)
         epochs, lr, batch_size = recipe.chunks, recipe.lr, recipe.batch_size
     else:
         epochs, lr = paper_budget(teacher.model, student, tuple(images.shape[1:]), config.schedule, batch_size,

@@ -127,12 +127,11 @@ def run(args) -> None:
         raise GraftkdError("--recipe patient goes with --method NAME (a derived student always gets the patient "
                            "recipe; set its budget with --samples)")
     if method is not None:
-        from graftkd.distill.base import build_method
+        from graftkd.distill.base import build_method, check_recipe
 
-        build_method(method, method_options)  # an unknown name or option fails here, naming the closest ones
-        if args.recipe == "patient" and method in ("graft", "fskd", "cross", "graft_fskd"):
-            raise GraftkdError(f"--recipe patient needs a method that trains in the shared loop (kd, fitnet, "
-                               f"whole, feature_kd); '{method}' has its own schedule: use --recipe paper")
+        runner = build_method(method, method_options)  # an unknown name or option fails here, naming the closest
+        if args.recipe == "patient":
+            check_recipe(runner)
         if args.init == "derived":
             raise GraftkdError(f"--method {method} runs on a fresh student; for KD or FitNet from a derived "
                                "student use --init derived --refine-loss kd|fitnet (no --method)")

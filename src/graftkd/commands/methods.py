@@ -25,7 +25,9 @@ def run(args) -> None:
     for name in list_methods():
         cls = METHODS[name]
         options = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "no options"
-        print(f"{name:<{width}} {_first_sentence(cls.__doc__ or sys.modules[cls.__module__].__doc__)}  [{options}]")
+        recipes = "paper|patient" if cls.takes_recipe else "paper"
+        print(f"{name:<{width}} {_first_sentence(cls.__doc__ or sys.modules[cls.__module__].__doc__)}  [{options}; "
+              f"--recipe {recipes}]")
     from graftkd.distill.zoo import DISTILLERS, list_distillers
 
     print("\nfeature distillers for full-data training (graftkd train-kd --distiller NAME [--adaptive sakd]):")

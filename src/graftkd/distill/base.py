@@ -21,7 +21,7 @@ from graftkd.engine.task import FewShotTask, LossStage
 from graftkd.errors import GraftkdError
 
 __all__ = ["FewShotTask", "LossStage", "MethodOutcome", "FewShotMethod", "LossMethod", "register_method",
-           "build_method", "list_methods"]
+           "build_method", "check_recipe", "list_methods", "recipe_methods"]
 
 
 class FewShotMethod:
@@ -32,6 +32,10 @@ class FewShotMethod:
     defaults: ClassVar[dict[str, Any]] = {}
     #: True when the method's student is not the requested zoo student (e.g. FSKD prunes the teacher)
     own_student: ClassVar[bool] = False
+    #: True when the shared loop trains the requested student itself, so that the patient recipe (sample budget,
+    #: mixing, EMA, BatchNorm recalibration of that student) applies; False for closed-form methods, grafting's own
+    #: stages, and methods whose student only exists after a merge
+    takes_recipe: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.defaults))
@@ -57,6 +61,8 @@ class FewShotMethod:
 
 class LossMethod(FewShotMethod):
     """A method defined by its stages and its loss; :mod:`graftkd.engine.loop` runs it."""
+
+    takes_recipe: ClassVar[bool] = True
 
     def setup(self, task: FewShotTask) -> None:
         """Build extra modules (regressors, ...) once the task is known. Default: nothing."""
@@ -104,6 +110,19 @@ def register_method(name: str) -> Callable[[type[FewShotMethod]], type[FewShotMe
         return cls
 
     return add
+
+
+def recipe_methods() -> list[str]:
+    """The registered methods the patient recipe applies to (:attr:`FewShotMethod.takes_recipe`)."""
+    _load_builtin_methods()
+    return sorted(name for name, cls in METHODS.items() if cls.takes_recipe)
+
+
+def check_recipe(method: FewShotMethod) -> None:
+    """Refuse the patient recipe for a method it cannot apply to, naming those it can."""
+    if not method.takes_recipe:
+        raise GraftkdError(f"--recipe patient needs a method that trains its student in the shared loop "
+                           f"({', '.join(recipe_methods())}); '{method.name}' is not one of them: use --recipe paper")
 
 
 def list_methods() -> list[str]:

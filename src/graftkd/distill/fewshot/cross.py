@@ -49,6 +49,9 @@ class Cross(LossMethod):
     this class owns the step (the block's two inputs and its target) and which modules train."""
 
     defaults = {"mu": 0.6}
+    # the student is whole only after the scions merge, so the recipe's weight average and BatchNorm
+    # recalibration of the student would act on blocks without their adapters
+    takes_recipe = False
 
     def setup(self, task: FewShotTask) -> None:
         from graftkd.graft.plan import build_plan
