@@ -171,6 +171,8 @@ def test_a_custom_model_through_the_block_api_and_an_underivable_pair():
     assert record.blocks[1]["units"][0]["kept"] == [0, 3]
     with pytest.raises(Underivable, match="blocks"):
         derive_student(build_model("resnet56"), build_model("resnet18_cifar"), (3, 32, 32))
+    other = derive_student(build_model("resnet56"), build_model("resnet8"), (3, 32, 32))  # every block fresh
+    assert other.fallback_reason == "the student is a ResNetRD, the teacher a ResNetCifarA: another model family"
 
 
 @torch.no_grad()

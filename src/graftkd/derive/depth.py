@@ -123,6 +123,9 @@ def _walk(teacher: nn.Module, student: nn.Module, prefix: str, out: list[tuple[s
         out.append((prefix, teacher, student))
         return  # the units inside are walked once the selection is known
     if type(teacher) is not type(student):
+        if not prefix:  # the whole models differ: another family, not a part
+            raise Underivable(f"the student is a {type(student).__name__}, the teacher a {type(teacher).__name__}: "
+                              "another model family")
         raise Underivable(f"'{where}' is a {type(student).__name__} in the student but a {type(teacher).__name__} "
                           "in the teacher")
     t_children, s_children = dict(teacher.named_children()), dict(student.named_children())
