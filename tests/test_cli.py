@@ -448,3 +448,19 @@ def test_the_command_lets_openmp_threads_sleep_on_a_busy_machine_unless_the_user
     assert policy_at_torch_import(2.0 * cores) == "PASSIVE"
     assert policy_at_torch_import(0.0) == "None"
     assert policy_at_torch_import(2.0 * cores, user="ACTIVE") == "ACTIVE"
+
+
+def test_distill_help_groups_every_option_by_what_it_decides(capsys) -> None:
+    """`graftkd distill --help` has some 55 options: each sits in a titled group, none in argparse's catch-all."""
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = capsys.readouterr().out
+    titles = ["teacher and student:", "the few-shot images:", "method:", "derived students", "grafting", "the run:"]
+    at = [text.index(f"\n{title}") for title in titles]
+    assert at == sorted(at)
+    catch_all = text[text.index("\noptions:"):at[0]]
+    assert [line.split()[0] for line in catch_all.splitlines() if line.startswith("  -")] == ["-h,"]
+    for flag, group in (("--student-arch", 0), ("--k ", 1), ("--padding", 1), ("--recipe", 2), ("--fade", 3),
+                        ("--block-lr", 4), ("--precision", 5), ("--seed", 5)):
+        position = text.index(f"\n  {flag}")
+        assert at[group] < position < (at[group + 1] if group + 1 < len(at) else len(text)), flag

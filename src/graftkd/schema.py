@@ -281,12 +281,14 @@ def _default(f: dataclasses.Field, spec: Option, defaults: dict[str, Any], path:
     return default
 
 
-def add_options(parser: Any, cls: type, *, skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
-    """Add the options ``cls`` declares to an argparse ``parser``. Every option's default is None, meaning
-    "not given": the dataclass's own default, or the command's own in ``defaults`` (by field path), is the one
-    its help states and :func:`fill_defaults` sets."""
+def add_options(parser: Any, cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                defaults: dict[str, Any] | None = None) -> None:
+    """Add the options ``cls`` declares to an argparse ``parser`` (or an argument group of one; ``only``: just
+    these field paths, so that one class's options can go to several groups). Every option's default is None,
+    meaning "not given": the dataclass's own default, or the command's own in ``defaults`` (by field path), is
+    the one its help states and :func:`fill_defaults` sets."""
     for path, f, annotation, spec in _options(cls):
-        if path in skip:
+        if path in skip or (only is not None and path not in only):
             continue
         flag = _flag(f, spec)
         if get_origin(annotation) in (Union, types.UnionType):

@@ -53,53 +53,71 @@ HELP = ("a compact student from a teacher and a few unlabeled images: derived fr
         "else grafted")
 
 
+# GraftConfig's fields that are not grafting's schedule: how the images are augmented (every path uses it) and
+# how the run executes; the help lists them with those instead of with grafting
+_AUGMENT_FIELDS = ("augment", "padding", "flip")
+_RUN_FIELDS = ("precision", "compile", "checkpoint_every_s")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    # options that set a config field are declared once, on the field (schema.option): name, type, choices, help
-    add_teacher(p)
-    p.add_argument("--student-arch", required=True,
-                   help="zoo architecture of the student (e.g. resnet20), or auto[:Nx]: the zoo student closest to N "
-                        "times fewer parameters (3 by default) that can be derived from the teacher "
-                        "(`graftkd students --teacher NAME` lists them)")
-    src = p.add_mutually_exclusive_group()
+    # options that set a config field are declared once, on the field (schema.option): name, type, choices, help;
+    # they are grouped by what they decide, so that `--help` reads as the run does
+    models = p.add_argument_group("teacher and student")
+    add_teacher(models)
+    models.add_argument("--student-arch", required=True,
+                        help="zoo architecture of the student (e.g. resnet20), or auto[:Nx]: the zoo student closest "
+                             "to N times fewer parameters (3 by default) that can be derived from the teacher "
+                             "(`graftkd students --teacher NAME` lists them)")
+    images = p.add_argument_group("the few-shot images")
+    src = images.add_mutually_exclusive_group()
     src.add_argument("--fewshot", help="few-shot manifest written by `graftkd fewshot`")
     src.add_argument("--data", help="labeled source to sample K per class from (labels are then dropped); "
                                     "default with --k: the registered teacher's dataset, else --test-data")
     src.add_argument("--unlabeled", help="a folder of unlabeled images: the few-shot set as is")
-    p.add_argument("--k", type=int, help="images per class (with --data)")
-    p.add_argument("--subset", type=int, default=0,
-                   help="with --data: which of several disjoint K-per-class subsets to draw (0, 1, ...)")
-    p.add_argument("--test-data", help="labeled data whose 'test' split is used for reporting only")
-    p.add_argument("--num-classes", type=int, help="classes the teacher predicts (default: from the data)")
-    add_options(p, GraftConfig, defaults=DISTILL_DEFAULTS)  # grafting's settings: --preset ... --checkpoint-every-s
-    p.add_argument("--on-bad-image", default="error", choices=["error", "skip"],
-                   help="an unreadable image in --unlabeled: stop with its name (error, the default) or leave it out")
-    p.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
-    p.add_argument("--method", default="auto",
-                   help="auto (default): a derived student refined by patient KD where the student fits inside the "
-                        "teacher, else the paper's grafting; or any method `graftkd methods` lists (kd, fitnet, "
-                        "fskd, ...), run on a fresh student with a grid cell's budget")
-    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of --method's (repeatable; `graftkd methods` lists them), e.g. "
-                        "--method zoo --method-option distiller=pkt")
-    p.add_argument("--recipe", default="paper", choices=["paper", "patient"],
-                   help="with --method: paper (default) gives the method a grid cell's epochs; patient trains it "
-                        "in the shared loop with the patient recipe (mixed views, --samples budget, warm-up + "
-                        "cosine), for kd, fitnet, whole and feature_kd")
-    add_options(p, DeriveOptions)  # how a derived student is built and refined: --init ... --ema
-    p.add_argument("--measure-teacher", action="store_true",
-                   help="measure a registered teacher's test accuracy again (default: its registry record, when the "
-                        "test data is the one it was measured on)")
-    p.add_argument("--replace", type=_int_list,
-                   help="partial grafting: replace only these teacher blocks (1-based, e.g. 2,3) by the student's")
-    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
-                   help="override any field of the run's settings after the options above (repeatable): "
-                        "derive.* (DeriveOptions, e.g. derive.recipe.mix=cutmix, derive.recipe.warmup=0.1) or graft.* "
-                        "(GraftConfig, e.g. graft.schedule.block_lr=0.01); checked like a config file's values")
-    p.add_argument("--config", metavar="FILE",
-                   help="a YAML file of this command's options: a list of tokens, as a grid row gives them "
-                        "([--init, derived, --samples, \"64000\"]), or a mapping (samples: 64000, repair: true, "
-                        "set: [derive.loss=feature_kd]); options on the command line win")
-    add_common(p)
+    images.add_argument("--k", type=int, help="images per class (with --data)")
+    images.add_argument("--subset", type=int, default=0,
+                        help="with --data: which of several disjoint K-per-class subsets to draw (0, 1, ...)")
+    images.add_argument("--test-data", help="labeled data whose 'test' split is used for reporting only")
+    images.add_argument("--num-classes", type=int, help="classes the teacher predicts (default: from the data)")
+    images.add_argument("--on-bad-image", default="error", choices=["error", "skip"],
+                        help="an unreadable image in --unlabeled: stop with its name (error, the default) or leave "
+                             "it out")
+    add_options(images, GraftConfig, only=_AUGMENT_FIELDS, defaults=DISTILL_DEFAULTS)
+    method = p.add_argument_group("method")
+    method.add_argument("--method", default="auto",
+                        help="auto (default): a derived student refined by patient KD where the student fits inside "
+                             "the teacher, else the paper's grafting; or any method `graftkd methods` lists (kd, "
+                             "fitnet, fskd, ...), run on a fresh student with a grid cell's budget")
+    method.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of --method's (repeatable; `graftkd methods` lists them), e.g. "
+                             "--method zoo --method-option distiller=pkt")
+    method.add_argument("--recipe", default="paper", choices=["paper", "patient"],
+                        help="with --method: paper (default) gives the method a grid cell's epochs; patient trains "
+                             "it in the shared loop with the patient recipe (mixed views, --samples budget, warm-up "
+                             "+ cosine), for the methods `graftkd methods` marks --recipe paper|patient")
+    derived = p.add_argument_group("derived students (the default where the student fits inside the teacher)")
+    add_options(derived, DeriveOptions)  # how a derived student is built and refined: --init ... --ema
+    grafting = p.add_argument_group("grafting (the paper's method; a --method's budget)")
+    add_options(grafting, GraftConfig, skip=_AUGMENT_FIELDS + _RUN_FIELDS, defaults=DISTILL_DEFAULTS)
+    grafting.add_argument("--replace", type=_int_list,
+                          help="partial grafting: replace only these teacher blocks (1-based, e.g. 2,3) by the "
+                               "student's")
+    run = p.add_argument_group("the run")
+    run.add_argument("--out", help="run directory: checkpoint (resumable), student.pt, result.json")
+    add_options(run, GraftConfig, only=_RUN_FIELDS, defaults=DISTILL_DEFAULTS)
+    run.add_argument("--measure-teacher", action="store_true",
+                     help="measure a registered teacher's test accuracy again (default: its registry record, when "
+                          "the test data is the one it was measured on)")
+    run.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
+                     help="override any field of the run's settings after the options above (repeatable): "
+                          "derive.* (DeriveOptions, e.g. derive.recipe.mix=cutmix, derive.recipe.warmup=0.1) or "
+                          "graft.* (GraftConfig, e.g. graft.schedule.block_lr=0.01); checked like a config file's "
+                          "values")
+    run.add_argument("--config", metavar="FILE",
+                     help="a YAML file of this command's options: a list of tokens, as a grid row gives them "
+                          "([--init, derived, --samples, \"64000\"]), or a mapping (samples: 64000, repair: true, "
+                          "set: [derive.loss=feature_kd]); options on the command line win")
+    add_common(run)
 
 
 def run(args) -> None:
