@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from graftkd.derive import Underivable, derive_student
-from graftkd.derive.depth import apply_depth, plan_depth
+from graftkd.derive.depth import DEPTH_RULES, apply_depth, plan_depth
 from graftkd.derive.width import plan_width
 from graftkd.engine.agreement import agreement, agreement_pool
 from graftkd.engine.bn import reestimate_batchnorm
@@ -557,3 +557,22 @@ def test_kept_slices_have_the_gradient_of_index_select():
         kept = _Kept.apply(value, r, c)
         (got,) = torch.autograd.grad((kept * weight[: kept.shape[0], : kept.shape[1]]).sum(), value)
         assert torch.equal(kept, expected) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rule", DEPTH_RULES)
+def test_a_student_without_the_teachers_batchnorm_is_not_derived_by_leaving_the_norms_out(rule) -> None:
+    # VGG16 without BatchNorm has the layer pattern of VGG16-BN with its norms left out: the same length per stage
+    # minus the norms, so a unit choice existed, but that network is not a part of the teacher at all
+    teacher, student = _randomise_norms(build_model("vgg16_bn")), build_model("vgg16")
+    record = derive_student(teacher, student, (3, 32, 32), depth_rule=rule, inputs=torch.randn(4, 3, 32, 32))
+    assert not record.whole and record.fresh_blocks == [0, 1, 2, 3, 4]
+    assert "BatchNorm2d" in record.fallback_reason or "never a normalisation layer" in record.fallback_reason
+    assert all("BatchNorm2d" in row["reason"] or "normalisation" in row["reason"] for row in record.blocks[:5])
+
+
+def test_only_units_with_weights_of_their_own_may_be_left_out() -> None:
+    from graftkd.derive.depth import droppable
+
+    assert droppable(nn.Conv2d(4, 4, 3)) and droppable(build_model("resnet20").layer1[0])
+    assert not any(droppable(m) for m in (nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.ReLU(),
+                                          nn.MaxPool2d(2), nn.Identity()))

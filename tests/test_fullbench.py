@@ -54,7 +54,7 @@ def test_full_grid_runs_every_cell_then_skips_them_and_reports(tmp_path) -> None
         assert key in sakd
     second = run_grid(config, out, runs, device="cpu", progress=False)
     assert second["skipped"] == 6 and second["ok"] == 0
-    # a damaged cell file is recomputed, as graftkd bench does for few-shot grids (it used to crash here)
+    # a damaged cell file is recomputed, as graftkd bench does for few-shot grids, instead of stopping the grid
     damaged = out / "mini-sakd" / "cells" / "digits_cnn-digits_cnn_half-kd-standard-seed0.json"
     damaged.write_text(damaged.read_text()[:40])
     third = run_grid(config, out, runs, device="cpu", progress=False)

@@ -62,8 +62,9 @@ def fitting_students(teacher: nn.Module, teacher_arch: str, input_shape: tuple[i
             record = derive_student(teacher, student, tuple(input_shape))  # reads the teacher, fills the student
             blocks = len(record.blocks)
             fresh = record.fresh_blocks
-            derivable = ("whole" if record.whole else "no" if len(fresh) == blocks else
-                         f"blocks {','.join(str(i + 1) for i in range(blocks) if i not in fresh)} of {blocks}")
+            kept = [str(i + 1) for i in range(blocks) if i not in fresh]
+            derivable = ("whole" if record.whole else "no" if not kept else
+                         f"partly (block{'s' if len(kept) > 1 else ''} {','.join(kept)} of {blocks}, the others fresh)")
             why = record.fallback_reason or ""
         except Underivable as exc:
             derivable, why = "no", str(exc)

@@ -136,6 +136,31 @@ def _walk(teacher: nn.Module, student: nn.Module, prefix: str, out: list[tuple[s
         _walk(t_children[name], s_children[name], f"{prefix}.{name}" if prefix else name, out)
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def droppable(unit: nn.Module) -> bool:
+    """Whether a teacher unit may be left out of the student. A unit is a block with weights of its own (a
+    residual unit, a convolution). A normalisation layer, an activation, a pool or any other weightless layer
+    is part of the function between units: leaving one out (a student without the teacher's BatchNorm) gives
+    a network that is not a part of the teacher at all."""
+    if isinstance(unit, _NORMS):
+        return False
+    return any(True for _ in unit.parameters()) or any(True for _ in unit.children())
+
+
+def _check_kept(teacher: nn.Module, chosen: list[int], where: str) -> list[int]:
+    """``chosen``, or :class:`Underivable` naming the first teacher unit it leaves out that may not be."""
+    if chosen is None:
+        return chosen
+    left = next((i for i, unit in enumerate(teacher) if i not in chosen and not droppable(unit)), None)
+    if left is not None:
+        raise Underivable(f"'{where}': the student has no place for the teacher's {type(teacher[left]).__name__} "
+                          f"(unit {left}); normalisation layers, activations and pools are never left out, so "
+                          "the student is not a part of the teacher (another layer pattern, e.g. no BatchNorm)")
+    return chosen
+
+
 def _candidates(teacher: nn.Module, student: nn.Module, where: str) -> list[list[int]]:
     t_sigs = [signature(u) for u in teacher]
     cands = [[i for i, sig in enumerate(t_sigs) if sig == signature(u)] for u in student]
@@ -167,7 +192,7 @@ def plan_depth(teacher: nn.Module, student: nn.Module, rule: str = "even",
             cands = _candidates(t_seq, s_seq, path)
             if rule != "greedy":
                 chosen = _match_first(cands) if rule == "first" else _match_even(cands, len(t_seq))
-                plan.selections[path] = chosen
+                plan.selections[path] = _check_kept(t_seq, chosen, path or "the model")
             plan.lengths[path] = len(t_seq)
             for j, i in enumerate(plan.selections[path]):
                 pending.append((f"{path}.{j}", t_seq[i], s_seq[j]))
@@ -239,7 +264,8 @@ def _greedy(teacher: nn.Module, found, plan: DepthPlan, logit_error) -> None:
             if len(st["dropped"]) >= st["need"]:
                 continue
             for i, unit in enumerate(st["units"]):
-                if i in st["dropped"] or _match_first(st["cands"], st["dropped"] | {i}) is None:
+                if (i in st["dropped"] or not droppable(unit)
+                        or _match_first(st["cands"], st["dropped"] | {i}) is None):
                     continue
                 before = recorded[0][:recorded[0].index((path, i))] if recorded else []
                 for key in before:
@@ -256,7 +282,8 @@ def _greedy(teacher: nn.Module, found, plan: DepthPlan, logit_error) -> None:
                 if error is not None and (best is None or error < best[0]):
                     best = (error, path, i)
         if best is None:
-            raise Underivable("the greedy depth rule found no unit that can be dropped")
+            raise Underivable("the greedy depth rule found no unit that can be dropped: only units with weights of "
+                              "their own that keep the shape can go, never a normalisation layer or an activation")
         _, path, i = best
         state[path]["dropped"].add(i)
         state[path]["seq"][i] = nn.Identity()
