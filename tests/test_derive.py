@@ -560,14 +560,17 @@ def test_kept_slices_have_the_gradient_of_index_select():
 
 
 @pytest.mark.parametrize("rule", DEPTH_RULES)
-def test_a_student_without_the_teachers_batchnorm_is_not_derived_by_leaving_the_norms_out(rule) -> None:
-    # VGG16 without BatchNorm has the layer pattern of VGG16-BN with its norms left out: the same length per stage
-    # minus the norms, so a unit choice existed, but that network is not a part of the teacher at all
-    teacher, student = _randomise_norms(build_model("vgg16_bn")), build_model("vgg16")
+@pytest.mark.parametrize("pair", [("vgg16_bn", "vgg16", 5), ("vgg13", "vgg8", 4)])
+def test_norms_and_activations_are_never_left_out_to_make_a_student_fit(rule, pair) -> None:
+    # VGG16 without BatchNorm has the layer pattern of VGG16-BN with its norms left out; RepDistiller's VGG-8 block
+    # (conv, BN) is VGG-13's (conv, BN, ReLU, conv, BN) with three layers left out: in both a choice of layers
+    # existed (before, VGG-13's first conv and its second BN), but that network is not a part of the teacher
+    teacher_arch, student_arch, blocks = pair
+    teacher, student = _randomise_norms(build_model(teacher_arch)), build_model(student_arch)
     record = derive_student(teacher, student, (3, 32, 32), depth_rule=rule, inputs=torch.randn(4, 3, 32, 32))
-    assert not record.whole and record.fresh_blocks == [0, 1, 2, 3, 4]
-    assert "BatchNorm2d" in record.fallback_reason or "never a normalisation layer" in record.fallback_reason
-    assert all("BatchNorm2d" in row["reason"] or "normalisation" in row["reason"] for row in record.blocks[:5])
+    assert not record.whole and record.fresh_blocks[:blocks] == list(range(blocks))
+    for reason in [record.fallback_reason] + [row["reason"] for row in record.blocks[:blocks]]:
+        assert "never left out" in reason or "never a normalisation layer or an activation" in reason, reason
 
 
 def test_only_units_with_weights_of_their_own_may_be_left_out() -> None:
