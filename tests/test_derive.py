@@ -1,6 +1,8 @@
 """Students derived from the teacher's weights, on random weights: every supported pattern, exactness, records."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -404,7 +406,7 @@ class _Chain(nn.Module):
         return ["stem", "body", "head"]
 
 
-@pytest.mark.parametrize("pair", ["vgg", "units-and-channels"])
+@pytest.mark.parametrize("pair", ["vgg", "units-and-channels", "mobilenet"])
 def test_narrowing_student_starts_as_the_teacher_and_ends_as_the_derived_student(pair):
     from graftkd.derive.fade import NarrowingStudent
 
@@ -412,6 +414,9 @@ def test_narrowing_student_starts_as_the_teacher_and_ends_as_the_derived_student
     if pair == "vgg":
         teacher, student, arch = _randomise_norms(build_model("vgg16_bn")), build_model("vgg16_half_bn"), "vgg16_half_bn"
         build = lambda: build_model(arch)  # noqa: E731
+    elif pair == "mobilenet":  # depthwise convolutions between the narrowed 1x1 layers
+        teacher, student = _randomise_norms(build_model("mobilenetv2")), build_model("mobilenetv2_half")
+        build = lambda: build_model("mobilenetv2_half")  # noqa: E731
     else:
         teacher, student = _randomise_norms(_Chain(16, 4)), _Chain(8, 2)
         build = lambda: _Chain(8, 2)  # noqa: E731
@@ -425,7 +430,7 @@ def test_narrowing_student_starts_as_the_teacher_and_ends_as_the_derived_student
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(narrowing(x), teacher(x))  # a = 1: the whole teacher
-    assert narrowing.readers and (pair == "vgg" or narrowing.faded == ["body.1", "body.2"])
+    assert narrowing.readers and (pair != "units-and-channels" or narrowing.faded == ["body.1", "body.2"])
     narrowing.train()
     optimizer = torch.optim.SGD([p for p in narrowing.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     for _ in range(4):  # two fading steps, then two as the narrow student (slices of the same parameters)
@@ -579,3 +584,38 @@ def test_only_units_with_weights_of_their_own_may_be_left_out() -> None:
     assert droppable(nn.Conv2d(4, 4, 3)) and droppable(build_model("resnet20").layer1[0])
     assert not any(droppable(m) for m in (nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.ReLU(),
                                           nn.MaxPool2d(2), nn.Identity()))
+
+
+@torch.no_grad()
+def test_depthwise_convolutions_keep_their_inputs_channels_and_mobilenetv2_derives_exactly() -> None:
+    """MobileNetV2 -> half width: a depthwise conv acts per channel, so it keeps the channels of the expansion
+    before it. Exactness: with the dropped channels' reading weights zeroed in the teacher, the derived student
+    computes the teacher's logits."""
+    from graftkd.derive.repair import repair
+    from graftkd.derive.width import load_narrowed
+
+    torch.manual_seed(0)
+    teacher, student = _randomise_norms(build_model("mobilenetv2")), build_model("mobilenetv2_half")
+    record = derive_student(teacher, student, (3, 32, 32))
+    assert record.whole and all(row["status"] == "channels chosen" for row in record.blocks)
+    _strict_copy(student, "mobilenetv2_half")
+    depthwise = [la for la in record.width.layers if la.kind == "depthwise"]
+    assert depthwise and all(len(la.in_keep) == la.teacher_in == 1 for la in depthwise)
+    for la in depthwise:  # the expansion before it writes the channels it filters
+        conv = teacher.get_submodule(la.path)
+        assert conv.groups == conv.in_channels and len(la.out_keep) == student.get_submodule(la.path).out_channels
+    exact = copy.deepcopy(teacher)
+    for la in record.width.layers:
+        if la.kind != "depthwise" and len(la.in_keep) < la.teacher_in:
+            weight = exact.get_submodule(la.path).weight
+            dropped = torch.ones(la.teacher_in, dtype=torch.bool)
+            dropped[la.in_keep] = False
+            weight[:, dropped] = 0.0
+    load_narrowed(exact, student, record.width)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(student.eval()(x), exact(x), rtol=1e-4, atol=1e-5)
+    # the repair leaves the filters per channel alone and corrects the layers around them
+    derive_student(teacher, student, (3, 32, 32))
+    done = repair(teacher, student, record, torch.randn(16, 3, 32, 32))
+    assert done["applied"] and done["logit_rel_error_after"] < done["logit_rel_error_before"]
+    assert not {row["layer"] for row in done["per_layer"]} & {la.path for la in depthwise}

@@ -2,8 +2,8 @@
 
 The teacher and the student (after the depth derivation, they have the same layers) are traced with
 ``torch.fx`` and matched node by node. Every tensor with a channel axis belongs to a *channel space*:
-a Conv2d/Linear opens a new one, per-channel operations (BatchNorm, ReLU, pooling, dropout) pass it
-through, and a residual addition *unifies* the spaces of its two inputs, so the same channels are kept
+a Conv2d/Linear opens a new one, per-channel operations (BatchNorm, ReLU, pooling, dropout, a depthwise
+convolution) pass it through, and a residual addition *unifies* the spaces of its two inputs, so the same channels are kept
 in every layer that writes into one residual stream (a shortcut conv, the last conv of every unit).
 Any other operation (option-A zero padding, concatenation, a multiplication) pins the spaces around it:
 they must keep their full width, or the pair is not derivable.
@@ -44,7 +44,7 @@ class PrunedLayer:
     """One Conv2d/Linear of the teacher and the channels its student copy keeps."""
 
     path: str
-    kind: str  # "conv" or "linear"
+    kind: str  # "conv", "linear" or "depthwise" (one filter per channel: its input axis stays whole)
     in_keep: torch.Tensor
     out_keep: torch.Tensor
     teacher_in: int
@@ -196,7 +196,16 @@ def plan_width(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, .
             t_mod = teacher.get_submodule(t_node.target)
             if isinstance(t_mod, (nn.Conv2d, nn.Linear)):
                 if isinstance(t_mod, nn.Conv2d) and t_mod.groups != 1:
-                    raise refuse(t_node, "grouped convolutions are not supported")
+                    if not (_depthwise(t_mod) and passthrough and _depthwise(student.get_submodule(t_node.target))):
+                        raise refuse(t_node, "grouped convolutions other than depthwise ones (one filter per "
+                                             "channel) are not supported")
+                    # one filter per channel: it acts per channel, so it keeps its input's channels (its weight's
+                    # input axis has size 1, and keeps all of it)
+                    space_of[t_node.name] = space_of[source.name]
+                    spaces.nodes[spaces.find(space_of[source.name])].append(t_node.name)
+                    pending.append((str(t_node.target), "depthwise", t_node, space_of[source.name], 1))
+                    affected[t_node.name] = in_affected
+                    continue
                 if isinstance(t_mod, nn.Linear) and source.name in flat_of:
                     reads: int | tuple[int, int] = flat_of[source.name]
                 elif source is not None and source.name in space_of:
@@ -275,12 +284,21 @@ def plan_width(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, .
         in_keep, out_keep = keep_of(reads), keeps[spaces.find(space_of[node.name])]
         s_mod = student.get_submodule(path)
         s_in = s_mod.in_channels if isinstance(s_mod, nn.Conv2d) else s_mod.in_features
+        if kind == "depthwise":  # the weight's input axis (one channel per group) is kept whole
+            layers.append(PrunedLayer(path, kind, torch.arange(1), out_keep, 1, _out_width(teacher.get_submodule(path)),
+                                      affected[node.name]))
+            continue
         if len(in_keep) != s_in:
             raise refuse(node, f"the student layer reads {s_in} channels but the derivation leaves {len(in_keep)}")
         layers.append(PrunedLayer(path, kind, in_keep, out_keep, t_in, _out_width(teacher.get_submodule(path)),
                                   affected[node.name]))
     norms = {path: keeps[spaces.find(space)] for path, space in norm_spaces.items()}
     return WidthPlan(rule, layers, norms)
+
+
+def _depthwise(module: nn.Module) -> bool:
+    """A convolution with one filter per channel (MobileNet's 3x3): it acts on each channel alone."""
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels
 
 
 def _input_columns(weight: torch.Tensor, width: int) -> torch.Tensor:
