@@ -582,8 +582,9 @@ def test_only_units_with_weights_of_their_own_may_be_left_out() -> None:
     from graftkd.derive.depth import droppable
 
     assert droppable(nn.Conv2d(4, 4, 3)) and droppable(build_model("resnet20").layer1[0])
+    assert droppable(nn.Identity())  # leaving it out changes nothing
     assert not any(droppable(m) for m in (nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.ReLU(),
-                                          nn.MaxPool2d(2), nn.Identity()))
+                                          nn.MaxPool2d(2), nn.Dropout()))
 
 
 @torch.no_grad()

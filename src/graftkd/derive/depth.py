@@ -143,7 +143,9 @@ def droppable(unit: nn.Module) -> bool:
     """Whether a teacher unit may be left out of the student. A unit is a block with weights of its own (a
     residual unit, a convolution). A normalisation layer, an activation, a pool or any other weightless layer
     is part of the function between units: leaving one out (a student without the teacher's BatchNorm) gives
-    a network that is not a part of the teacher at all."""
+    a network that is not a part of the teacher at all. An identity may go: leaving it out changes nothing."""
+    if isinstance(unit, nn.Identity):
+        return True
     if isinstance(unit, _NORMS):
         return False
     return any(True for _ in unit.parameters()) or any(True for _ in unit.children())
