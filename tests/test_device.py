@@ -90,6 +90,10 @@ def test_the_device_script_dry_run_does_one_step_of_every_part(tmp_path, monkeyp
     assert outcome.startswith("test "), outcome
     cell = json.loads((out / "results" / "cifar10-patient" / "cells" / f"{point}.json").read_text())
     assert cell["test"]["images"] == 50 and cell["fewshot"]["shots"] == 1 and cell["row"] == "fresh-10m"
+    (point, outcome), = parts["fresh_synth"]["outcome"].items()
+    assert outcome.startswith("test "), outcome
+    cell = json.loads((out / "results" / "cifar10-patient" / "cells" / f"{point}.json").read_text())
+    assert cell["row"] == "fresh-10m-synth10000" and cell["synth"]["made"] == 2 and cell["synth"]["steps"] == 1
     (point, outcome), = parts["derived_budget"]["outcome"].items()
     assert outcome.startswith("test "), outcome
     cell = json.loads((out / "results" / "cifar10-derived" / "cells" / f"{point}.json").read_text())
