@@ -620,3 +620,21 @@ def test_depthwise_convolutions_keep_their_inputs_channels_and_mobilenetv2_deriv
     done = repair(teacher, student, record, torch.randn(16, 3, 32, 32))
     assert done["applied"] and done["logit_rel_error_after"] < done["logit_rel_error_before"]
     assert not {row["layer"] for row in done["per_layer"]} & {la.path for la in depthwise}
+
+
+@torch.no_grad()
+def test_every_zoo_model_derives_from_itself_exactly() -> None:
+    """The identity pair is the strictest check of the walk and the channel spaces: every block inherited, the
+    teacher's logits exactly (ShuffleNetV1's grouped convolutions included: their channels are kept whole)."""
+    from graftkd.models import list_models
+
+    for arch in list_models():
+        if arch == "hybrid":
+            continue
+        torch.manual_seed(0)
+        teacher, student = _randomise_norms(build_model(arch)), build_model(arch)
+        shape = (3, 64, 64) if arch in ("resnet18", "resnet34") else tuple(getattr(teacher, "input_shape", (3, 32, 32)))
+        record = derive_student(teacher, student, shape)
+        assert record.whole and {row["status"] for row in record.blocks} == {"inherited"}, (arch, record.fallback_reason)
+        x = torch.randn(2, *shape)
+        assert torch.equal(student.eval()(x), teacher(x)), arch

@@ -37,8 +37,8 @@ def repair(teacher: nn.Module, student: nn.Module, derivation, inputs: torch.Ten
         changed = changed or layer.affected or t_path != layer.path
         if not changed:
             continue  # everything before the first change already equals the teacher
-        if layer.kind == "depthwise":
-            continue  # a 1x1 correction mixes channels, which a filter per channel cannot hold: the next layer's does
+        if layer.kind in ("depthwise", "grouped"):
+            continue  # a 1x1 correction mixes channels across groups, which these cannot hold: the next layer's does
         stats = _collect(teacher, student, layer, inputs, chunk, teacher_path=t_path)
         q = solve_correction(stats["gram"], stats["cross"], ridge)
         after = _residual(q, stats)

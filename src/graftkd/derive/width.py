@@ -44,7 +44,8 @@ class PrunedLayer:
     """One Conv2d/Linear of the teacher and the channels its student copy keeps."""
 
     path: str
-    kind: str  # "conv", "linear" or "depthwise" (one filter per channel: its input axis stays whole)
+    kind: str  # "conv", "linear", "depthwise" (one filter per channel) or "grouped": for the last two the
+    # weight's input axis (one group's channels) stays whole
     in_keep: torch.Tensor
     out_keep: torch.Tensor
     teacher_in: int
@@ -196,14 +197,23 @@ def plan_width(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, .
             t_mod = teacher.get_submodule(t_node.target)
             if isinstance(t_mod, (nn.Conv2d, nn.Linear)):
                 if isinstance(t_mod, nn.Conv2d) and t_mod.groups != 1:
-                    if not (_depthwise(t_mod) and passthrough and _depthwise(student.get_submodule(t_node.target))):
-                        raise refuse(t_node, "grouped convolutions other than depthwise ones (one filter per "
-                                             "channel) are not supported")
-                    # one filter per channel: it acts per channel, so it keeps its input's channels (its weight's
-                    # input axis has size 1, and keeps all of it)
-                    space_of[t_node.name] = space_of[source.name]
-                    spaces.nodes[spaces.find(space_of[source.name])].append(t_node.name)
-                    pending.append((str(t_node.target), "depthwise", t_node, space_of[source.name], 1))
+                    if _depthwise(t_mod) and passthrough and _depthwise(student.get_submodule(t_node.target)):
+                        # one filter per channel: it acts per channel, so it keeps its input's channels (its
+                        # weight's input axis has size 1, and keeps all of it)
+                        space_of[t_node.name] = space_of[source.name]
+                        spaces.nodes[spaces.find(space_of[source.name])].append(t_node.name)
+                        pending.append((str(t_node.target), "depthwise", t_node, space_of[source.name], 1))
+                        affected[t_node.name] = in_affected
+                        continue
+                    # other groups (ShuffleNetV1's): a channel choice would have to respect the groups, so the
+                    # channels on both sides are kept whole, and the layer is copied as it is
+                    pin_inputs(t_node, "a grouped convolution keeps its channels whole")
+                    space = spaces.new(widths, t_node.name, f"'{t_node.name}' (a grouped convolution keeps its "
+                                                            "channels whole)")
+                    spaces.writers[space].append(str(t_node.target))
+                    space_of[t_node.name] = space
+                    per_group = t_mod.in_channels // t_mod.groups
+                    pending.append((str(t_node.target), "grouped", t_node, space, per_group))
                     affected[t_node.name] = in_affected
                     continue
                 if isinstance(t_mod, nn.Linear) and source.name in flat_of:
@@ -284,9 +294,9 @@ def plan_width(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, .
         in_keep, out_keep = keep_of(reads), keeps[spaces.find(space_of[node.name])]
         s_mod = student.get_submodule(path)
         s_in = s_mod.in_channels if isinstance(s_mod, nn.Conv2d) else s_mod.in_features
-        if kind == "depthwise":  # the weight's input axis (one channel per group) is kept whole
-            layers.append(PrunedLayer(path, kind, torch.arange(1), out_keep, 1, _out_width(teacher.get_submodule(path)),
-                                      affected[node.name]))
+        if kind in ("depthwise", "grouped"):  # the weight's input axis (the channels of one group) is kept whole
+            layers.append(PrunedLayer(path, kind, torch.arange(t_in), out_keep, t_in,
+                                      _out_width(teacher.get_submodule(path)), affected[node.name]))
             continue
         if len(in_keep) != s_in:
             raise refuse(node, f"the student layer reads {s_in} channels but the derivation leaves {len(in_keep)}")
