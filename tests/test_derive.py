@@ -587,36 +587,54 @@ def test_only_units_with_weights_of_their_own_may_be_left_out() -> None:
                                           nn.MaxPool2d(2), nn.Dropout()))
 
 
+def _zero_dropped_readers(teacher: nn.Module, record) -> nn.Module:
+    """A copy of ``teacher`` in which no layer reads a channel the derivation dropped: the derived student must
+    then compute its logits exactly (a check of every channel choice and copy, whatever the rule chose)."""
+    exact = copy.deepcopy(teacher)
+    for la in record.width.layers:
+        if la.kind not in ("depthwise", "grouped") and len(la.in_keep) < la.teacher_in:
+            dropped = torch.ones(la.teacher_in, dtype=torch.bool)
+            dropped[la.in_keep] = False
+            weight = exact.get_submodule(la.path).weight
+            if weight.shape[1] == la.teacher_in:
+                weight[:, dropped] = 0.0
+            else:  # a linear layer reading a flattened map: each channel's positions together
+                weight.view(weight.shape[0], la.teacher_in, -1)[:, dropped] = 0.0
+    return exact
+
+
 @torch.no_grad()
-def test_depthwise_convolutions_keep_their_inputs_channels_and_mobilenetv2_derives_exactly() -> None:
-    """MobileNetV2 -> half width: a depthwise conv acts per channel, so it keeps the channels of the expansion
-    before it. Exactness: with the dropped channels' reading weights zeroed in the teacher, the derived student
-    computes the teacher's logits."""
-    from graftkd.derive.repair import repair
+@pytest.mark.parametrize("pair", [("vgg16_bn", "vgg16_half_bn"), ("vgg16_bn", "vgg16_graft_bn"),
+                                  ("vgg16", "vgg16_half"), ("mobilenetv2", "mobilenetv2_half")])
+def test_a_width_derivation_computes_the_teacher_whose_dropped_channels_are_not_read(pair) -> None:
+    """With the dropped channels' reading weights zeroed in the teacher, the derived student computes the teacher's
+    logits. MobileNetV2: a depthwise conv acts per channel, so it keeps the channels of the expansion before it."""
     from graftkd.derive.width import load_narrowed
+
+    torch.manual_seed(0)
+    teacher, student = _randomise_norms(build_model(pair[0])), build_model(pair[1])
+    record = derive_student(teacher, student, (3, 32, 32))
+    assert record.whole and record.width.narrowed()
+    _strict_copy(student, pair[1])
+    exact = _zero_dropped_readers(teacher, record)
+    load_narrowed(exact, student, record.width)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(student.eval()(x), exact(x), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_depthwise_layers_take_their_channels_and_the_repair_leaves_them_alone() -> None:
+    from graftkd.derive.repair import repair
 
     torch.manual_seed(0)
     teacher, student = _randomise_norms(build_model("mobilenetv2")), build_model("mobilenetv2_half")
     record = derive_student(teacher, student, (3, 32, 32))
-    assert record.whole and all(row["status"] == "channels chosen" for row in record.blocks)
-    _strict_copy(student, "mobilenetv2_half")
     depthwise = [la for la in record.width.layers if la.kind == "depthwise"]
     assert depthwise and all(len(la.in_keep) == la.teacher_in == 1 for la in depthwise)
-    for la in depthwise:  # the expansion before it writes the channels it filters
-        conv = teacher.get_submodule(la.path)
-        assert conv.groups == conv.in_channels and len(la.out_keep) == student.get_submodule(la.path).out_channels
-    exact = copy.deepcopy(teacher)
-    for la in record.width.layers:
-        if la.kind != "depthwise" and len(la.in_keep) < la.teacher_in:
-            weight = exact.get_submodule(la.path).weight
-            dropped = torch.ones(la.teacher_in, dtype=torch.bool)
-            dropped[la.in_keep] = False
-            weight[:, dropped] = 0.0
-    load_narrowed(exact, student, record.width)
-    x = torch.randn(4, 3, 32, 32)
-    torch.testing.assert_close(student.eval()(x), exact(x), rtol=1e-4, atol=1e-5)
-    # the repair leaves the filters per channel alone and corrects the layers around them
-    derive_student(teacher, student, (3, 32, 32))
+    for la in depthwise:
+        assert teacher.get_submodule(la.path).groups == teacher.get_submodule(la.path).in_channels
+        assert len(la.out_keep) == student.get_submodule(la.path).out_channels
+    # the repair corrects the layers around the filters per channel and leaves those alone
     done = repair(teacher, student, record, torch.randn(16, 3, 32, 32))
     assert done["applied"] and done["logit_rel_error_after"] < done["logit_rel_error_before"]
     assert not {row["layer"] for row in done["per_layer"]} & {la.path for la in depthwise}
