@@ -26,7 +26,7 @@ def run(args) -> None:
     print(f"students that fit {teacher.source} ({teacher.arch}), smallest first:")
     print(f"{'model':<16} {'params':>8} {'FLOPs':>8} {'smaller':>8}  derivable from the teacher")
     for f in fits:
-        why = f" ({f.why})" if f.derivable == "no" and f.why else f": {f.why}" if f.derivable != "whole" and f.why else ""
+        why = "" if f.derivable == "whole" or not f.why else f" ({f.why})" if f.derivable == "no" else f": {f.why}"
         print(f"{f.arch:<16} {format_count(f.params):>8} {format_count(f.flops):>8} {f.compression:>7.1f}x  "
               f"{f.derivable}{why}")
     if not fits:

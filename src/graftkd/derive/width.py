@@ -3,10 +3,10 @@
 The teacher and the student (after the depth derivation, they have the same layers) are traced with
 ``torch.fx`` and matched node by node. Every tensor with a channel axis belongs to a *channel space*:
 a Conv2d/Linear opens a new one, per-channel operations (BatchNorm, ReLU, pooling, dropout, a depthwise
-convolution) pass it through, and a residual addition *unifies* the spaces of its two inputs, so the same channels are kept
-in every layer that writes into one residual stream (a shortcut conv, the last conv of every unit).
-Any other operation (option-A zero padding, concatenation, a multiplication) pins the spaces around it:
-they must keep their full width, or the pair is not derivable.
+convolution) pass it through, and a residual addition *unifies* the spaces of its two inputs, so the same
+channels are kept in every layer that writes into one residual stream (a shortcut conv, the last conv of every
+unit). Any other operation (option-A zero padding, concatenation, a multiplication, a convolution in groups)
+pins the spaces around it: they must keep their full width, or the pair is not derivable.
 
 Criteria (the record names the one used):
 
