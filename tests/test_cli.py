@@ -464,3 +464,13 @@ def test_distill_help_groups_every_option_by_what_it_decides(capsys) -> None:
                         ("--block-lr", 4), ("--precision", 5), ("--seed", 5)):
         position = text.index(f"\n  {flag}")
         assert at[group] < position < (at[group + 1] if group + 1 < len(at) else len(text)), flag
+
+
+def test_students_of_another_block_layout_are_listed_as_fresh_only_on_request() -> None:
+    from graftkd.students import fitting_students
+
+    teacher = build_model("wrn_16_2").eval()
+    every = {f.arch: f for f in fitting_students(teacher, "wrn_16_2", (3, 32, 32), 10, fresh_only=True)}
+    assert every["resnet20"].derivable == "fresh only" and "pairing" in every["resnet20"].why
+    assert every["resnet8"].derivable == "no"  # grafts block by block, not derivable: what auto may still choose
+    assert all(f.params < 0.69e6 for f in every.values())

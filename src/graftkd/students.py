@@ -25,15 +25,18 @@ class Fit:
     params: int
     flops: int
     compression: float  # teacher params / student params
-    derivable: str  # "whole", "blocks 1,3 of 3", or "no"
+    derivable: str  # "whole", "partly (blocks 1,3 of 3, the others fresh)", "no", or "fresh only" (not graftable)
     why: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def fitting_students(teacher: nn.Module, teacher_arch: str, input_shape: tuple[int, ...], num_classes: int) -> list[Fit]:
-    """Every zoo model that fits ``teacher`` (see the module doc), smallest first."""
+def fitting_students(teacher: nn.Module, teacher_arch: str, input_shape: tuple[int, ...], num_classes: int,
+                     fresh_only: bool = False) -> list[Fit]:
+    """Every zoo model that fits ``teacher`` (see the module doc), smallest first. ``fresh_only``: also the smaller
+    models that do not pair with it block by block (another family), as ``derivable="fresh only"``: a fresh
+    student that a registered method trains (``--method kd --recipe patient``), never the default path's."""
     from graftkd.derive import Underivable, derive_student
     from graftkd.graft.plan import build_plan
     from graftkd.models import build_model, list_models
@@ -56,7 +59,12 @@ def fitting_students(teacher: nn.Module, teacher_arch: str, input_shape: tuple[i
             continue
         try:
             build_plan(copy.deepcopy(teacher), copy.deepcopy(student), tuple(input_shape), inherit="none")
-        except (GraftkdError, RuntimeError):
+        except (GraftkdError, RuntimeError) as exc:
+            if fresh_only:
+                with torch.no_grad():
+                    flops = count_flops(student, tuple(input_shape))
+                fits.append(Fit(arch, params, flops, t_params / params, "fresh only",
+                                f"no block-by-block pairing ({' '.join(str(exc).split())[:100]})"))
             continue
         try:
             record = derive_student(teacher, student, tuple(input_shape))  # reads the teacher, fills the student
