@@ -496,7 +496,8 @@ def resolve_refinement(record) -> dict:
     fresh = [row["block"] for row in record.blocks if row["status"] == "fresh"]
     if fresh:
         return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None, "fade": 0.0,
-                "why": f"blocks {', '.join(map(str, fresh))} are fresh: patient KD trains them"}
+                "why": (f"blocks {', '.join(map(str, fresh))} are fresh: patient KD trains them" if len(fresh) > 1
+                        else f"block {fresh[0]} is fresh: patient KD trains it")}
     if any("channels" in status for status in statuses) and record.whole:
         return {"repair": True, "loss": "feature_kd", "refine": "kd", "stop_at": REPAIRED_ENOUGH, "fade": 0.0,
                 "fade_below": FADE, "loss_options": {"temperature": HOT_TEMPERATURE},

@@ -1,8 +1,10 @@
 """Which zoo students fit a teacher, and the one resolver that picks a student for ``--student-arch auto[:Nx]``.
 
-A student "fits" when it takes the teacher's input, predicts the same classes, is smaller than the teacher
-and pairs with it block by block (the grafting plan accepts it). It is "derivable" when
-:mod:`graftkd.derive` can build it from the teacher's own weights: the whole network, or some of its blocks.
+A student "fits" when it takes the teacher's input, predicts the same classes, is smaller than the teacher,
+and the default path can take it: it is "derivable" (:mod:`graftkd.derive` builds the whole network, or some of
+its blocks, from the teacher's own weights; patient KD trains the rest), or else it pairs with the teacher block
+by block (the grafting plan accepts it). The other smaller models are "fresh only": a registered method trains
+them from fresh weights.
 """
 from __future__ import annotations
 
@@ -58,15 +60,6 @@ def fitting_students(teacher: nn.Module, teacher_arch: str, input_shape: tuple[i
         if params >= t_params:
             continue
         try:
-            build_plan(copy.deepcopy(teacher), copy.deepcopy(student), tuple(input_shape), inherit="none")
-        except (GraftkdError, RuntimeError) as exc:
-            if fresh_only:
-                with torch.no_grad():
-                    flops = count_flops(student, tuple(input_shape))
-                fits.append(Fit(arch, params, flops, t_params / params, "fresh only",
-                                f"no block-by-block pairing ({' '.join(str(exc).split())[:100]})"))
-            continue
-        try:
             record = derive_student(teacher, student, tuple(input_shape))  # reads the teacher, fills the student
             blocks = len(record.blocks)
             fresh = record.fresh_blocks
@@ -76,6 +69,13 @@ def fitting_students(teacher: nn.Module, teacher_arch: str, input_shape: tuple[i
             why = record.fallback_reason or ""
         except Underivable as exc:
             derivable, why = "no", str(exc)
+        if derivable == "no":  # the default path then grafts it: that needs the grafting plan
+            try:
+                build_plan(copy.deepcopy(teacher), copy.deepcopy(student), tuple(input_shape), inherit="none")
+            except (GraftkdError, RuntimeError) as exc:
+                if not fresh_only:
+                    continue
+                derivable, why = "fresh only", f"no block-by-block pairing ({' '.join(str(exc).split())[:100]})"
         with torch.no_grad():
             flops = count_flops(student, tuple(input_shape))
         fits.append(Fit(arch, params, flops, t_params / params, derivable, why))
