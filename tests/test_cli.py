@@ -473,4 +473,6 @@ def test_students_of_another_block_layout_are_listed_as_fresh_only_on_request() 
     every = {f.arch: f for f in fitting_students(teacher, "wrn_16_2", (3, 32, 32), 10, fresh_only=True)}
     assert every["resnet20"].derivable == "fresh only" and "pairing" in every["resnet20"].why
     assert every["resnet8"].derivable == "no"  # grafts block by block, not derivable: what auto may still choose
+    # not graftable (its first unit's shortcut), but blocks 2-3 derive and patient KD trains block 1
+    assert every["wrn_16_1"].derivable == "partly (blocks 2,3 of 3, the others fresh)"
     assert all(f.params < 0.69e6 for f in every.values())
