@@ -21,8 +21,9 @@ FRESH_EXPORT = """
 import sys, torch
 program = torch.export.load(sys.argv[1]).module()
 x = torch.load(sys.argv[2])
-with torch.no_grad():
-    torch.save({"logits": program(x), "graftkd_imported": any(m.startswith("graftkd") for m in sys.modules)}, sys.argv[3])
+with torch.no_grad():  # in chunks, as a user would run a large split: one 10,000-image batch is far slower
+    logits = torch.cat([program(chunk) for chunk in x.split(1000)])
+    torch.save({"logits": logits, "graftkd_imported": any(m.startswith("graftkd") for m in sys.modules)}, sys.argv[3])
 """
 
 FRESH_STATE_DICT = """
@@ -118,11 +119,14 @@ def test_exported_resnet20_predicts_the_cifar10_test_split_like_the_model(tmp_pa
     test = load_dataset("cifar10", "test")
     x = normalizer(loaded.mean, loaded.std)(test.images)
     torch.save(x, tmp_path / "x.pt")
-    with torch.no_grad():
-        expected = torch.cat([loaded.model.eval()(chunk) for chunk in x.split(1000)]).argmax(1)
     exported = _fresh(FRESH_EXPORT, [str(tmp_path / "export" / "model.pt2"), str(tmp_path / "x.pt")], tmp_path, False)
-    assert torch.equal(exported["logits"].argmax(1), expected)
-    assert abs(float((expected == test.labels).float().mean()) * 100 - 91.73) < 0.01
+    predicted = exported["logits"].argmax(1)
+    # the registry's accuracy on the whole split, and the model's own logits on a part of it (the whole split
+    # through both would double the test's time for no more evidence)
+    assert abs(float((predicted == test.labels).float().mean()) * 100 - 91.73) < 0.01
+    with torch.no_grad():
+        expected = loaded.model.eval()(x[:1000])
+    torch.testing.assert_close(exported["logits"][:1000], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_quality_warnings_name_what_to_try_and_reach_the_model_card():
