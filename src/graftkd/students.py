@@ -67,8 +67,8 @@ def fitting_students(teacher: nn.Module, teacher_arch: str, input_shape: tuple[i
             derivable = ("whole" if record.whole else "no" if not kept else
                          f"partly (block{'s' if len(kept) > 1 else ''} {','.join(kept)} of {blocks}, the others fresh)")
             why = record.fallback_reason or ""
-        except Underivable as exc:
-            derivable, why = "no", str(exc)
+        except (Underivable, GraftkdError, RuntimeError) as exc:  # another family may fail anywhere in the walk
+            derivable, why = "no", " ".join(str(exc).split())
         if derivable == "no":  # the default path then grafts it: that needs the grafting plan
             try:
                 build_plan(copy.deepcopy(teacher), copy.deepcopy(student), tuple(input_shape), inherit="none")
