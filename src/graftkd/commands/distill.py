@@ -481,7 +481,7 @@ def summary_table(payload: dict) -> str:
     init = payload.get("init")
     if init:
         lines.append(f"start: {init['used']} ({init['why']})")
-    few, synth = payload["fewshot"], payload.get("synth")
+    few, synth, synth_text = payload["fewshot"], payload.get("synth"), ""
     if synth:
         source = {None: "", "cache": "read from the cache; making them took "}.get(
             synth.get("reused"), f"read from {synth.get('reused')}; making them took ")
@@ -490,7 +490,7 @@ def summary_table(payload: dict) -> str:
     lines.append(
         f"few-shot: {few['images']} unlabeled images"
         + (f" ({few['shots']} per class)" if few.get("manifest") else " (from a folder: classes unknown)")
-        + (synth_text if synth else "")
+        + synth_text
         + ", wall time "
         f"{payload['wall_seconds']:.1f} s on {payload['device']}"
     )

@@ -136,7 +136,7 @@ def _walk(teacher: nn.Module, student: nn.Module, prefix: str, out: list[tuple[s
         _walk(t_children[name], s_children[name], f"{prefix}.{name}" if prefix else name, out)
 
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # every kind, not only BatchNorm
 
 
 def droppable(unit: nn.Module) -> bool:
@@ -146,7 +146,7 @@ def droppable(unit: nn.Module) -> bool:
     a network that is not a part of the teacher at all. An identity may go: leaving it out changes nothing."""
     if isinstance(unit, nn.Identity):
         return True
-    if isinstance(unit, _NORMS):
+    if isinstance(unit, _NORMALISATIONS):
         return False
     return any(True for _ in unit.parameters()) or any(True for _ in unit.children())
 

@@ -196,24 +196,13 @@ def plan_width(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, .
         if t_node.op == "call_module":
             t_mod = teacher.get_submodule(t_node.target)
             if isinstance(t_mod, (nn.Conv2d, nn.Linear)):
-                if isinstance(t_mod, nn.Conv2d) and t_mod.groups != 1:
-                    if _depthwise(t_mod) and passthrough and _depthwise(student.get_submodule(t_node.target)):
-                        # one filter per channel: it acts per channel, so it keeps its input's channels (its
-                        # weight's input axis has size 1, and keeps all of it)
-                        space_of[t_node.name] = space_of[source.name]
-                        spaces.nodes[spaces.find(space_of[source.name])].append(t_node.name)
-                        pending.append((str(t_node.target), "depthwise", t_node, space_of[source.name], 1))
-                        affected[t_node.name] = in_affected
-                        continue
-                    # other groups (ShuffleNetV1's): a channel choice would have to respect the groups, so the
-                    # channels on both sides are kept whole, and the layer is copied as it is
-                    pin_inputs(t_node, "a grouped convolution keeps its channels whole")
-                    space = spaces.new(widths, t_node.name, f"'{t_node.name}' (a grouped convolution keeps its "
-                                                            "channels whole)")
-                    spaces.writers[space].append(str(t_node.target))
-                    space_of[t_node.name] = space
-                    per_group = t_mod.in_channels // t_mod.groups
-                    pending.append((str(t_node.target), "grouped", t_node, space, per_group))
+                grouped = isinstance(t_mod, nn.Conv2d) and t_mod.groups != 1
+                if grouped and _depthwise(t_mod) and passthrough and _depthwise(student.get_submodule(t_node.target)):
+                    # one filter per channel: it acts per channel, so it keeps its input's channels (its weight's
+                    # input axis has size 1, and keeps all of it)
+                    space_of[t_node.name] = space_of[source.name]
+                    spaces.nodes[spaces.find(space_of[source.name])].append(t_node.name)
+                    pending.append((str(t_node.target), "depthwise", t_node, space_of[source.name], 1))
                     affected[t_node.name] = in_affected
                     continue
                 if isinstance(t_mod, nn.Linear) and source.name in flat_of:
@@ -223,12 +212,17 @@ def plan_width(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, .
                 else:
                     raise refuse(t_node, "its input has no channel axis that can be followed")
                 t_in = t_mod.in_channels if isinstance(t_mod, nn.Conv2d) else t_mod.in_features
-                space = spaces.new(widths, t_node.name)
+                # other groups (ShuffleNetV1's): a channel choice would have to respect the groups, so the channels
+                # on both sides are kept whole and the layer is copied as it is
+                whole = "a grouped convolution keeps its channels whole" if grouped else None
+                if whole:
+                    pin_inputs(t_node, whole)
+                space = spaces.new(widths, t_node.name, whole and f"'{t_node.name}' ({whole})")
                 spaces.writers[space].append(str(t_node.target))
                 spaces.readers[spaces.find(reads[0] if isinstance(reads, tuple) else reads)].append(str(t_node.target))
                 space_of[t_node.name] = space
-                pending.append((str(t_node.target), "conv" if isinstance(t_mod, nn.Conv2d) else "linear",
-                                t_node, reads, t_in))
+                kind = "grouped" if grouped else "conv" if isinstance(t_mod, nn.Conv2d) else "linear"
+                pending.append((str(t_node.target), kind, t_node, reads, t_in // t_mod.groups if grouped else t_in))
                 affected[t_node.name] = in_affected or widths[0] != widths[1]
                 continue
             if isinstance(t_mod, _NORMS) and passthrough:
