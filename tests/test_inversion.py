@@ -60,6 +60,27 @@ def test_batch_gap_is_the_gap_of_the_batch_statistics_in_value_and_gradient(memo
     assert float(batch_gap(torch.zeros(2, 1, 2, 2), torch.tensor([3.0]), torch.tensor([4.0]))) == 7.0
 
 
+@pytest.mark.parametrize("shape, dims", [((6, 3), (0,)), ((6, 3, 4), (0, 2))])
+def test_batch_gap_reads_what_a_batchnorm1d_reads(shape, dims):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 3 - 1
+    mean, var = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, 3.0, 0.5])
+    expected = (torch.linalg.vector_norm(x.mean(dim=dims) - mean)
+                + torch.linalg.vector_norm(x.var(dim=dims, unbiased=False) - var))
+    assert torch.allclose(batch_gap(x, mean, var), expected, rtol=1e-6)
+
+
+def test_a_teacher_with_batchnorm1d_in_its_classifier_inverts():
+    # VGG16-BN's classifier: Linear, BatchNorm1d, ReLU; its statistics count as the convolutions' do
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 5))
+    with torch.no_grad():
+        net(torch.randn(16, 3, 8, 8) * 0.25)
+    norm = Normalizer((0.5,) * 3, (0.25,) * 3)
+    made, record = invert_batchnorm(net.eval(), norm, _images(), Inversion(4, steps=3, batch_size=2),
+                                    generator=torch.Generator().manual_seed(0), num_classes=5)
+    assert made.shape[0] == 4 and made.dtype == torch.uint8
+
+
 def test_batches_are_even_and_never_of_one_image():
     assert Inversion(1000).batches() == [200] * 5
     assert Inversion(401, batch_size=200).batches() == [134, 134, 133]
