@@ -250,6 +250,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="results/cifar10-derived/dev")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="print only each run's result line, not its stages (synthesis, training, evaluation)")
     parser.add_argument("--report", action="store_true", help="only write <out>/README.md from the run files")
     parser.add_argument("--manifest", action="store_true",
                         help="only write <out>/validation-manifest.json: the split's indices, labels and what it excludes")
@@ -296,7 +298,7 @@ def main() -> None:
         options = DeriveOptions(**derive_over, recipe=replace(Recipe(), **recipe_over))
         payload = distill(teacher=teacher, student_arch=student_arch, fewshot=fewshot, test=val,
                           config=GraftConfig(shots=args.k, seed=args.seed, **config_over), device="cpu",
-                          out=None, progress=False, manifest=manifest.to_dict(), derive=options,
+                          out=None, progress=not args.no_progress, manifest=manifest.to_dict(), derive=options,
                           method=method, method_options=method_options,
                           method_recipe=options.recipe if method else None)
         record = {"config": name, "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),

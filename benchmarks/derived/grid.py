@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--shots")
     parser.add_argument("--seeds")
     parser.add_argument("--report", action="store_true", help="only write the report from existing cells")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print one line per cell instead of its stages (synthesis, training, evaluation)")
     args = parser.parse_args()
     config = yaml.safe_load(Path(args.config).read_text())
     name = config["name"]
@@ -62,8 +64,8 @@ def main() -> None:
             # even where another row's cell made the same ones
             command = ["graftkd", "distill", "--teacher", spec["teacher"], "--student-arch", spec["student"],
                        "--data", config["data"], "--k", str(k), "--seed", str(seed), "--test-data", config["data"],
-                       "--precision", "fp32", "--compile", "off", "--device", "cpu", "--no-progress", "--no-synth-cache", "--out", str(run_dir.relative_to(ROOT)),
-                       *config["rows"][row]]
+                       "--precision", "fp32", "--compile", "off", "--device", "cpu", *(["--no-progress"] if args.quiet else []), "--no-synth-cache",
+                       "--out", str(run_dir.relative_to(ROOT)), *config["rows"][row]]
             started = time.perf_counter()
             print(f"[{index}/{len(cells)}] {pair} {row} K={k} seed {seed}: {' '.join(command)}", flush=True)
             code = subprocess.run([str(Path(sys.executable).parent / "graftkd"), *command[1:]], cwd=ROOT, env=env).returncode
