@@ -12,12 +12,20 @@ def inherit_blocks(task) -> list[nn.Module]:
     All methods of a grid cell start from the same student this way (for VGG16 -> vgg16_graft, blocks
     1-3 are the teacher's, as in the reference grafting code). Returns the frozen student blocks, which
     the loop keeps in eval mode so their BatchNorm statistics stay the teacher's.
+
+    With ``auto``, a pair that grafting cannot match block by block (another family: VGG16 -> ResNet-18, 6 blocks
+    against 4) inherits nothing and trains whole; the plan's refusal stands only where blocks were named.
     """
     from graftkd.graft.plan import build_plan
 
     if task.inherit == "none" or not task.inherit:
         return []
-    plan = build_plan(task.teacher, task.student, tuple(task.images.shape[1:]), inherit=task.inherit)
+    try:
+        plan = build_plan(task.teacher, task.student, tuple(task.images.shape[1:]), inherit=task.inherit)
+    except GraftkdError:
+        if task.inherit == "auto":
+            return []
+        raise
     return [plan.student_blocks[i] for i in plan.inherited]
 
 
