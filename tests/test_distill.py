@@ -192,6 +192,7 @@ def test_a_student_of_another_family_trains_whole_and_inherits_nothing(name: str
                        lr=1e-3, shots=1, num_classes=10, checkpoint_every_s=0.0, log_every=1, progress=False)
     outcome = build_method(name).run(task)
     assert all(stage["steps"] > 0 for stage in outcome.stages)
+    assert outcome.extra["inherited_blocks"] == [] and "4 blocks" in outcome.extra["inherit_refused"]
     build_model("resnet8").load_state_dict(outcome.student.state_dict(), strict=True)
     named = FewShotTask(**{**task.__dict__, "student": build_model("resnet8"), "inherit": [1]})
     with pytest.raises(GraftkdError, match="teacher has 4 blocks but student has 3"):

@@ -60,7 +60,10 @@ class FewShotMethod:
 
 
 class LossMethod(FewShotMethod):
-    """A method defined by its stages and its loss; :mod:`graftkd.engine.loop` runs it."""
+    """A method defined by its stages and its loss; :mod:`graftkd.engine.loop` runs it.
+
+    ``setup`` may set ``frozen`` (student modules the loop keeps in eval mode: inherited teacher blocks) and
+    ``facts`` (a dict the loop adds to the run's record in result.json)."""
 
     takes_recipe: ClassVar[bool] = True
 

@@ -176,7 +176,8 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None, *, e
         teacher.to(memory_format=torch.contiguous_format)
     if forwards is not None and forwards.failed:
         compile_facts = {**compile_facts, "used": False, "failed": forwards.failed}
-    extra_facts = {"seconds": timer.elapsed(), "resumed": resumed, "speed": task.speed, "compile": compile_facts}
+    extra_facts = {"seconds": timer.elapsed(), "resumed": resumed, "speed": task.speed, "compile": compile_facts,
+                   **getattr(method, "facts", {})}
     if average is not None:  # the averaged weights are the result; their BatchNorm statistics follow
         average.copy_to_module()
         extra_facts["weight_average"] = {"decay": recipe.ema, "updates": average.updates}

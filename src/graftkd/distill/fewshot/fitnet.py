@@ -22,7 +22,7 @@ class FitNet(LossMethod):
     defaults = {"temperature": 4.0, "hint_fraction": 0.3, "hint_block": -1}  # -1: the middle block
 
     def setup(self, task) -> None:
-        self.frozen = inherit_blocks(task)
+        self.frozen, self.facts = inherit_blocks(task)
         blocks = len(task.student.block_parts())
         index = self.options["hint_block"] if self.options["hint_block"] >= 0 else (blocks - 1) // 2
         self.hint_index = index

@@ -6,7 +6,7 @@ from torch import nn
 from graftkd.errors import GraftkdError
 
 
-def inherit_blocks(task) -> list[nn.Module]:
+def inherit_blocks(task) -> tuple[list[nn.Module], dict]:
     """Copy the teacher blocks the grafting plan would inherit into ``task.student`` and freeze them.
 
     All methods of a grid cell start from the same student this way (for VGG16 -> vgg16_graft, blocks
@@ -19,14 +19,14 @@ def inherit_blocks(task) -> list[nn.Module]:
     from graftkd.graft.plan import build_plan
 
     if task.inherit == "none" or not task.inherit:
-        return []
+        return [], {"inherited_blocks": []}
     try:
         plan = build_plan(task.teacher, task.student, tuple(task.images.shape[1:]), inherit=task.inherit)
-    except GraftkdError:
+    except GraftkdError as exc:
         if task.inherit == "auto":
-            return []
+            return [], {"inherited_blocks": [], "inherit_refused": str(exc)}
         raise
-    return [plan.student_blocks[i] for i in plan.inherited]
+    return [plan.student_blocks[i] for i in plan.inherited], {"inherited_blocks": [i + 1 for i in plan.inherited]}
 
 
 def block_output_path(model: nn.Module, index: int) -> str:

@@ -11,7 +11,7 @@ class KD(LossMethod):
     defaults = {"temperature": 4.0}
 
     def setup(self, task) -> None:
-        self.frozen = inherit_blocks(task)
+        self.frozen, self.facts = inherit_blocks(task)
 
     def stages(self, task) -> list[LossStage]:
         return [LossStage("kd", task.epochs, task.lr, [task.student])]

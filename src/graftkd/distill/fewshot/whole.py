@@ -14,7 +14,7 @@ class Whole(LossMethod):
     defaults: dict = {}
 
     def setup(self, task) -> None:
-        self.frozen = inherit_blocks(task)
+        self.frozen, self.facts = inherit_blocks(task)
 
     def stages(self, task) -> list[LossStage]:
         return [LossStage("whole", task.epochs, task.lr, [task.student])]

@@ -26,7 +26,7 @@ class ZooDistiller(LossMethod):
         distiller_class(self.options["distiller"])  # an unknown name fails before any work, naming close ones
 
     def setup(self, task) -> None:
-        self.frozen = inherit_blocks(task)
+        self.frozen, self.facts = inherit_blocks(task)
         sample = task.normalize(task.images[:2]).float()
         self.distiller, self.s_paths, self.t_paths = spot_distiller(self.options["distiller"], task.student,
                                                                     task.teacher, sample)
