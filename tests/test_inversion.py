@@ -70,7 +70,7 @@ def test_batch_gap_reads_what_a_batchnorm1d_reads(shape, dims):
 
 
 def test_a_teacher_with_batchnorm1d_in_its_classifier_inverts():
-    # VGG16-BN's classifier: Linear, BatchNorm1d, ReLU; its statistics count as the convolutions' do
+    # VGG16-BN's classifier: Linear, BatchNorm1d, ReLU; the inversion matches its statistics as a conv's
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten(), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 5))
     with torch.no_grad():

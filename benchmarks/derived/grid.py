@@ -64,7 +64,8 @@ def main() -> None:
             # even where another row's cell made the same ones
             command = ["graftkd", "distill", "--teacher", spec["teacher"], "--student-arch", spec["student"],
                        "--data", config["data"], "--k", str(k), "--seed", str(seed), "--test-data", config["data"],
-                       "--precision", "fp32", "--compile", "off", "--device", "cpu", *(["--no-progress"] if args.quiet else []), "--no-synth-cache",
+                       "--precision", "fp32", "--compile", "off", "--device", "cpu",
+                       *(["--no-progress"] if args.quiet else []), "--no-synth-cache",
                        "--out", str(run_dir.relative_to(ROOT)), *config["rows"][row]]
             started = time.perf_counter()
             print(f"[{index}/{len(cells)}] {pair} {row} K={k} seed {seed}: {' '.join(command)}", flush=True)

@@ -11,7 +11,8 @@ def inherit_blocks(task) -> tuple[list[nn.Module], dict]:
 
     All methods of a grid cell start from the same student this way (for VGG16 -> vgg16_graft, blocks
     1-3 are the teacher's, as in the reference grafting code). Returns the frozen student blocks, which
-    the loop keeps in eval mode so their BatchNorm statistics stay the teacher's.
+    the loop keeps in eval mode so their BatchNorm statistics stay the teacher's, and the facts for result.json:
+    the blocks inherited (numbered from 1) and, where none could be, the plan's reason.
 
     With ``auto``, a pair that grafting cannot match block by block (another family: VGG16 -> ResNet-18, 6 blocks
     against 4) inherits nothing and trains whole; the plan's refusal stands only where blocks were named.
