@@ -180,7 +180,7 @@ def test_feature_kd_golden_value_with_and_without_a_channel_choice() -> None:
     assert terms["kd"].item() == pytest.approx(kd_loss(s_logits, t_logits, 4.0).item())
 
 
-@pytest.mark.parametrize("name", ["kd", "whole"])
+@pytest.mark.parametrize("name", ["kd", "whole", "fitnet"])
 def test_a_student_of_another_family_trains_whole_and_inherits_nothing(name: str) -> None:
     # VGG16-BN -> resnet18_cifar (6 blocks against 4) was refused by the grafting plan that inheritance asks,
     # though no method but grafting pairs blocks; here vgg8 (4 blocks) -> resnet8 (3)
@@ -193,6 +193,8 @@ def test_a_student_of_another_family_trains_whole_and_inherits_nothing(name: str
     outcome = build_method(name).run(task)
     assert all(stage["steps"] > 0 for stage in outcome.stages)
     assert outcome.extra["inherited_blocks"] == [] and "4 blocks" in outcome.extra["inherit_refused"]
+    if name == "fitnet":  # each model's middle block; maps of two sizes take a ConvReg
+        assert outcome.extra["hint"] == {"student": "layer2", "teacher": "relu2", "regressor": "convreg"}
     build_model("resnet8").load_state_dict(outcome.student.state_dict(), strict=True)
     named = FewShotTask(**{**task.__dict__, "student": build_model("resnet8"), "inherit": [1]})
     with pytest.raises(GraftkdError, match="teacher has 4 blocks but student has 3"):

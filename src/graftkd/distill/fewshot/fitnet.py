@@ -25,13 +25,20 @@ class FitNet(LossMethod):
         self.frozen, self.facts = inherit_blocks(task)
         blocks = len(task.student.block_parts())
         index = self.options["hint_block"] if self.options["hint_block"] >= 0 else (blocks - 1) // 2
+        # the middle of each model: a teacher of another family may have more blocks (VGG16's 6 to ResNet-18's 4)
+        teacher_index = (self.options["hint_block"] if self.options["hint_block"] >= 0
+                         else (len(task.teacher.block_parts()) - 1) // 2)
         self.hint_index = index
-        self.teacher_path = block_output_path(task.teacher, index)
+        self.teacher_path = block_output_path(task.teacher, teacher_index)
         self.student_path = block_output_path(task.student, index)
         probe = torch.zeros((2, *task.images.shape[1:]), device=task.device)
         shapes = {role: _output_shape(model, path, probe)
                   for role, model, path in (("t", task.teacher, self.teacher_path), ("s", task.student, self.student_path))}
-        self.hint = build_distiller("fitnet", [shapes["s"]], [shapes["t"]], regressor="1x1").to(task.device)
+        # a bias-free 1x1 conv where the maps have one size (the paper grid's); RepDistiller's ConvReg otherwise
+        regressor = "1x1" if shapes["s"][1:] == shapes["t"][1:] else "convreg"
+        self.hint = build_distiller("fitnet", [shapes["s"]], [shapes["t"]], regressor=regressor).to(task.device)
+        self.facts = {**self.facts, "hint": {"student": self.student_path, "teacher": self.teacher_path,
+                                             "regressor": regressor}}
         self.regressor = self.hint.regressors[0]
         self._hint_modules = [p for parts in task.student.block_parts()[: index + 1] for p in parts]
 
