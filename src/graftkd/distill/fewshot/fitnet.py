@@ -23,11 +23,10 @@ class FitNet(LossMethod):
 
     def setup(self, task) -> None:
         self.frozen, self.facts = inherit_blocks(task)
-        blocks = len(task.student.block_parts())
-        index = self.options["hint_block"] if self.options["hint_block"] >= 0 else (blocks - 1) // 2
-        # the middle of each model: a teacher of another family may have more blocks (VGG16's 6 to ResNet-18's 4)
-        teacher_index = (self.options["hint_block"] if self.options["hint_block"] >= 0
-                         else (len(task.teacher.block_parts()) - 1) // 2)
+        # the middle block of each model: a teacher of another family may have more (VGG16's 6 to ResNet-18's 4)
+        chosen = self.options["hint_block"]
+        index, teacher_index = (chosen if chosen >= 0 else (len(model.block_parts()) - 1) // 2
+                                for model in (task.student, task.teacher))
         self.hint_index = index
         self.teacher_path = block_output_path(task.teacher, teacher_index)
         self.student_path = block_output_path(task.student, index)
