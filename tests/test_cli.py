@@ -91,9 +91,13 @@ def test_the_resolver_stops_after_the_repair_only_when_the_student_is_close_enou
     import graftkd.refine as refine
 
     monkeypatch.setattr(refine, "REPAIRED_ENOUGH", threshold)
+    # the path's own budget and count of synthetic images, scaled down (6 images: more than the cap of one per
+    # SYNTH_SAMPLES_PER_IMAGE samples that a budget given with --samples would set)
+    monkeypatch.setattr(refine, "WIDTH_SYNTH_BUDGET", 640)
+    monkeypatch.setattr(refine, "SYNTH", 6)
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(digits_teacher), "--teacher-arch", "digits_cnn", "--student-arch",
-                 "digits_cnn_half", "--data", "digits", "--k", "1", "--samples", "640", "--device", "cpu",
+                 "digits_cnn_half", "--data", "digits", "--k", "1", "--device", "cpu",
                  "--no-progress", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["method"] == method and result["resolved"]["stop_at"] == threshold
@@ -105,8 +109,15 @@ def test_the_resolver_stops_after_the_repair_only_when_the_student_is_close_enou
         assert "fading out" in result["resolved"]["why"] and result["repair"]["set_aside"]
         assert "temperature 16" in result["resolved"]["why"] and result["derive"]["loss_options"] == {"temperature": 16.0}
         assert result["refine"]["bn_recalibrated"]["norms"] > 0
-    else:
-        assert result["refine"] is None
+        # on the few-shot images plus the path's synthetic ones, at the path's budget
+        made = 6
+        assert result["synth"]["made"] == made and result["derive"]["recipe"]["synth"] == made
+        assert result["derive"]["recipe"]["samples"] == 640
+        assert result["resolved"]["synth"] == made and f"{made} images synthesised" in result["resolved"]["why"]
+    else:  # not trained: no synthetic images made or recorded
+        assert result["refine"] is None and result.get("synth") is None
+        assert result["derive"]["recipe"]["synth"] == 0 and result["resolved"]["synth"] == 0
+        assert "synthesised" not in result["resolved"]["why"]
 
 
 def test_explicit_refinement_options_switch_the_resolver_off(tmp_path, digits_teacher):

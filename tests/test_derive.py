@@ -352,6 +352,9 @@ def test_the_refinement_resolver_follows_the_derivation():
     assert (width["repair"], width["loss"], width["stop_at"]) == (True, "feature_kd", REPAIRED_ENOUGH)
     assert width["fade"] == 0.0 and width["fade_below"] == FADE  # below the threshold: fading from the teacher
     assert width["loss_options"] == {"temperature": HOT_TEMPERATURE}
+    from graftkd.refine import WIDTH_SYNTH_BUDGET
+
+    assert width["synth"] == SYNTH and width["synth_budget"] == WIDTH_SYNTH_BUDGET and "synth_choice" not in width
     fresh = resolve_refinement(record("channels chosen", "fresh"))
     assert (fresh["repair"], fresh["loss"]) == (False, "kd") and "2" in fresh["why"] and "loss_options" not in fresh
     per_block = resolve_refinement(record("channels chosen", whole=False))  # the repair needs one whole derivation

@@ -185,21 +185,28 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
         facts["resolved"] = resolved
     if options.fade is None:
         options = with_changes(options, fade=0.0)
+    # what the run keeps if the repaired student is not trained after all: no synthetic images, no budget chosen
+    untrained_recipe = with_changes(options.recipe, synth=options.recipe.synth or 0)
     if options.recipe.synth is None:  # the resolver's choice on the default path, none on any other
         chosen = (resolved or {}).get("synth", 0)
-        budget = SYNTH_BUDGET if chosen and options.recipe.samples is None else options.recipe.budget
-        synth = min(chosen, budget // SYNTH_SAMPLES_PER_IMAGE)
+        if options.recipe.samples is None:  # the path's own budget, chosen with its count of images
+            budget, synth = (resolved or {}).get("synth_budget", SYNTH_BUDGET), chosen
+        else:  # the user's budget: a short run stays short
+            budget = options.recipe.samples
+            synth = min(chosen, budget // SYNTH_SAMPLES_PER_IMAGE)
         synth = synth if synth >= 2 else 0
         options = with_changes(options, recipe=with_changes(options.recipe, synth=synth,
                                                             samples=budget if synth else options.recipe.samples))
         if resolved is not None and "synth" in resolved:
             resolved["synth"] = synth
-            resolved["why"] += (f", on the few-shot images and {synth} images synthesised from them and the "
-                                f"teacher's BatchNorm statistics ({options.recipe.budget} samples)" if synth else
-                                f"; no synthetic images at a budget under {2 * SYNTH_SAMPLES_PER_IMAGE} samples")
+            why_synth = (f", on the few-shot images and {synth} images synthesised from them and the teacher's "
+                         f"BatchNorm statistics ({options.recipe.budget} samples)" if synth else
+                         f"; no synthetic images at a budget under {2 * SYNTH_SAMPLES_PER_IMAGE} samples")
     elif resolved is not None and "synth" in resolved:
         resolved["synth"] = options.recipe.synth
-        resolved["why"] += f"; --synth {options.recipe.synth} given"
+        why_synth = f"; --synth {options.recipe.synth} given"
+    if resolved is not None and "synth" in resolved and resolved["stop_at"] is None:  # else said after the check
+        resolved["why"] += why_synth
     facts["derive"]["recipe"] = options.recipe.to_dict()
     facts["derive"]["fade"] = options.fade
     num_classes = num_outputs(teacher.model, images.shape[1:])
@@ -246,8 +253,11 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
         estimate = label_free_estimate(student, teacher.model, images, norm, config, device, mixed=options.recipe.mix != "none")
         resolved["agreement_after_repair"] = estimate["agreement"]
         if estimate["agreement"] >= resolved["stop_at"]:
-            options = with_changes(options, refine="none")
+            options = with_changes(options, refine="none", recipe=untrained_recipe)  # nothing trains on images
             resolved["refine"], resolved["loss"] = "none", None
+            if "synth" in resolved:
+                resolved["synth"] = untrained_recipe.synth or 0
+            facts["derive"]["recipe"] = options.recipe.to_dict()
             resolved["why"] += (f"; the repaired student agrees with the teacher on {estimate['agreement']:.1f} % of "
                                 f"the held-out views (>= {resolved['stop_at']:g} %): no training")
         else:
@@ -263,6 +273,8 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
                 facts["bn_start"] = {"rule": "teacher (fade: the start is the whole teacher)", "used": "teacher"}
                 resolved["why"] += (f" from the whole teacher, the dropped channels fading out over the first "
                                     f"{options.fade:g} of the budget")
+            if "synth" in resolved:
+                resolved["why"] += why_synth
         facts["method"] = f"derived+{options.refine}"
     started = time.perf_counter()
     if options.refine == "graft":
@@ -446,7 +458,8 @@ REPAIRED_ENOUGH = 95.0
 #: against 90.4 (seed 0)
 HOT_TEMPERATURE = 16.0
 
-#: synthetic training images on the default path after a depth derivation (``graftkd.engine.inversion``): mixed
+#: synthetic training images on the default path after a depth derivation, and after a width derivation that
+#: trains (``WIDTH_SYNTH_BUDGET``), made by ``graftkd.engine.inversion``: mixed
 #: few-shot views moved towards the teacher's BatchNorm statistics. Validation split (results/cifar10-derived/dev-amx,
 #: benchmarks/derived/synth_probe.py), ResNet-56 -> ResNet-20 on the default path at 128k samples, seed 0: with 1,000
 #: of them (100 steps per batch) 89.3 against 84.4 % at K=10 and 86.3 against 78.6 at K=1; with 50 steps, 86.3 at K=10
@@ -457,8 +470,19 @@ SYNTH = 1000
 #: minutes on 2 CPU cores; the validation runs above trained on 128k
 SYNTH_BUDGET = 128_000
 
-#: at most one synthetic image per this many training samples, so that a short run stays short (making the images
-#: costs about as much as training on 250 samples each): 1,000 from a 128k budget up
+#: the sample budget of the default path for a width derivation with synthetic images, when ``--samples`` is not
+#: given (used when the repaired student fails the check, so that the whole teacher trains while its dropped
+#: channels fade out). Validation split (results/cifar10-derived/dev-amx), VGG16-BN -> half width, KD plus feature
+#: maps at temperature 16, fading, 64k samples, seed 0: with 1,000 images 91.2 against 89.4 % at K=1 and 93.1
+#: against 91.6 at K=10. Making them from a VGG16 costs about as long as training on those 64k samples (1,317 s
+#: against about 1,250 s on a 2-core AVX2 EPYC in fp32), so the run costs about what 128k samples without them
+#: would, half the 256k of the default before them; on test
+#: (row default-fade-64k-t16-synth1000) K=1 87.92 +- 0.11 % (n=3) against 86.92 +- 0.21 at 256k without them
+WIDTH_SYNTH_BUDGET = 64_000
+
+#: at most one synthetic image per this many training samples of a budget the user gave (``--samples``), so that a
+#: short run stays short (making an image costs about as much as training a ResNet-20 on 250 samples, a half-width
+#: VGG on 64): 1,000 from a 128k budget up. The paths' own budgets come with their own count, ``SYNTH``
 SYNTH_SAMPLES_PER_IMAGE = 128
 
 
@@ -486,7 +510,8 @@ def resolve_refinement(record) -> dict:
       (vgg16-graft: repair alone 96.7 %, KD after it 95.1-95.8 %); otherwise the repaired weights are set aside,
       and patient KD plus feature maps trains the whole teacher while the dropped channels fade out over the first
       ``fade_below`` of the budget (half-width VGG on validation at 64k: 88.2 against 86.0 % for KD plus feature
-      maps after the repair at K=1, 90.4 against 90.3 at K=10; on test 86.99 against 86.55 at K=10, n=3);
+      maps after the repair at K=1, 90.4 against 90.3 at K=10; on test 86.99 against 86.55 at K=10, n=3), on the
+      few-shot images plus ``SYNTH`` synthetic ones at ``WIDTH_SYNTH_BUDGET`` samples (made only when it trains);
     - any block fresh: patient KD (the fresh blocks must be trained, and the repair needs one whole derivation).
     Derived students train at the KD temperature ``HOT_TEMPERATURE``; students with fresh blocks keep the loss's own.
     ``stop_at`` is the agreement threshold to check after the repair (None: no check); ``fade`` the share of the
@@ -500,8 +525,8 @@ def resolve_refinement(record) -> dict:
                         else f"block {fresh[0]} is fresh: patient KD trains it")}
     if any("channels" in status for status in statuses) and record.whole:
         return {"repair": True, "loss": "feature_kd", "refine": "kd", "stop_at": REPAIRED_ENOUGH, "fade": 0.0,
-                "fade_below": FADE, "loss_options": {"temperature": HOT_TEMPERATURE},
-                "why": "channels chosen: the closed-form repair first"}
+                "fade_below": FADE, "loss_options": {"temperature": HOT_TEMPERATURE}, "synth": SYNTH,
+                "synth_budget": WIDTH_SYNTH_BUDGET, "why": "channels chosen: the closed-form repair first"}
     if units_chosen_only(record):
         return {"repair": False, "loss": "kd", "refine": "kd", "stop_at": None, "fade": FADE, "synth": SYNTH,
                 "synth_choice": SYNTH_CHOICE,

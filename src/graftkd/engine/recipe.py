@@ -26,7 +26,8 @@ CROPS = ("pad", "resized")
 class Recipe:
     name: str = "patient"
     # images seen in training (the schedule's unit); None: DEFAULT_SAMPLES, or the path's own choice (the derived
-    # default path with synthetic images: graftkd.refine.SYNTH_BUDGET), recorded as the number it became
+    # default path with synthetic images: graftkd.refine.SYNTH_BUDGET or WIDTH_SYNTH_BUDGET), recorded as the number
+    # it became
     samples: int | None = field(default=None, metadata=option(
         "the patient recipe (derived students with --refine kd, or --recipe patient): training budget in images "
         "seen, batches of 64 (default: 256000; 128000 on the derived default path with synthetic images)"))
