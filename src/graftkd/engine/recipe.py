@@ -30,7 +30,8 @@ class Recipe:
     # it became
     samples: int | None = field(default=None, metadata=option(
         "the patient recipe (derived students with --refine kd, or --recipe patient): training budget in images "
-        "seen, batches of 64 (default: 256000; 128000 on the derived default path with synthetic images)"))
+        "seen, batches of 64 (default: 256000; on the derived default path with synthetic images 128000 when units "
+        "were chosen, 64000 when channels were)"))
     batch_size: int = 64  # fixed whatever K: batches repeat images, each copy with its own augmentation
     steps_per_chunk: int = 50  # checkpoint / log granularity (a chunk plays the role of an epoch)
     optimizer: str = "sgd"
