@@ -148,6 +148,31 @@ def try_derive(teacher: nn.Module, student: nn.Module, images: torch.Tensor, nor
     return record, {"requested": options.init, "used": "derived", "why": why, **depth}
 
 
+def _settle_synth(options: DeriveOptions, resolved: dict | None) -> DeriveOptions:
+    """``options`` with the recipe's synthetic images and budget settled: the resolver's choice (``synth`` at its
+    path's ``synth_budget``) where ``--synth`` was not given, none on any other path. A budget the user gave with
+    ``--samples`` takes at most one image per ``SYNTH_SAMPLES_PER_IMAGE`` samples, so that a short run stays short.
+    The resolver's record (``resolved``) gets the count and its reason."""
+    recipe = options.recipe
+    if recipe.synth is None:
+        chosen = (resolved or {}).get("synth", 0)
+        if recipe.samples is None:  # the path's own budget, chosen with its count of images
+            budget, synth = (resolved or {}).get("synth_budget", SYNTH_BUDGET), chosen
+        else:
+            budget, synth = recipe.samples, min(chosen, recipe.samples // SYNTH_SAMPLES_PER_IMAGE)
+        synth = synth if synth >= 2 else 0
+        recipe = with_changes(recipe, synth=synth, samples=budget if synth else recipe.samples)
+        why = (f", on the few-shot images and {synth} images synthesised from them and the teacher's BatchNorm "
+               f"statistics ({recipe.budget} samples)" if synth else
+               f"; no synthetic images at a budget under {2 * SYNTH_SAMPLES_PER_IMAGE} samples")
+    else:
+        why = f"; --synth {recipe.synth} given"
+    if resolved is not None and "synth" in resolved:
+        resolved["synth"] = recipe.synth
+        resolved["why"] += why
+    return with_changes(options, recipe=recipe)
+
+
 def rederive(teacher: nn.Module, student: nn.Module, images: torch.Tensor, norm: nn.Module, device: torch.device,
              record):
     """``record``'s derivation again, with its rules, on other (uint8) ``images``: the student's weights and the
@@ -185,29 +210,9 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
         facts["resolved"] = resolved
     if options.fade is None:
         options = with_changes(options, fade=0.0)
-    # what the run keeps if the repaired student is not trained after all: no synthetic images, no budget chosen
-    untrained_recipe = with_changes(options.recipe, synth=options.recipe.synth or 0)
-    if options.recipe.synth is None:  # the resolver's choice on the default path, none on any other
-        chosen = (resolved or {}).get("synth", 0)
-        if options.recipe.samples is None:  # the path's own budget, chosen with its count of images
-            budget, synth = (resolved or {}).get("synth_budget", SYNTH_BUDGET), chosen
-        else:  # the user's budget: a short run stays short
-            budget = options.recipe.samples
-            synth = min(chosen, budget // SYNTH_SAMPLES_PER_IMAGE)
-        synth = synth if synth >= 2 else 0
-        options = with_changes(options, recipe=with_changes(options.recipe, synth=synth,
-                                                            samples=budget if synth else options.recipe.samples))
-        if resolved is not None and "synth" in resolved:
-            resolved["synth"] = synth
-            why_synth = (f", on the few-shot images and {synth} images synthesised from them and the teacher's "
-                         f"BatchNorm statistics ({options.recipe.budget} samples)" if synth else
-                         f"; no synthetic images at a budget under {2 * SYNTH_SAMPLES_PER_IMAGE} samples")
-    elif resolved is not None and "synth" in resolved:
-        resolved["synth"] = options.recipe.synth
-        why_synth = f"; --synth {options.recipe.synth} given"
-    if resolved is not None and "synth" in resolved and resolved["stop_at"] is None:  # else said after the check
-        resolved["why"] += why_synth
-    facts["derive"]["recipe"] = options.recipe.to_dict()
+    checked = resolved is not None and resolved["stop_at"] is not None
+    if not checked:  # a checked path settles its images after the check: none are made for a student left untrained
+        options = _settle_synth(options, resolved)
     facts["derive"]["fade"] = options.fade
     num_classes = num_outputs(teacher.model, images.shape[1:])
     shots = config.shots or max(1, len(images) // num_classes)
@@ -253,11 +258,11 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
         estimate = label_free_estimate(student, teacher.model, images, norm, config, device, mixed=options.recipe.mix != "none")
         resolved["agreement_after_repair"] = estimate["agreement"]
         if estimate["agreement"] >= resolved["stop_at"]:
-            options = with_changes(options, refine="none", recipe=untrained_recipe)  # nothing trains on images
+            options = with_changes(options, refine="none",
+                                   recipe=with_changes(options.recipe, synth=options.recipe.synth or 0))
             resolved["refine"], resolved["loss"] = "none", None
             if "synth" in resolved:
-                resolved["synth"] = untrained_recipe.synth or 0
-            facts["derive"]["recipe"] = options.recipe.to_dict()
+                resolved["synth"] = options.recipe.synth
             resolved["why"] += (f"; the repaired student agrees with the teacher on {estimate['agreement']:.1f} % of "
                                 f"the held-out views (>= {resolved['stop_at']:g} %): no training")
         else:
@@ -273,9 +278,9 @@ def refine_derived(teacher: LoadedModel, student: nn.Module, record, fewshot, no
                 facts["bn_start"] = {"rule": "teacher (fade: the start is the whole teacher)", "used": "teacher"}
                 resolved["why"] += (f" from the whole teacher, the dropped channels fading out over the first "
                                     f"{options.fade:g} of the budget")
-            if "synth" in resolved:
-                resolved["why"] += why_synth
+            options = _settle_synth(options, resolved)
         facts["method"] = f"derived+{options.refine}"
+    facts["derive"]["recipe"] = options.recipe.to_dict()
     started = time.perf_counter()
     if options.refine == "graft":
         graft_config = with_changes(config, freeze_norm_stats=True, inherit="none")
