@@ -164,6 +164,8 @@ def test_synthetic_images_are_kept_across_runs_by_their_whole_key(tmp_path, monk
     again, reused = run("b")  # another run, same teacher, images and settings: read, not made
     assert len(calls) == 1 and torch.equal(again, first) and reused["reused"] == "cache"
     assert (tmp_path / "b" / "synthetic.pt").exists()  # the run keeps its own copy for a resume
+    _, resumed = run("b")  # ... which says another run made them, so a resumed run's time does not count them
+    assert len(calls) == 1 and resumed["reused"] == "synthetic.pt" and resumed["from_cache"] is True
     assert reused["seconds"] == record["seconds"]  # what making them cost, as the first run measured it
     other = SimpleNamespace(model=_net())
     with torch.no_grad():

@@ -136,11 +136,36 @@ def test_sigkill_at_random_steps_then_resume_gives_identical_weights(tmp_path, c
     assert "resuming " in done.stdout, done.stdout[-2000:]
     resumed = json.loads((killed / "result.json").read_text())["resumed"]
     assert resumed is not None and resumed["checkpoint"].endswith("checkpoint.pt"), resumed
+    assert resumed["seconds_before"] > 0, resumed  # the killed processes' training time, up to their last save
 
     a, b = _student(straight), _student(killed)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"after SIGKILLs at {delays} s past a checkpoint, {different} differ"
+
+
+def test_a_checkpoint_carries_the_training_seconds_of_every_process_that_resumed_it(tmp_path) -> None:
+    from graftkd.engine.checkpoint import Checkpointer
+
+    first = Checkpointer(tmp_path, "f", "method:kd")
+    assert first.load() is None and first.seconds_before == 0.0
+    time.sleep(0.05)
+    first.save({"epoch": 1})
+    second = Checkpointer(tmp_path, "f", "method:kd")
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["seconds"]
+    loaded = second.load()
+    assert loaded["epoch"] == 1 and second.seconds_before == saved >= 0.05
+    time.sleep(0.05)
+    second.save({**loaded, "epoch": 2})  # the second process's time is added to the first's, not the old count kept
+    third = Checkpointer(tmp_path, "f", "method:kd")
+    assert third.load()["epoch"] == 2 and third.seconds_before >= saved + 0.05
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["seconds"]  # a checkpoint written before the count: unknown, and it stays unknown
+    torch.save(state, tmp_path / "checkpoint.pt")
+    fourth = Checkpointer(tmp_path, "f", "method:kd")
+    assert fourth.load()["epoch"] == 2 and fourth.seconds_before is None and fourth.seconds() is None
+    fourth.save({"epoch": 3})
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["seconds"] is None
 
 
 def test_atomic_path_renames_on_success_and_keeps_the_old_file_on_failure(tmp_path) -> None:

@@ -169,3 +169,23 @@ def test_a_partial_grid_says_which_planned_cells_are_missing(tmp_path):
     (grid / "grid.json").write_text(json.dumps({**raw, "cells": planned}))
     write_report(grid)
     assert "**Coverage:** all 13 planned cells have results." in (grid / "results.md").read_text()
+
+
+def test_a_resumed_runs_time_counts_its_earlier_processes():
+    from graftkd.report.runs import run_seconds, seconds_text
+
+    assert run_seconds({"wall_seconds": 100.0, "resumed": None}) == (100.0, True)
+    resumed = {"stage": "kd", "epoch": 3, "checkpoint": "c.pt", "seconds_before": 40.0}
+    assert run_seconds({"wall_seconds": 100.0, "resumed": resumed}) == (140.0, True)
+    # synthetic images this run made before it stopped, read back from its folder: their time counts
+    own = {"reused": "synthetic.pt", "seconds": 25.0}
+    assert run_seconds({"wall_seconds": 100.0, "resumed": resumed, "synth": own}) == (165.0, True)
+    # ... made in this process (already in its wall time), or by another run (cache): nothing to add
+    for synth in ({"reused": None, "seconds": 25.0}, {"reused": "cache", "seconds": 25.0},
+                  {"reused": "synthetic.pt", "seconds": 25.0, "from_cache": True}):
+        assert run_seconds({"wall_seconds": 100.0, "resumed": resumed, "synth": synth}) == (140.0, True)
+    # a checkpoint from before graftkd counted: a lower bound, said as such
+    unknown = {**resumed, "seconds_before": None}
+    assert run_seconds({"wall_seconds": 100.0, "resumed": unknown, "synth": own}) == (125.0, False)
+    assert seconds_text(125.0, False) == "≥ 125 s" and seconds_text(140.0) == "140 s" and seconds_text(None) == "—"
+    assert run_seconds({}) == (None, False)

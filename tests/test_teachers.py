@@ -232,6 +232,7 @@ def test_train_teacher_killed_mid_epoch_resumes_to_identical_weights(tmp_path) -
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     result = json.loads((resumed / "result.json").read_text())
     assert result["resumed_at"]["epoch"] >= 1 and result["resumed_at"]["step"] > 0
+    assert result["resumed_at"]["seconds_before"] > 0
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
     assert all(h["images_per_second"] > 0 for h in result["history"])
 

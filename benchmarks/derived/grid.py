@@ -127,6 +127,8 @@ def read_cells(out: Path) -> list[dict]:
 
 
 def report(out: Path, config: dict) -> None:
+    from graftkd.report.runs import run_seconds, seconds_text
+
     cells = read_cells(out)
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
@@ -137,7 +139,8 @@ def report(out: Path, config: dict) -> None:
              "together). Development choices were made on a fixed validation split of CIFAR-10 *training* images "
              "(`benchmarks/derived/dev.py`, results in `dev/`), never on test.", "",
              f"**Cells:** {len(cells)} files under `cells/`, each with its `graftkd distill` command, commit, seed, "
-             "device (CPU model, threads) and wall time. Commits: "
+             "device (CPU model, threads) and wall time; a cell resumed from its checkpoint adds what its earlier "
+             "processes spent (≥: a part of that is unknown). Commits: "
              + ", ".join(f"`{commit}` ({n} cells)" for commit, n in sorted(_count(c["commit"] for c in cells).items()))
              + ".", "",
              "| Pair | Row | K | test acc. mean ± std (n) | label-free agreement (%) | KL | time/run |",
@@ -151,9 +154,11 @@ def report(out: Path, config: dict) -> None:
         kls = [r["label_free"]["kl"] for r in runs]
         mean = sum(accs) / len(accs)
         std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
-        wall = sum(r["wall_seconds"] for r in runs) / len(runs)
+        costs = [run_seconds(r) for r in runs]  # a resumed cell counts its earlier processes too
+        wall = sum(seconds for seconds, _ in costs) / len(runs)
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {mean:.2f} ± {std:.2f} ({len(accs)}) | "
-                     f"{sum(agree) / len(agree):.1f} | {sum(kls) / len(kls):.3f} | {wall:.0f} s |")
+                     f"{sum(agree) / len(agree):.1f} | {sum(kls) / len(kls):.3f} | "
+                     f"{seconds_text(wall, all(complete for _, complete in costs))} |")
         summary.append({"pair": key[0], "row": key[1], "k": key[2], "mean": mean, "std": std, "n": len(accs),
                         "accuracies": accs, "agreement": agree, "kl": kls, "wall_seconds": wall})
     lines += ["", "## Does the label-free estimate track test accuracy?", "",

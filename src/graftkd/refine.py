@@ -407,10 +407,13 @@ def synthetic_images(teacher: LoadedModel, images: torch.Tensor, norm: nn.Module
             continue
         made = saved["images"]
         if source is kept and path is not None:  # the run folder keeps its own copy: a resume needs no cache
+            saved = {**saved, "record": {**saved["record"], "from_cache": True}}  # made by another run: free here
             atomic_torch_save(path, saved)
         if progress:
+            maker = "an earlier run" if source is kept or saved["record"].get("from_cache") else \
+                "this run before it stopped"
             print(f"synthetic images: {count} read from {source} (made in {saved['record']['seconds']:.0f} s by "
-                  f"{'an earlier run' if source is kept else 'this run before it stopped'})", flush=True)
+                  f"{maker})", flush=True)
         reused = {"reused": label, **({"cache_file": str(kept)} if source is kept else {})}
         return torch.cat([images, made.to(device)]), {**saved["record"], **reused}
     say = (lambda text: print(text, flush=True)) if progress else None

@@ -493,5 +493,7 @@ def summary_table(payload: dict) -> str:
         + synth_text
         + ", wall time "
         f"{payload['wall_seconds']:.1f} s on {payload['device']}"
+        + (f" (plus {before:.0f} s of training by the processes before the resume)"
+           if (before := (payload.get("resumed") or {}).get("seconds_before")) else "")
     )
     return "\n".join(lines)

@@ -230,7 +230,9 @@ def train_kd(
     checkpointer = Checkpointer(run_dir if world.main else None,
                                 fingerprint({"recipe": asdict(recipe), "n": len(images), "world": world.size,
                                              "student": student_arch}), "fulldata")
-    resume_from = Checkpointer(run_dir, checkpointer.fingerprint, "fulldata").load() if run_dir else None
+    reader = Checkpointer(run_dir, checkpointer.fingerprint, "fulldata")
+    resume_from = reader.load() if run_dir else None
+    checkpointer.seconds_before = reader.seconds_before  # every process reads; only the main one writes
     state: dict = resume_from or {"phase": 0, "epoch": 0, "history": [], "init_history": []}
 
     def taps():

@@ -1,12 +1,16 @@
 """Checkpoints that survive kills: atomic writes, weights-only loading, a fingerprint of the config.
 
 A run directory holds one ``checkpoint.pt``. Re-running the same command finds it and resumes; a
-checkpoint made by a different configuration is refused rather than silently mixed in.
+checkpoint made by a different configuration is refused rather than silently mixed in. Each checkpoint also
+carries the seconds its run had spent since training started, summed over the processes that resumed it, so a
+resumed run can say what it cost in all (the time between a process's last save and its end is lost work,
+not counted).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,16 @@ class Checkpointer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.fingerprint = config_fingerprint
         self.kind = kind
+        self._clock = time.perf_counter()
+        # seconds earlier processes of this run spent up to their last save: 0 for a new run, None when the
+        # checkpoint resumed predates the count
+        self.seconds_before: float | None = 0.0
+
+    def seconds(self) -> float | None:
+        """This run's training seconds so far, earlier processes included (None when they are unknown)."""
+        if self.seconds_before is None:
+            return None
+        return self.seconds_before + time.perf_counter() - self._clock
 
     @property
     def path(self) -> Path | None:
@@ -43,10 +57,13 @@ class Checkpointer:
     def save(self, state: dict) -> None:
         if self.path is None:
             return
-        atomic_torch_save(self.path, {"kind": self.kind, "fingerprint": self.fingerprint, **state})
+        # the count goes last: a state carried over from a loaded checkpoint must not bring back its old count
+        atomic_torch_save(self.path, {"kind": self.kind, "fingerprint": self.fingerprint, **state,
+                                      "seconds": self.seconds()})
 
     def load(self) -> dict | None:
-        """The saved state, or None when there is nothing to resume."""
+        """The saved state, or None when there is nothing to resume. Training time counts from this call."""
+        self._clock = time.perf_counter()
         if self.path is None or not self.path.is_file():
             return None
         state = safe_torch_load(self.path)
@@ -57,6 +74,8 @@ class Checkpointer:
                 f"{self.path} was written by a run with different settings: resume with the same command, "
                 "or choose a new --out directory (or delete the checkpoint to start over)"
             )
+        seconds = state.get("seconds")
+        self.seconds_before = float(seconds) if isinstance(seconds, (int, float)) else None
         return state
 
     def remove(self) -> None:

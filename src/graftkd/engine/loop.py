@@ -152,7 +152,7 @@ def run_loss_method(method, task, checkpointer: Checkpointer | None = None, *, e
             average.load_state_dict(state["average"])
         task.generator.set_state(state["generator"])
         start_stage, start_epoch, records = int(state["stage"]), int(state["epoch"]), list(state["records"])
-        resumed = resume_note(stages, start_stage, start_epoch, checkpointer.path)
+        resumed = resume_note(stages, start_stage, start_epoch, checkpointer.path, checkpointer.seconds_before)
     else:
         resumed = None
     total = sum(s.epochs for s in stages)
@@ -306,11 +306,13 @@ def remembered_setting(method, task, stage) -> dict:
     return speed
 
 
-def resume_note(stages, stage: int, epoch: int, path) -> dict:
-    """Say (above any progress bar) where a re-run picks the run up; the dict goes into result.json."""
+def resume_note(stages, stage: int, epoch: int, path, seconds_before: float | None = None) -> dict:
+    """Say (above any progress bar) where a re-run picks the run up; the dict goes into result.json, with the
+    training seconds the earlier processes spent up to the checkpoint (None for a checkpoint without them)."""
     name = stages[stage].name if stage < len(stages) else "the end"
-    tqdm.write(f"resuming {name} at epoch {epoch} from {path}")
-    return {"stage": name, "epoch": epoch, "checkpoint": str(path)}
+    spent = f" ({seconds_before:.0f} s of training before it)" if seconds_before is not None else ""
+    tqdm.write(f"resuming {name} at epoch {epoch} from {path}{spent}")
+    return {"stage": name, "epoch": epoch, "checkpoint": str(path), "seconds_before": seconds_before}
 
 
 def recalibrate(task, views: int) -> dict:

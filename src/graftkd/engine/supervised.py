@@ -102,7 +102,8 @@ def train_supervised(
     state = checkpointer.load()
     resumed_at = None
     if state is not None:
-        resumed_at = {"epoch": int(state["epoch"]), "step": int(state.get("step", 0))}
+        resumed_at = {"epoch": int(state["epoch"]), "step": int(state.get("step", 0)),
+                      "seconds_before": checkpointer.seconds_before}
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

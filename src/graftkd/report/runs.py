@@ -27,6 +27,29 @@ def distill_runs(folder: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     return found
 
 
+def run_seconds(result: dict[str, Any]) -> tuple[float | None, bool]:
+    """What a ``distill`` run cost in all, as ``(seconds, complete)``: this process's wall time, plus the training
+    seconds of the processes a resumed run picked up from (``resumed.seconds_before``), plus the making time of
+    synthetic images an earlier process of the same run made and this one read from the run folder (images
+    read from the shared cache cost this run nothing). ``complete`` is False when an earlier process's time is
+    unknown: a checkpoint written before graftkd counted it."""
+    wall = result.get("wall_seconds")
+    if not isinstance(wall, (int, float)):
+        return None, False
+    total, complete = float(wall), True
+    resumed = result.get("resumed") or {}
+    if resumed:
+        before = resumed.get("seconds_before")
+        if isinstance(before, (int, float)):
+            total += float(before)
+        else:
+            complete = False
+    synth = result.get("synth") or {}
+    if synth.get("reused") not in (None, "cache") and not synth.get("from_cache"):
+        total += float(synth.get("seconds") or 0.0)
+    return total, complete
+
+
 def _stages(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The trained stages, wherever the run's path put them (grafting, derived refinement, a method)."""
     for key in ("graft", "refine"):
@@ -44,7 +67,13 @@ def _row(folder: Path, path: Path, result: dict[str, Any]) -> dict[str, Any]:
             "init": (result.get("init") or {}).get("used"), "shots": (result.get("fewshot") or {}).get("shots"),
             "images": (result.get("fewshot") or {}).get("images"), "test_acc": student.get("test_acc"),
             "agreement": label_free.get("agreement"), "wall_seconds": result.get("wall_seconds"),
+            **dict(zip(("seconds_in_all", "seconds_complete"), run_seconds(result))),
             "commit": result.get("commit"), "device": result.get("device")}
+
+
+def seconds_text(seconds: float | None, complete: bool = True) -> str:
+    """``run_seconds``'s answer for a table: "≥" where earlier processes' time is unknown."""
+    return "—" if seconds is None else f"{'' if complete else '≥ '}{seconds:.0f} s"
 
 
 def _num(value: Any, digits: int = 2, suffix: str = "") -> str:
@@ -62,12 +91,12 @@ def write_runs_report(folder: str | Path) -> dict[str, Any]:
     lines = [f"# distill runs under {folder}", "",
              "One row per `result.json` (test accuracy is the last-epoch student's; the label-free agreement is "
              "what a user without labels can read).", "",
-             "| run | teacher | student | method | start | K | test acc. | teacher | agreement | wall |",
+             "| run | teacher | student | method | start | K | test acc. | teacher | agreement | time in all |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['teacher']} | {r['student']} | {r['method']} | {r['init']} | {r['shots']} | "
                      f"{_num(r['test_acc'])} | {_num(r['teacher_acc'])} | {_num(r['agreement'], 1, ' %')} | "
-                     f"{_num(r['wall_seconds'], 0, ' s')} |")
+                     f"{seconds_text(r['seconds_in_all'], r['seconds_complete'])} |")
     plot = _plot_losses(folder / "loss_curves.png", [(r["run"], _stages(res)) for r, (_, res) in zip(rows, runs)])
     if plot:
         lines += ["", f"![loss curves]({plot.name})"]
