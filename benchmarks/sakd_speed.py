@@ -9,6 +9,13 @@ spots), ``adaptive sakd`` (the same plus the policy, the routing pass and the ag
 and ``agent_every 2`` (the routing pass and the agent's update on every other step). Rounds
 alternate the two so that machine noise hits both alike; the ratio of the medians is the figure
 (target: at most 2). Threads are pinned.
+
+The same rounds also time the routing pass's irreducible parts, each on its own: the frozen teacher's
+segments after the first spot (forward, then the gradient to their input: the agent's loss reaches the
+decisions and adapters upstream through them), the frozen student's segments in eval mode (the same), and the
+adapters (forward and backward, their weights train). No implementation of the reference's routing network
+can skip any of them, so ``floor_over_standard`` = (standard step + the parts) / standard step is the lowest
+ratio a SAKD step can reach with these kernels, and ``sakd_over_floor`` says how far the step is above it.
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from graftkd.data.normalize import Normalizer  # noqa: E402
-from graftkd.distill.fulldata import KDRecipe, train_kd  # noqa: E402
+from graftkd.distill.fulldata import KDRecipe, _build_adaptive, spot_distiller, train_kd  # noqa: E402
+from graftkd.engine.distributed import World  # noqa: E402
 from graftkd.engine.runtime import machine_facts, run_facts  # noqa: E402
 from graftkd.files import atomic_write_json  # noqa: E402
 from graftkd.models import build_model  # noqa: E402
@@ -44,6 +52,50 @@ def _seconds_per_image(teacher, student_arch, teacher_arch, images, labels, vari
                    device=torch.device("cpu"), student_arch=student_arch, teacher_arch=teacher_arch, progress=False)
     wall = time.perf_counter() - started
     return 1.0 / out["history"][-1]["images_per_second"], wall
+
+
+def _routing_parts(teacher, student_arch, teacher_arch, images, distiller, batch, classes) -> dict[str, float]:
+    """Seconds per image of each irreducible part of one routing pass, on the first batch (see the docstring)."""
+    torch.manual_seed(0)
+    student = build_model(student_arch, num_classes=classes).eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    normalize = Normalizer((0.5,) * 3, (0.25,) * 3)
+    sample = normalize(images[:2])
+    spot_net, s_paths, t_paths = spot_distiller(distiller, student, teacher, sample)
+    recipe = KDRecipe(distiller=distiller, adaptive="sakd", precision="fp32")
+    agent, _, _ = _build_adaptive(recipe, student, teacher, spot_net, s_paths, t_paths, sample, student_arch,
+                                  teacher_arch, World(), torch.device("cpu"))
+    router = agent.router
+    (s_first, t_first), last = router.spots[0], (len(student.stage_parts()) - 1, len(teacher.stage_parts()) - 1)
+    x = normalize(images[:batch])
+    with torch.no_grad():
+        s_in = student.run_stages(x, 0, s_first)
+        t_in = teacher.run_stages(x, 0, t_first)
+        s_spots = [s_in] + [student.run_stages(x, 0, si) for si, _ in router.spots[1:]]
+        t_spots = [t_in] + [teacher.run_stages(x, 0, ti) for _, ti in router.spots[1:]]
+
+    def vjp(model, start, end, u):
+        u = u.clone().requires_grad_(True)
+        model.run_stages(u, start, end).float().sum().backward()
+
+    def adapters():
+        for k, (hint, anti) in enumerate(zip(router.hint, router.anti_hint)):
+            # the first spot's inputs carry no gradient (nothing upstream of them trains); the later ones do
+            s_k, t_k = (s_spots[k], t_spots[k]) if k == 0 else (s_spots[k].clone().requires_grad_(True),
+                                                                 t_spots[k].clone().requires_grad_(True))
+            (hint(s_k).sum() + anti(t_k).sum()).backward()
+
+    parts = {"teacher_vjp": lambda: vjp(teacher, t_first + 1, last[1], t_in),
+             "student_vjp": lambda: vjp(student, s_first + 1, last[0], s_in), "adapters": adapters}
+    out = {}
+    for name, part in parts.items():
+        part()  # picks kernels: not timed
+        started = time.perf_counter()
+        part()
+        out[name] = (time.perf_counter() - started) / batch
+    router.zero_grad(set_to_none=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = build_model(args.teacher, num_classes=args.classes).eval()
     rows: dict[str, list[float]] = {name: [] for name in VARIANTS}
     walls: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    parts: dict[str, list[float]] = {}
     _seconds_per_image(teacher, args.student, args.teacher, images[: 2 * args.batch_size],
                        labels[: 2 * args.batch_size], VARIANTS["sakd"], args.distiller, args.batch_size,
                        args.classes)  # warm-up
@@ -77,7 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                  args.distiller, args.batch_size, args.classes)
             rows[name].append(per_image)
             walls[name].append(wall)
+        for name, per_image in _routing_parts(teacher, args.student, args.teacher, images, args.distiller,
+                                              args.batch_size, args.classes).items():
+            parts.setdefault(name, []).append(per_image)
     medians = {k: statistics.median(v) for k, v in rows.items()}
+    part_medians = {k: statistics.median(v) for k, v in parts.items()}
+    floor = medians["standard"] + sum(part_medians.values())
     payload = {**run_facts(torch.device("cpu"), seed=0), "machine": machine_facts(torch.device("cpu")),
                "benchmark": "sakd_speed", "teacher": args.teacher, "student": args.student,
                "distiller": args.distiller, "batch_size": args.batch_size, "steps_per_round": args.steps,
@@ -85,11 +143,17 @@ def main(argv: list[str] | None = None) -> dict:
                "images_per_second": {k: 1.0 / v for k, v in medians.items()},
                "sakd_over_standard": medians["sakd"] / medians["standard"],
                "sakd_agent_every_2_over_standard": medians["sakd-agent-every-2"] / medians["standard"],
-               "per_round_seconds_per_image": rows, "per_round_wall_seconds": walls, "target": "<= 2",
+               "routing_parts_seconds_per_image": part_medians,
+               "floor_over_standard": floor / medians["standard"], "sakd_over_floor": medians["sakd"] / floor,
+               "per_round_seconds_per_image": rows, "per_round_routing_parts": parts,
+               "per_round_wall_seconds": walls, "target": "<= 2",
                "wall_seconds": time.perf_counter() - started}
     print(f"{args.teacher} -> {args.student} ({args.distiller}): standard {1 / medians['standard']:.1f} img/s, "
           f"SAKD {1 / medians['sakd']:.1f} img/s (ratio {payload['sakd_over_standard']:.2f}), agent every 2nd step "
-          f"{1 / medians['sakd-agent-every-2']:.1f} img/s (ratio {payload['sakd_agent_every_2_over_standard']:.2f})")
+          f"{1 / medians['sakd-agent-every-2']:.1f} img/s (ratio {payload['sakd_agent_every_2_over_standard']:.2f}); "
+          f"the routing pass's irreducible parts alone put the floor at {payload['floor_over_standard']:.2f}x "
+          f"(" + ", ".join(f"{k} {v / medians['standard']:.2f}" for k, v in part_medians.items())
+          + f" of a standard step); SAKD is {payload['sakd_over_floor']:.2f}x its floor")
     if args.out:
         atomic_write_json(args.out, payload)
     return payload

@@ -240,3 +240,28 @@ def test_agent_every_two_routes_half_the_steps_and_still_decides_every_step() ->
     assert all(len(h["policy_fraction"]) == 3 for h in half["history"])
     with pytest.raises(Exception, match="agent_every"):
         _sakd_run(agent_every=0)
+
+
+def test_the_speed_benchmark_times_the_routing_pass_floor_beside_both_steps(tmp_path) -> None:
+    """``benchmarks/sakd_speed.py`` on two small zoo models: the floor is the standard step plus the routing
+    pass's parts, each part costs something, and the payload written is the one returned."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sakd_speed.py"
+    spec = importlib.util.spec_from_file_location("sakd_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        out = bench.main(["--teacher", "wrn_16_2", "--student", "resnet8", "--classes", "10", "--batch-size", "8",
+                          "--steps", "1", "--rounds", "1", "--threads", "1", "--out", str(tmp_path / "s.json")])
+    finally:
+        torch.set_num_threads(threads)
+    parts = out["routing_parts_seconds_per_image"]
+    assert set(parts) == {"teacher_vjp", "student_vjp", "adapters"} and all(v > 0 for v in parts.values())
+    standard = 1 / out["images_per_second"]["standard"]
+    assert out["floor_over_standard"] == pytest.approx(1 + sum(parts.values()) / standard)
+    assert out["sakd_over_floor"] == pytest.approx(out["sakd_over_standard"] / out["floor_over_standard"])
+    assert json.loads((tmp_path / "s.json").read_text())["floor_over_standard"] == out["floor_over_standard"]
