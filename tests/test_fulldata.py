@@ -56,7 +56,8 @@ def test_protocol_defaults_and_small_lr_students() -> None:
     assert "last epoch" in recipe.protocol("resnet8x4")
 
 
-def _tiny_run(run_dir, monkeypatch=None, stop_after: int | None = None, stop_during: int | None = None):
+def _tiny_run(run_dir, monkeypatch=None, stop_after: int | None = None, stop_during: int | None = None,
+              precision: str = "fp32", result: dict | None = None):
     import signal
 
     import graftkd.distill.fulldata as fulldata
@@ -90,9 +91,11 @@ def _tiny_run(run_dir, monkeypatch=None, stop_after: int | None = None, stop_dur
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 4, (64,), generator=generator)
     student, teacher = tiny_net(6, 1), tiny_net(8, 2)
-    recipe = KDRecipe(epochs=4, batch_size=16, lr=0.05, milestones=[2], precision="fp32", eval_every=0, padding=1)
-    fulldata.train_kd(student, teacher, (images, labels), normalize=Normalizer((0.5,) * 3, (0.25,) * 3),
+    recipe = KDRecipe(epochs=4, batch_size=16, lr=0.05, milestones=[2], precision=precision, eval_every=0, padding=1)
+    out = fulldata.train_kd(student, teacher, (images, labels), normalize=Normalizer((0.5,) * 3, (0.25,) * 3),
                       recipe=recipe, device=torch.device("cpu"), run_dir=run_dir, progress=False)
+    if result is not None:
+        result.update(out)
     return student
 
 
@@ -115,6 +118,48 @@ def test_an_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch) 
     resumed = _tiny_run(tmp_path / "c")
     for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+def test_precision_auto_times_the_full_data_step_records_it_and_resumes_in_its_setting(tmp_path, monkeypatch) -> None:
+    """``precision: auto`` times the step in each candidate setting once per machine and pair (remembered), and
+    records the choice; the probe leaves the run as it was; a checkpoint keeps the setting its run began with."""
+    from graftkd.distill.fulldata import TrainInterrupted
+    from graftkd.engine import loop
+
+    monkeypatch.setattr(loop, "settings_path", lambda: tmp_path / "settings.json")
+    timed: dict = {}
+    _tiny_run(None, precision="auto", result=timed)
+    speed = timed["speed"]
+    assert {(r["precision"], r["channels_last"]) for r in speed["candidates"]} >= {("fp32", False), ("fp32", True)}
+    assert all(r["images_per_second"] > 0 for r in speed["candidates"])
+    assert speed["remembered"] == str(tmp_path / "settings.json") and timed["precision"] == speed["chosen"]["precision"]
+    pinned: dict = {}
+    fp32 = _tiny_run(None, result=pinned)
+    assert pinned["speed"] is None
+
+    def choose(channels_last: bool):  # the real probe runs, then the choice is forced
+        monkeypatch.setattr(loop, "remember_setting", lambda key, measure: {
+            **measure(), "chosen": {"precision": "fp32", "channels_last": channels_last}})
+
+    choose(False)
+    contiguous = _tiny_run(None, precision="auto")
+    assert all(torch.equal(a, b) for a, b in zip(fp32.state_dict().values(), contiguous.state_dict().values()))
+    choose(True)
+    cl: dict = {}
+    straight = _tiny_run(None, precision="auto", result=cl)
+    assert cl["speed"]["chosen"]["channels_last"] is True
+    assert all(v.is_contiguous() for v in straight.state_dict().values())  # handed back plain
+    assert all(torch.allclose(a.float(), b.float(), atol=1e-3)
+               for a, b in zip(fp32.state_dict().values(), straight.state_dict().values()))
+    with pytest.raises(TrainInterrupted):
+        _tiny_run(tmp_path / "r", monkeypatch, stop_after=2, precision="auto")
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["speed"]["chosen"]["channels_last"]
+    monkeypatch.undo()
+    choose(False)  # the machine's remembered choice changed since: the resumed run keeps its own
+    resumed_out: dict = {}
+    resumed = _tiny_run(tmp_path / "r", precision="auto", result=resumed_out)
+    assert resumed_out["speed"]["chosen"]["channels_last"] is True
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
 
 
 def test_a_limited_training_set_is_a_fixed_random_subset_not_the_first_classes() -> None:

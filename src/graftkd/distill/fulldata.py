@@ -234,6 +234,22 @@ def train_kd(
     resume_from = reader.load() if run_dir else None
     checkpointer.seconds_before = reader.seconds_before  # every process reads; only the main one writes
     state: dict = resume_from or {"phase": 0, "epoch": 0, "history": [], "init_history": []}
+    if recipe.precision == "auto":
+        # a resumed run keeps the setting it started with; a new one takes the setting timed on this machine
+        # (under torchrun the first process times it and every process takes its choice); a checkpoint written
+        # before runs recorded their setting resumes as it began: contiguous, in the resolved precision
+        if resume_from is None:
+            state["speed"] = _broadcast(world, _remembered_kd_setting(student, teacher, images, labels, normalize,
+                                                                      recipe, local_batch, device)
+                                        if world.main else None)
+        if state.get("speed"):
+            precision = state["speed"]["chosen"]["precision"]
+    channels_last = bool(state.get("speed") and state["speed"]["chosen"]["channels_last"])
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        student.to(memory_format=memory_format)
+        if teacher is not None:
+            teacher.to(memory_format=memory_format)
 
     def taps():
         return FeatureTap(student, s_paths), FeatureTap(teacher, t_paths) if teacher is not None else None
@@ -260,7 +276,7 @@ def train_kd(
     def batches(epoch: int, _first: int):
         for batch_index, (x, y) in enumerate(_batches(images, labels, epoch, recipe, world, local_batch, steps,
                                                       normalize, device)):
-            yield epoch * steps + batch_index, x, y
+            yield epoch * steps + batch_index, x.contiguous(memory_format=memory_format), y
 
     with stop:
         for index, stage in enumerate(init_stages):
@@ -361,7 +377,8 @@ def train_kd(
             if adaptive is not None:  # the policy statistics: fraction of samples distilled at each spot
                 record["policy_fraction"] = [float(v) / (steps * local_batch) for v in epoch_sums["routed"]]
             if test is not None and world.main and (epoch == recipe.epochs or (recipe.eval_every and epoch % recipe.eval_every == 0)):
-                record["test_acc"] = evaluate_model(student, test[0], test[1], normalize, device, precision=precision)
+                record["test_acc"] = evaluate_model(student, test[0], test[1], normalize, device, precision=precision,
+                                                    channels_last=channels_last)
             state["history"].append(record)
             state.update(phase=main_phase, epoch=epoch)
             line = (f"epoch {epoch}/{recipe.epochs} loss {sum(terms.values()):.4f} lr {record['lr']:.4g} "
@@ -389,6 +406,10 @@ def train_kd(
                     bar=bar, steps_before=first_epoch * steps), first_epoch=first_epoch, stop=stop)
         finally:
             bar.close()
+            if channels_last:  # hand back plain tensors (saving, export, evaluation)
+                student.to(memory_format=torch.contiguous_format)
+                if teacher is not None:
+                    teacher.to(memory_format=torch.contiguous_format)
     evaluated = [h for h in state["history"] if "test_acc" in h]
     best = max(evaluated, key=lambda h: h["test_acc"]) if evaluated else None
     return {
@@ -398,11 +419,56 @@ def train_kd(
                        "note": "max over evaluated epochs of the test accuracy: selected on the test split, "
                                "reported only to compare with papers that do so"} if best else None,
         "world_size": world.size, "local_batch": local_batch, "steps_per_epoch": steps, "lr": lr,
-        "distiller": recipe.distiller, "distiller_weight": beta if distiller is not None else None,
+        "distiller": recipe.distiller, "distiller_weight": beta if distiller is not None else None, "speed": state.get("speed"),
         "spots": {"student": s_paths, "teacher": t_paths}, "precision": precision, "adaptive": recipe.adaptive,
         "routing_spots": ([list(p) for p in adaptive.router.spots] if adaptive is not None else None),
         "seconds": time.perf_counter() - started, "protocol": recipe.protocol(student_arch),
     }
+
+
+def _remembered_kd_setting(student, teacher, images, labels, normalize, recipe, local_batch, device) -> dict:
+    """The fastest precision and memory format of this run's step on this machine, timed once per machine, pair
+    and batch and remembered in the graftkd cache (``engine.loop.remember_setting``): the teacher's pass, the
+    student's and CE + KD, the bulk of every method's step (a distiller's and SAKD's extra parts run in the
+    same setting)."""
+    from graftkd.distill.losses import kd_loss
+    from graftkd.engine.loop import remember_setting, settings_key, time_settings
+
+    index = torch.arange(local_batch) % len(images)
+    x, y = normalize(images[index].to(device)).float(), labels[index].to(device)
+
+    def one_pass(batch, precision):
+        with autocast(device, precision):
+            logits = student(batch).float()
+        loss = F.cross_entropy(logits, y)
+        if teacher is not None:
+            with torch.no_grad(), autocast(device, precision):
+                t_logits = teacher(batch).float()
+            loss = loss + kd_loss(logits, t_logits, recipe.temperature)
+        return loss
+
+    def measure():
+        was_training = student.training
+        student.train()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                return time_settings(student, teacher, x, one_pass, device, what="of the student's pass with CE + KD")
+        finally:
+            student.train(was_training)
+
+    key = settings_key(device, teacher, student, local_batch, images.shape[1:], method="fulldata-kd")
+    return remember_setting(key, measure)
+
+
+def _broadcast(world: World, value):
+    """Process 0's ``value`` on every process (itself when there is one process)."""
+    if world.size <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _init_stage(stage, index, state, resume_from, student, teacher, distiller, taps, world, device, precision,

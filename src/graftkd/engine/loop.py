@@ -209,51 +209,65 @@ def fastest_setting(method, task, stage, steps: int = 3) -> dict:
 
     A probe, not training: no optimiser step, the student's state (BatchNorm statistics included) is put
     back, gradients are cleared and the run's generator is not touched, so the run itself is unchanged."""
-    from graftkd.engine.runtime import native_bf16
-
-    student, teacher = task.student, task.teacher
-    precisions = ["fp32", "bf16"] if native_bf16(task.device) else ["fp32"]
-    candidates = [(p, cl) for p in precisions for cl in (False, True)]
-    saved = {k: v.clone() for k, v in student.state_dict().items()}
     index = torch.arange(task.recipe.batch_size, device=task.images.device) % len(task.images)
     base = task.normalize(task.images[index]).float()
-    rows = []
+    student, teacher = task.student, task.teacher
     was_training = student.training
     student.train(stage.train_student)
     try:
         with FeatureTap(teacher, method.teacher_paths(stage)) as t_tap, FeatureTap(student, method.student_paths(stage)) as s_tap:
-            for precision, channels_last in candidates:
-                fmt = torch.channels_last if channels_last else torch.contiguous_format
-                student.to(memory_format=fmt)
+            def one_pass(x, precision):
+                with torch.no_grad(), autocast(task.device, precision):
+                    t_logits = teacher(x).float()
+                t_feats = {k: v.detach().float() for k, v in t_tap.features.items()}
+                with autocast(task.device, precision):
+                    s_logits = student(x)
+                return sum(method.loss(stage, s_logits.float(), t_logits, s_tap.features, t_feats).values())
+
+            return time_settings(student, teacher, base, one_pass, task.device, steps, "of the first stage")
+    finally:
+        student.train(was_training)
+
+
+def time_settings(student, teacher, x, one_pass, device, steps: int = 3, what: str = "") -> dict:
+    """The timings of ``one_pass(x, precision)`` (a loss to back-propagate through ``student``) in every
+    candidate setting, and the fastest: fp32 and, where ``device`` runs it natively, bf16 autocast; contiguous
+    and channels_last tensors. The student's state (BatchNorm statistics included) is put back and its
+    gradients cleared; both models are handed back contiguous."""
+    from graftkd.engine.runtime import native_bf16
+
+    precisions = ["fp32", "bf16"] if native_bf16(device) else ["fp32"]
+    candidates = [(p, cl) for p in precisions for cl in (False, True)]
+    saved = {k: v.clone() for k, v in student.state_dict().items()}
+    rows = []
+    try:
+        for precision, channels_last in candidates:
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            student.to(memory_format=fmt)
+            if teacher is not None:
                 teacher.to(memory_format=fmt)
-                x = base.contiguous(memory_format=fmt)
-                seconds = []
-                for _ in range(steps + 1):  # the first call picks kernels: not timed
-                    started = time.perf_counter()
-                    with torch.no_grad(), autocast(task.device, precision):
-                        t_logits = teacher(x).float()
-                    t_feats = {k: v.detach().float() for k, v in t_tap.features.items()}
-                    with autocast(task.device, precision):
-                        s_logits = student(x)
-                    loss = sum(method.loss(stage, s_logits.float(), t_logits, s_tap.features, t_feats).values())
-                    loss.backward()
-                    if task.device.type == "cuda":
-                        torch.cuda.synchronize(task.device)
-                    seconds.append(time.perf_counter() - started)
-                student.zero_grad(set_to_none=True)
-                rows.append({"precision": precision, "channels_last": channels_last,
-                             "images_per_second": len(x) * steps / sum(seconds[1:])})
+            batch = x.contiguous(memory_format=fmt)
+            seconds = []
+            for _ in range(steps + 1):  # the first call picks kernels: not timed
+                started = time.perf_counter()
+                one_pass(batch, precision).backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds.append(time.perf_counter() - started)
+            student.zero_grad(set_to_none=True)
+            rows.append({"precision": precision, "channels_last": channels_last,
+                         "images_per_second": len(batch) * steps / sum(seconds[1:])})
     finally:
         student.to(memory_format=torch.contiguous_format)
-        teacher.to(memory_format=torch.contiguous_format)
+        if teacher is not None:
+            teacher.to(memory_format=torch.contiguous_format)
         student.load_state_dict(saved)
         student.zero_grad(set_to_none=True)
-        student.train(was_training)
     chosen = max(rows, key=lambda r: r["images_per_second"])
     tqdm.write(f"fastest setting here: {_setting_name(chosen)} ({chosen['images_per_second']:.0f} img/s; "
                + ", ".join(f"{r['precision']}/{'cl' if r['channels_last'] else 'contig'} {r['images_per_second']:.0f}"
                            for r in rows) + ")")
-    return {"rule": f"fastest of {len(rows)} settings over {steps} timed steps of the first stage",
+    return {"rule": f"fastest of {len(rows)} settings over {steps} timed steps" + (f" {what}" if what else ""),
             "candidates": rows, "chosen": {"precision": chosen["precision"], "channels_last": chosen["channels_last"]}}
 
 
@@ -268,15 +282,20 @@ def settings_path():
 
 def setting_key(method, task, stage) -> str:
     """What the timing depends on: the machine, torch, both networks, the method's stage and the batch."""
+    return settings_key(task.device, task.teacher, task.student, task.recipe.batch_size, task.images.shape[1:],
+                        method=method.name, stage=stage.name)
+
+
+def settings_key(device, teacher, student, batch: int, image, **run) -> str:
+    """The cache key of a timed setting: the machine, torch, both networks, the batch, the image shape and what
+    the run does (``run``: e.g. the method and its stage)."""
     from graftkd.engine.runtime import device_description
 
     def net(model):
         return f"{type(model).__name__}:{sum(p.numel() for p in model.parameters())}"
 
-    return json.dumps({"device": device_description(task.device), "torch": torch.__version__,
-                       "teacher": net(task.teacher), "student": net(task.student), "method": method.name,
-                       "stage": stage.name, "batch": task.recipe.batch_size,
-                       "image": list(task.images.shape[1:])}, sort_keys=True)
+    return json.dumps({"device": device_description(device), "torch": torch.__version__, "teacher": net(teacher),
+                       "student": net(student), "batch": batch, "image": list(image), **run}, sort_keys=True)
 
 
 def remembered_setting(method, task, stage) -> dict:
@@ -286,8 +305,12 @@ def remembered_setting(method, task, stage) -> dict:
     two runs of the same command on the same machine train in different settings and end with different
     students. So the first run times the candidates (``fastest_setting``) and stores its choice under
     ``$GRAFTKD_CACHE``; later runs with the same key take it. Deleting the file times again."""
+    return remember_setting(setting_key(method, task, stage), lambda: fastest_setting(method, task, stage))
+
+
+def remember_setting(key: str, measure) -> dict:
+    """The setting stored under ``key`` in the graftkd cache, or ``measure()``'s, stored there for next time."""
     path = settings_path()
-    key = setting_key(method, task, stage)
     table = read_json(path) if path.is_file() else None
     table = table if isinstance(table, dict) else {}
     if isinstance(table.get(key), dict) and isinstance(table[key].get("chosen"), dict):
@@ -295,7 +318,7 @@ def remembered_setting(method, task, stage) -> dict:
         tqdm.write(f"fastest setting here: {_setting_name(speed['chosen'])} (timed by an earlier run, remembered in "
                    f"{path}; delete it to time again)")
         return speed
-    speed = fastest_setting(method, task, stage)
+    speed = measure()
     table[key] = speed
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
