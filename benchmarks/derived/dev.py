@@ -230,6 +230,10 @@ CONFIGS = {
     "vh-fade025-fkd-t16-64k-synth1000-auto": ("vgg16bn-cifar10", "vgg16_half_bn",
                                               {"loss": "feature_kd", "fade": 0.25, "loss_options": {"temperature": 16.0}},
                                               {"samples": 64_000, "synth": 1000}, {"precision": "auto"}),
+    # the same at twice the training samples (64k -> 256k without images gave +1.3 on test at K=1)
+    "vh-fade025-fkd-t16-128k-synth1000-auto": ("vgg16bn-cifar10", "vgg16_half_bn",
+                                               {"loss": "feature_kd", "fade": 0.25, "loss_options": {"temperature": 16.0}},
+                                               {"samples": 128_000, "synth": 1000}, {"precision": "auto"}),
 }
 
 
