@@ -452,7 +452,7 @@ def _remembered_kd_setting(student, teacher, images, labels, normalize, recipe, 
         student.train()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                return time_settings(student, teacher, x, one_pass, device, what="of the student's pass with CE + KD")
+                return time_settings(student, teacher, x, one_pass, device, what="of the teacher's and the student's passes with CE + KD")
         finally:
             student.train(was_training)
 
