@@ -419,7 +419,8 @@ def train_kd(
                        "note": "max over evaluated epochs of the test accuracy: selected on the test split, "
                                "reported only to compare with papers that do so"} if best else None,
         "world_size": world.size, "local_batch": local_batch, "steps_per_epoch": steps, "lr": lr,
-        "distiller": recipe.distiller, "distiller_weight": beta if distiller is not None else None, "speed": state.get("speed"),
+        "distiller": recipe.distiller, "distiller_weight": beta if distiller is not None else None,
+        "speed": state.get("speed"),
         "spots": {"student": s_paths, "teacher": t_paths}, "precision": precision, "adaptive": recipe.adaptive,
         "routing_spots": ([list(p) for p in adaptive.router.spots] if adaptive is not None else None),
         "seconds": time.perf_counter() - started, "protocol": recipe.protocol(student_arch),
@@ -452,7 +453,8 @@ def _remembered_kd_setting(student, teacher, images, labels, normalize, recipe, 
         student.train()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                return time_settings(student, teacher, x, one_pass, device, what="of the teacher's and the student's passes with CE + KD")
+                return time_settings(student, teacher, x, one_pass, device,
+                                     what="of the teacher's and the student's passes with CE + KD")
         finally:
             student.train(was_training)
 
