@@ -34,7 +34,7 @@ from graftkd.engine.training import StageRun, run_stage
 from graftkd.errors import GraftkdError, Interrupted
 from graftkd.schema import option
 
-from graftkd.engine.distributed import World, _barrier, _Closure, _wrap, init_distributed  # noqa: F401
+from graftkd.engine.distributed import World, _barrier, _Closure, _wrap, broadcast_object, init_distributed  # noqa: F401
 
 SMALL_LR_STUDENTS = ("mobilenetv2", "shufflev1", "shufflev2")
 
@@ -239,9 +239,9 @@ def train_kd(
         # (under torchrun the first process times it and every process takes its choice); a checkpoint written
         # before runs recorded their setting resumes as it began: contiguous, in the resolved precision
         if resume_from is None:
-            state["speed"] = _broadcast(world, _remembered_kd_setting(student, teacher, images, labels, normalize,
-                                                                      recipe, local_batch, device)
-                                        if world.main else None)
+            timed = (_remembered_kd_setting(student, teacher, images, labels, normalize, recipe, local_batch, device)
+                     if world.main else None)
+            state["speed"] = broadcast_object(world, timed)
         if state.get("speed"):
             precision = state["speed"]["chosen"]["precision"]
     channels_last = bool(state.get("speed") and state["speed"]["chosen"]["channels_last"])
@@ -460,17 +460,6 @@ def _remembered_kd_setting(student, teacher, images, labels, normalize, recipe, 
 
     key = settings_key(device, teacher, student, local_batch, images.shape[1:], method="fulldata-kd")
     return remember_setting(key, measure)
-
-
-def _broadcast(world: World, value):
-    """Process 0's ``value`` on every process (itself when there is one process)."""
-    if world.size <= 1:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _init_stage(stage, index, state, resume_from, student, teacher, distiller, taps, world, device, precision,

@@ -66,6 +66,17 @@ class _Closure(nn.Module):
         return fn()
 
 
+def broadcast_object(world: World, value):
+    """Process 0's ``value`` on every process (itself when there is one process)."""
+    if world.size <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _wrap(module: _Closure, world: World, device: torch.device) -> nn.Module:
     if world.size <= 1:
         return module

@@ -193,13 +193,9 @@ def _main(task) -> bool:
 
 def _broadcast(task, value):
     """Process 0's ``value`` on every process (itself when there is one process)."""
-    if task.world is None or task.world.size <= 1:
-        return value
-    import torch.distributed as dist
+    from graftkd.engine.distributed import broadcast_object
 
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return value if task.world is None else broadcast_object(task.world, value)
 
 
 def fastest_setting(method, task, stage, steps: int = 3) -> dict:
