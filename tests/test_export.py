@@ -117,16 +117,18 @@ def test_exported_resnet20_predicts_the_cifar10_test_split_like_the_model(tmp_pa
     save_model(tmp_path / "run" / "student.pt", loaded, {})
     export_model(tmp_path / "run" / "student.pt", tmp_path / "export", formats=("torch_export",))
     test = load_dataset("cifar10", "test")
-    x = normalizer(loaded.mean, loaded.std)(test.images)
+    # the first 2,000 images: the exported program's logits equal the model's there, and that model's accuracy on
+    # the whole split is the registry's (tests/test_teachers.py); the whole split here would add a minute of
+    # the same evidence
+    x, labels = normalizer(loaded.mean, loaded.std)(test.images[:2000]), test.labels[:2000]
     torch.save(x, tmp_path / "x.pt")
     exported = _fresh(FRESH_EXPORT, [str(tmp_path / "export" / "model.pt2"), str(tmp_path / "x.pt")], tmp_path, False)
-    predicted = exported["logits"].argmax(1)
-    # the registry's accuracy on the whole split, and the model's own logits on a part of it (the whole split
-    # through both would double the test's time for no more evidence)
-    assert abs(float((predicted == test.labels).float().mean()) * 100 - 91.73) < 0.01
+    assert not exported["graftkd_imported"]
     with torch.no_grad():
-        expected = loaded.model.eval()(x[:1000])
-    torch.testing.assert_close(exported["logits"][:1000], expected, rtol=1e-4, atol=1e-4)
+        expected = torch.cat([loaded.model.eval()(chunk) for chunk in x.split(1000)])
+    torch.testing.assert_close(exported["logits"], expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(exported["logits"].argmax(1), expected.argmax(1))
+    assert float((exported["logits"].argmax(1) == labels).float().mean()) > 0.88  # the trained weights, not random
 
 
 def test_quality_warnings_name_what_to_try_and_reach_the_model_card():
