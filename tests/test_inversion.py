@@ -43,6 +43,23 @@ def test_inversion_moves_batches_towards_the_running_statistics_and_leaves_the_m
     assert torch.equal(made, again)  # the generator decides every draw
 
 
+def test_a_long_batch_says_where_it_is_and_the_images_do_not_depend_on_it(monkeypatch):
+    import graftkd.engine.inversion as inversion
+
+    net, norm = _net(), Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    spec = Inversion(4, steps=4, batch_size=2, lr=0.1)
+    quiet, _ = invert_batchnorm(net, norm, _images(), spec, generator=torch.Generator().manual_seed(0), num_classes=5)
+    monkeypatch.setattr(inversion, "REPORT_EVERY_S", 0.0)  # every step between the first and the last
+    lines: list[str] = []
+    made, _ = invert_batchnorm(net, norm, _images(), spec, generator=torch.Generator().manual_seed(0), num_classes=5,
+                               report=lines.append)
+    steps = [line.split(" (")[0] for line in lines if "step" in line]
+    assert steps == [f"synthetic images: batch {b}/2, step {s}/4" for b in (1, 2) for s in (2, 3)], lines
+    assert [line.split(" (")[0] for line in lines if "step" not in line] == ["synthetic images: 2/4",
+                                                                             "synthetic images: 4/4"]
+    assert torch.equal(made, quiet)
+
+
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
 def test_batch_gap_is_the_gap_of_the_batch_statistics_in_value_and_gradient(memory_format):
     g = torch.Generator().manual_seed(2)

@@ -26,6 +26,9 @@ from graftkd.errors import GraftkdError
 
 __all__ = ["Inversion", "batch_gap", "invert_batchnorm"]
 
+# a batch of 200 VGG16-BN inversions takes minutes on a CPU: say where it is at least this often (seconds)
+REPORT_EVERY_S = 30.0
+
 
 @dataclass(frozen=True)
 class Inversion:
@@ -105,11 +108,12 @@ def invert_batchnorm(model: nn.Module, normalize: nn.Module, images: torch.Tenso
     mean = normalize.mean.view(1, -1, 1, 1).to(device)
     std = normalize.std.view(1, -1, 1, 1).to(device)
     low, high = -mean / std, (1 - mean) / std
-    started = time.perf_counter()
+    started = said = time.perf_counter()
+    batches = spec.batches()
     made, log = [], []
     try:
         start = 0
-        for b in spec.batches():
+        for index, b in enumerate(batches):
             first = torch.randint(len(images), (b,), generator=generator).to(device)
             second = torch.randint(len(images), (b,), generator=generator).to(device)
             lam = torch.rand((b, 1, 1, 1), generator=generator).to(device)  # Beta(1, 1): mixup's weights
@@ -134,12 +138,17 @@ def invert_batchnorm(model: nn.Module, normalize: nn.Module, images: torch.Tenso
                 optimizer.step()
                 with torch.no_grad():
                     x.copy_(torch.maximum(torch.minimum(x, high), low))  # inside the image range
+                if report is not None and 0 < step < spec.steps - 1 and time.perf_counter() - said >= REPORT_EVERY_S:
+                    said = time.perf_counter()
+                    report(f"synthetic images: batch {index + 1}/{len(batches)}, step {step + 1}/{spec.steps} "
+                           f"({said - started:.0f} s)")
                 if step in (0, spec.steps - 1):
                     log.append({"first_image": start, "step": step, "bn": round(float(bn.detach()), 4),
                                 "ce": round(float(ce.detach()), 4), "tv": round(float(tv.detach()), 5)})
             with torch.no_grad():
                 made.append(((x.detach() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8).contiguous())
             if report is not None:
+                said = time.perf_counter()
                 report(f"synthetic images: {start + b}/{spec.count} ({time.perf_counter() - started:.0f} s; "
                        f"BatchNorm gap {log[-2]['bn']:.1f} -> {log[-1]['bn']:.1f})")
             start += b
