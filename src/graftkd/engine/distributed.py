@@ -70,17 +70,15 @@ def broadcast_object(world: World, value):
     """Process 0's ``value`` on every process (itself when there is one process)."""
     if world.size <= 1:
         return value
-    import torch.distributed as dist
-
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def _wrap(module: _Closure, world: World, device: torch.device) -> nn.Module:
+def _wrap(module: _Closure, world: World, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
     if world.size <= 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   broadcast_buffers=False, find_unused_parameters=find_unused_parameters)

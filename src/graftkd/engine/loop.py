@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from graftkd.engine import compiled
 from graftkd.engine.checkpoint import Checkpointer, fingerprint
+from graftkd.engine.distributed import _Closure, _wrap, broadcast_object
 from graftkd.data.batcher import FewShotBatcher
 from graftkd.engine.bn import reestimate_batchnorm
 from graftkd.engine.hooks import FeatureTap
@@ -193,8 +194,6 @@ def _main(task) -> bool:
 
 def _broadcast(task, value):
     """Process 0's ``value`` on every process (itself when there is one process)."""
-    from graftkd.engine.distributed import broadcast_object
-
     return value if task.world is None else broadcast_object(task.world, value)
 
 
@@ -414,13 +413,8 @@ def _run_stage(method, task, extra: nn.ModuleDict, stages, index: int, resume: d
     world = task.world
     sharded = world is not None and world.size > 1
     if sharded:  # only what trains is wrapped: the student and the method's extra modules, never the teacher
-        from torch.nn.parallel import DistributedDataParallel
-
-        from graftkd.engine.distributed import _Closure
-
-        step_module = DistributedDataParallel(
-            _Closure({"student": student, "extra": extra}), broadcast_buffers=False, find_unused_parameters=True,
-            device_ids=[task.device.index] if task.device.type == "cuda" else None)
+        step_module = _wrap(_Closure({"student": student, "extra": extra}), world, task.device,
+                            find_unused_parameters=True)
     # the patient recipe gives each stage its share of the sample budget, with its own warm-up and cosine
     budget = images_budget = None
     if recipe is not None:
