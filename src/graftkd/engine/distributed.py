@@ -10,10 +10,14 @@ import atexit
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+# how long a finishing process waits for its peers before it tears the process group down anyway
+_EXIT_WAIT = timedelta(seconds=60)
 
 
 @dataclass
@@ -46,8 +50,19 @@ def init_distributed(device: str) -> tuple[World, str]:
 
 
 def _destroy_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    try:
+        # Every process reaches this point before any tears down. Process 0 hosts the rendezvous store, so if it
+        # tears down first, a peer still finishing its last collective can lose its connections and abort at exit
+        # (seen once in the two-process test). The wait is bounded, so a peer that died cannot hang the others.
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=_EXIT_WAIT)
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass
+    dist.destroy_process_group()
 
 
 def _barrier(world: World) -> None:
