@@ -39,6 +39,31 @@ def _settings_file(tmp_path_factory):
     loop.settings_path = original
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory):
+    """Commands the tests start as subprocesses keep their timed settings and synthetic images in a cache of the
+    test session's own, never the user's; decoded datasets are shared with the user's cache (a deterministic
+    decode, tens of seconds each for CIFAR)."""
+    import os
+
+    from graftkd.data.cache import cache_dir
+
+    user = cache_dir()
+    own = tmp_path_factory.mktemp("graftkd-cache")
+    try:
+        (user / "datasets").mkdir(parents=True, exist_ok=True)
+        (own / "datasets").symlink_to(user / "datasets", target_is_directory=True)
+    except OSError:  # a read-only home: the session decodes into its own cache
+        pass
+    before = os.environ.get("GRAFTKD_CACHE")
+    os.environ["GRAFTKD_CACHE"] = str(own)
+    yield own
+    if before is None:
+        os.environ.pop("GRAFTKD_CACHE", None)
+    else:
+        os.environ["GRAFTKD_CACHE"] = before
+
+
 @pytest.fixture(autouse=True)
 def _no_synthetic_cache(monkeypatch):
     """Tests make their synthetic images and keep none between runs, unless a test points the cache somewhere."""
