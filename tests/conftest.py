@@ -1,6 +1,7 @@
 """Shared test settings: skip tests that need ../shared when it is absent."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,24 +29,10 @@ def _one_thread():
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _settings_file(tmp_path_factory):
-    """Tests remember their timed fastest settings in a file of their own, never in the user's cache."""
-    from graftkd.engine import loop
-
-    path = tmp_path_factory.mktemp("settings") / "fastest_settings.json"
-    original = loop.settings_path
-    loop.settings_path = lambda: path
-    yield path
-    loop.settings_path = original
-
-
-@pytest.fixture(autouse=True, scope="session")
 def _own_cache(tmp_path_factory):
-    """Commands the tests start as subprocesses keep their timed settings and synthetic images in a cache of the
-    test session's own, never the user's; decoded datasets are shared with the user's cache (a deterministic
-    decode, tens of seconds each for CIFAR)."""
-    import os
-
+    """Tests, and the commands they start as subprocesses, keep their timed fastest settings and synthetic images in
+    a cache of the test session's own, never the user's; decoded datasets are shared with the user's cache (a
+    deterministic decode, tens of seconds each for CIFAR)."""
     from graftkd.data.cache import cache_dir
 
     user = cache_dir()
