@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from graftkd.data.normalize import Normalizer  # noqa: E402
 from graftkd.distill.fulldata import KDRecipe, _build_adaptive, spot_distiller, train_kd  # noqa: E402
 from graftkd.engine.distributed import World  # noqa: E402
-from graftkd.engine.runtime import machine_facts, run_facts  # noqa: E402
+from graftkd.engine.runtime import autocast, machine_facts, run_facts  # noqa: E402
 from graftkd.files import atomic_write_json  # noqa: E402
 from graftkd.models import build_model  # noqa: E402
 
@@ -42,20 +42,24 @@ VARIANTS = {"standard": {"adaptive": "none"}, "sakd": {"adaptive": "sakd"},
 
 
 def _seconds_per_image(teacher, student_arch, teacher_arch, images, labels, variant: dict, distiller, batch,
-                       classes) -> tuple[float, float]:
+                       classes, precision: str) -> tuple[float, float, dict]:
     torch.manual_seed(0)
     student = build_model(student_arch, num_classes=classes)
     recipe = KDRecipe(epochs=1, batch_size=batch, lr=0.01, milestones=[10], distiller=distiller,
-                      precision="fp32", seed=0, eval_every=0, **variant)
+                      precision=precision, seed=0, eval_every=0, **variant)
     started = time.perf_counter()
     out = train_kd(student, teacher, (images, labels), normalize=Normalizer((0.5,) * 3, (0.25,) * 3), recipe=recipe,
                    device=torch.device("cpu"), student_arch=student_arch, teacher_arch=teacher_arch, progress=False)
     wall = time.perf_counter() - started
-    return 1.0 / out["history"][-1]["images_per_second"], wall
+    setting = {"precision": out["precision"],
+               "channels_last": bool(out["speed"] and out["speed"]["chosen"]["channels_last"])}
+    return 1.0 / out["history"][-1]["images_per_second"], wall, setting
 
 
-def _routing_parts(teacher, student_arch, teacher_arch, images, distiller, batch, classes) -> dict[str, float]:
-    """Seconds per image of each irreducible part of one routing pass, on the first batch (see the docstring)."""
+def _routing_parts(teacher, student_arch, teacher_arch, images, distiller, batch, classes, setting: dict
+                   ) -> dict[str, float]:
+    """Seconds per image of each irreducible part of one routing pass, on the first batch (see the docstring),
+    in the precision and memory format that the steps ran in."""
     torch.manual_seed(0)
     student = build_model(student_arch, num_classes=classes).eval()
     for p in student.parameters():
@@ -67,9 +71,13 @@ def _routing_parts(teacher, student_arch, teacher_arch, images, distiller, batch
     agent, _, _ = _build_adaptive(recipe, student, teacher, spot_net, s_paths, t_paths, sample, student_arch,
                                   teacher_arch, World(), torch.device("cpu"))
     router = agent.router
+    precision, device = setting["precision"], torch.device("cpu")
+    memory_format = torch.channels_last if setting["channels_last"] else torch.contiguous_format
+    for module in (student, teacher, router):
+        module.to(memory_format=memory_format)
     (s_first, t_first), last = router.spots[0], (len(student.stage_parts()) - 1, len(teacher.stage_parts()) - 1)
-    x = normalize(images[:batch])
-    with torch.no_grad():
+    x = normalize(images[:batch]).contiguous(memory_format=memory_format)
+    with torch.no_grad(), autocast(device, precision):
         s_in = student.run_stages(x, 0, s_first)
         t_in = teacher.run_stages(x, 0, t_first)
         s_spots = [s_in] + [student.run_stages(x, 0, si) for si, _ in router.spots[1:]]
@@ -77,14 +85,18 @@ def _routing_parts(teacher, student_arch, teacher_arch, images, distiller, batch
 
     def vjp(model, start, end, u):
         u = u.clone().requires_grad_(True)
-        model.run_stages(u, start, end).float().sum().backward()
+        with autocast(device, precision):
+            out = model.run_stages(u, start, end)
+        out.float().sum().backward()
 
     def adapters():
         for k, (hint, anti) in enumerate(zip(router.hint, router.anti_hint)):
             # the first spot's inputs carry no gradient (nothing upstream of them trains); the later ones do
             s_k, t_k = (s_spots[k], t_spots[k]) if k == 0 else (s_spots[k].clone().requires_grad_(True),
                                                                  t_spots[k].clone().requires_grad_(True))
-            (hint(s_k).sum() + anti(t_k).sum()).backward()
+            with autocast(device, precision):
+                total = hint(s_k).float().sum() + anti(t_k).float().sum()
+            total.backward()
 
     parts = {"teacher_vjp": lambda: vjp(teacher, t_first + 1, last[1], t_in),
              "student_vjp": lambda: vjp(student, s_first + 1, last[0], s_in), "adapters": adapters}
@@ -95,6 +107,7 @@ def _routing_parts(teacher, student_arch, teacher_arch, images, distiller, batch
         part()
         out[name] = (time.perf_counter() - started) / batch
     router.zero_grad(set_to_none=True)
+    teacher.to(memory_format=torch.contiguous_format)
     return out
 
 
@@ -108,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=6, help="steps per timed epoch")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                        help="fp32 (default, the committed figure's), bf16, or auto: the setting `graftkd train-kd` "
+                             "picks on this machine (timed once and remembered, memory format included)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -121,17 +137,17 @@ def main(argv: list[str] | None = None) -> dict:
     rows: dict[str, list[float]] = {name: [] for name in VARIANTS}
     walls: dict[str, list[float]] = {name: [] for name in VARIANTS}
     parts: dict[str, list[float]] = {}
-    _seconds_per_image(teacher, args.student, args.teacher, images[: 2 * args.batch_size],
-                       labels[: 2 * args.batch_size], VARIANTS["sakd"], args.distiller, args.batch_size,
-                       args.classes)  # warm-up
+    _, _, setting = _seconds_per_image(teacher, args.student, args.teacher, images[: 2 * args.batch_size],
+                                       labels[: 2 * args.batch_size], VARIANTS["sakd"], args.distiller,
+                                       args.batch_size, args.classes, args.precision)  # warm-up
     for _ in range(args.rounds):
         for name, variant in VARIANTS.items():
-            per_image, wall = _seconds_per_image(teacher, args.student, args.teacher, images, labels, variant,
-                                                 args.distiller, args.batch_size, args.classes)
+            per_image, wall, _ = _seconds_per_image(teacher, args.student, args.teacher, images, labels, variant,
+                                                    args.distiller, args.batch_size, args.classes, args.precision)
             rows[name].append(per_image)
             walls[name].append(wall)
         for name, per_image in _routing_parts(teacher, args.student, args.teacher, images, args.distiller,
-                                              args.batch_size, args.classes).items():
+                                              args.batch_size, args.classes, setting).items():
             parts.setdefault(name, []).append(per_image)
     medians = {k: statistics.median(v) for k, v in rows.items()}
     part_medians = {k: statistics.median(v) for k, v in parts.items()}
@@ -140,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
                "benchmark": "sakd_speed", "teacher": args.teacher, "student": args.student,
                "distiller": args.distiller, "batch_size": args.batch_size, "steps_per_round": args.steps,
                "rounds": args.rounds, "threads": torch.get_num_threads(),
+               "precision_asked": args.precision, "setting": setting,
                "images_per_second": {k: 1.0 / v for k, v in medians.items()},
                "sakd_over_standard": medians["sakd"] / medians["standard"],
                "sakd_agent_every_2_over_standard": medians["sakd-agent-every-2"] / medians["standard"],

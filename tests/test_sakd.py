@@ -242,9 +242,11 @@ def test_agent_every_two_routes_half_the_steps_and_still_decides_every_step() ->
         _sakd_run(agent_every=0)
 
 
-def test_the_speed_benchmark_times_the_routing_pass_floor_beside_both_steps(tmp_path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_speed_benchmark_times_the_routing_pass_floor_beside_both_steps(tmp_path, precision) -> None:
     """``benchmarks/sakd_speed.py`` on two small zoo models: the floor is the standard step plus the routing
-    pass's parts, each part costs something, and the payload written is the one returned."""
+    pass's parts, each part costs something, the payload written is the one returned, and it says which
+    precision the steps and the parts ran in."""
     import importlib.util
     import json
     from pathlib import Path
@@ -256,7 +258,8 @@ def test_the_speed_benchmark_times_the_routing_pass_floor_beside_both_steps(tmp_
     threads = torch.get_num_threads()
     try:
         out = bench.main(["--teacher", "wrn_16_2", "--student", "resnet8", "--classes", "10", "--batch-size", "8",
-                          "--steps", "1", "--rounds", "1", "--threads", "1", "--out", str(tmp_path / "s.json")])
+                          "--steps", "1", "--rounds", "1", "--threads", "1", "--precision", precision,
+                          "--out", str(tmp_path / "s.json")])
     finally:
         torch.set_num_threads(threads)
     parts = out["routing_parts_seconds_per_image"]
@@ -265,3 +268,4 @@ def test_the_speed_benchmark_times_the_routing_pass_floor_beside_both_steps(tmp_
     assert out["floor_over_standard"] == pytest.approx(1 + sum(parts.values()) / standard)
     assert out["sakd_over_floor"] == pytest.approx(out["sakd_over_standard"] / out["floor_over_standard"])
     assert json.loads((tmp_path / "s.json").read_text())["floor_over_standard"] == out["floor_over_standard"]
+    assert out["setting"] == {"precision": precision, "channels_last": False}
