@@ -163,16 +163,29 @@ def report(out: Path, config: dict) -> None:
                         "accuracies": accs, "agreement": agree, "kl": kls, "wall_seconds": wall})
     lines += ["", "## Does the label-free estimate track test accuracy?", "",
               "Spearman rank correlation between the label-free agreement and test accuracy over the cells of each "
-              "pair and K (all rows and seeds), and over all cells of a pair.", "",
-              "| Pair | K | cells | Spearman ρ |", "|---|---|---|---|"]
+              "pair and K (all rows and seeds), and over all cells of a pair. Cells since the far pool existed "
+              "(`graftkd.engine.agreement.far_pool`) also record the agreement on far views; the last three columns "
+              "compare both estimates on those cells alone.", "",
+              "| Pair | K | cells | Spearman ρ | cells with far views | ρ, near views | ρ, far views |",
+              "|---|---|---|---|---|---|---|"]
     correlations = []
+
+    def rho_text(rho):
+        return "—" if rho is None else f"{rho:.2f}"
+
     for pair in pair_order:
         mine = [c for c in cells if c["pair"] == pair]
         for k in sorted({c["fewshot"]["shots"] for c in mine}) + ["all"]:
             sub = [c for c in mine if k == "all" or c["fewshot"]["shots"] == k]
             rho = _spearman([c["label_free"]["agreement"] for c in sub], [c["student"]["test_acc"] for c in sub])
-            correlations.append({"pair": pair, "k": k, "cells": len(sub), "spearman": rho})
-            lines.append(f"| {pair} | {k} | {len(sub)} | {'—' if rho is None else f'{rho:.2f}'} |")
+            far = [c for c in sub if "far" in c["label_free"]]
+            accs = [c["student"]["test_acc"] for c in far]
+            rho_near = _spearman([c["label_free"]["agreement"] for c in far], accs)
+            rho_far = _spearman([c["label_free"]["far"]["agreement"] for c in far], accs)
+            correlations.append({"pair": pair, "k": k, "cells": len(sub), "spearman": rho, "cells_with_far": len(far),
+                                 "spearman_near_on_those": rho_near, "spearman_far": rho_far})
+            lines.append(f"| {pair} | {k} | {len(sub)} | {rho_text(rho)} | {len(far)} | {rho_text(rho_near)} | "
+                         f"{rho_text(rho_far)} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"rows": summary, "correlations": correlations}, indent=1))
     for pair in pair_order:
