@@ -192,7 +192,8 @@ def test_sakd_whose_policy_distils_everywhere_trains_the_student_exactly_like_st
     assert all(torch.equal(weights["none"][k], weights["sakd"][k]) for k in weights["none"])
 
 
-def _sakd_run(monkeypatch=None, reuse: bool = True, agent_every: int = 1, calls: list | None = None):
+def _sakd_run(monkeypatch=None, reuse: bool = True, agent_every: int = 1, calls: list | None = None,
+              precision: str = "fp32", adapter_dtypes: list | None = None):
     from graftkd.data.normalize import Normalizer
     from graftkd.distill import fulldata
     from graftkd.distill.fulldata import KDRecipe, train_kd
@@ -201,19 +202,22 @@ def _sakd_run(monkeypatch=None, reuse: bool = True, agent_every: int = 1, calls:
     if calls is not None:
         original = teacher.run_stages
         teacher.run_stages = lambda x, begin, end: calls.append((begin, end)) or original(x, begin, end)
-    if not reuse:
+    if not reuse or adapter_dtypes is not None:
         build = fulldata._build_adaptive
 
-        def no_reuse(*args, **kwargs):
+        def patched(*args, **kwargs):
             agent, s_paths, t_paths = build(*args, **kwargs)
-            agent.first_teacher_spot = None
+            if not reuse:
+                agent.first_teacher_spot = None
+            if adapter_dtypes is not None:
+                agent.router.hint[0].register_forward_hook(lambda m, i, out: adapter_dtypes.append(out.dtype))
             return agent, s_paths, t_paths
 
-        monkeypatch.setattr(fulldata, "_build_adaptive", no_reuse)
+        monkeypatch.setattr(fulldata, "_build_adaptive", patched)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 4, (64,), generator=generator)
-    recipe = KDRecipe(epochs=2, batch_size=16, lr=0.05, milestones=[1], precision="fp32", eval_every=0, padding=1,
+    recipe = KDRecipe(epochs=2, batch_size=16, lr=0.05, milestones=[1], precision=precision, eval_every=0, padding=1,
                       distiller="at", adaptive="sakd", homo=False, agent_every=agent_every)
     result = train_kd(student, teacher, (images, labels), normalize=Normalizer((0.5,) * 3, (0.25,) * 3),
                       recipe=recipe, device=torch.device("cpu"), student_arch="tiny", teacher_arch="tiny",
@@ -221,14 +225,25 @@ def _sakd_run(monkeypatch=None, reuse: bool = True, agent_every: int = 1, calls:
     return student.state_dict(), result
 
 
-def test_the_routing_pass_reads_the_teachers_first_segment_from_the_step_and_changes_nothing(monkeypatch) -> None:
-    """fp32: the teacher's output at the first routing spot is taken from the step's own teacher pass (the
-    tapped feature) instead of being computed again; the trained student is bit-identical either way."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_routing_pass_reads_the_teachers_first_segment_from_the_step_and_changes_nothing(monkeypatch,
+                                                                                             precision) -> None:
+    """The teacher's output at the first routing spot is taken from the step's own teacher pass (the tapped
+    feature, in the dtype that pass made it) instead of being computed again; the trained student is
+    bit-identical either way, in fp32 and in bf16."""
     calls: list = []
-    shared, _ = _sakd_run(calls=calls)
+    shared, _ = _sakd_run(calls=calls, precision=precision)
     assert calls and all(begin > 0 for begin, _ in calls)  # never the prefix from the input again
-    recomputed, _ = _sakd_run(monkeypatch, reuse=False)
+    recomputed, _ = _sakd_run(monkeypatch, reuse=False, precision=precision)
     assert all(torch.equal(shared[k], recomputed[k]) for k in shared)
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_routing_pass_runs_in_the_steps_precision(monkeypatch, precision, dtype) -> None:
+    """A bf16 run routes in bf16 too (the routing pass is most of SAKD's extra cost); fp32 stays fp32."""
+    dtypes: list = []
+    _sakd_run(monkeypatch, precision=precision, adapter_dtypes=dtypes)
+    assert dtypes and set(dtypes) == {dtype}
 
 
 def test_agent_every_two_routes_half_the_steps_and_still_decides_every_step() -> None:

@@ -250,6 +250,8 @@ def train_kd(
         student.to(memory_format=memory_format)
         if teacher is not None:
             teacher.to(memory_format=memory_format)
+        if adaptive is not None:  # the routing adapters read the same maps
+            adaptive.to(memory_format=memory_format)
 
     def taps():
         return FeatureTap(student, s_paths), FeatureTap(teacher, t_paths) if teacher is not None else None
@@ -343,9 +345,13 @@ def train_kd(
                 s_feats = [s_tap.features[p].float() for p in s_paths]
                 t_feats = [t_tap.features[p].detach().float() for p in t_paths] if t_tap else []
                 if adaptive is not None:
+                    # the teacher's first-spot output as its pass made it (its own dtype: the routing pass runs
+                    # in the step's precision, and an upcast copy would change what the next segment computes)
+                    first = (t_tap.features[t_paths[adaptive.first_teacher_spot]].detach()
+                             if adaptive.first_teacher_spot is not None else None)
                     return _adaptive_terms(adaptive, agent_wrapped, agent_opt, recipe, distiller, beta, x, y, student,
-                                           teacher, logits, t_logits, s_feats, t_feats, gumbel, terms, precision,
-                                           step_index)
+                                           teacher, logits, t_logits, s_feats, t_feats, first, gumbel, terms,
+                                           precision, step_index)
                 if recipe.kd_weight > 0:
                     terms["kd"] = recipe.kd_weight * kd_loss(logits, t_logits, recipe.temperature)
                 if distiller is not None:
@@ -532,19 +538,19 @@ def _build_adaptive(recipe, student, teacher, distiller, s_paths, t_paths, sampl
 
 
 def _adaptive_terms(adaptive, agent_wrapped, agent_opt, recipe, distiller, beta, x, y, student, teacher, logits,
-                    t_logits, s_feats, t_feats, gumbel, terms, precision, step_index):
-    """One SAKD agent update, then the student's masked terms (the spec's two-optimiser order)."""
+                    t_logits, s_feats, t_feats, teacher_first, gumbel, terms, precision, step_index):
+    """One SAKD agent update, then the student's masked terms (the spec's two-optimiser order).
+
+    ``teacher_first``: the teacher's output at the first routing spot, tapped from this step's own teacher pass.
+    The routing pass runs in the step's precision and memory format, so that is the very tensor it would
+    compute (nothing upstream of it trains), and it is read instead of computed again."""
     from graftkd.distill.sakd import masked_student_terms
 
     s_emb, t_emb = s_feats.pop(), t_feats.pop()
-    # the teacher's first-spot output from this step's own teacher pass, where it is the very tensor the routing
-    # pass would compute (fp32: the routing pass runs outside autocast; the spot is tapped)
-    first = None
-    if adaptive.first_teacher_spot is not None and precision == "fp32":
-        first = t_feats[adaptive.first_teacher_spot]
     route = step_index % recipe.agent_every == 0
     agent_loss, masks = agent_wrapped(lambda: adaptive.agent_step(x, y, student, teacher, logits, s_emb, t_emb, gumbel,
-                                                                  teacher_first=first, route=route))
+                                                                  teacher_first=teacher_first, route=route,
+                                                                  precision=precision))
     if agent_loss is not None:
         agent_opt.zero_grad(set_to_none=True)
         agent_loss.backward()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftkd.engine.runtime import autocast
 from graftkd.errors import GraftkdError
 
 
@@ -102,7 +103,7 @@ class RoutingNetwork(nn.Module):
             s_prev, t_prev = si, ti
         s_last = student.run_stages(u_s, s_prev + 1, len(student.stage_parts()) - 1)
         t_last = teacher.run_stages(u_t, t_prev + 1, len(teacher.stage_parts()) - 1)
-        a = decisions[:, -1:].to(s_last.dtype)
+        a = decisions[:, -1:]  # fp32, whatever the segments ran in: the policy's gradient passes through it
         return a * t_last.float() + (1 - a) * s_last.float()
 
 
@@ -123,8 +124,11 @@ class SpotAdaptive(nn.Module):
     def agent_step(self, x: torch.Tensor, y: torch.Tensor, student: nn.Module, teacher: nn.Module,
                    student_logits: torch.Tensor, student_embedding: torch.Tensor, teacher_embedding: torch.Tensor,
                    generator: torch.Generator | None = None, teacher_first: torch.Tensor | None = None,
-                   route: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+                   route: bool = True, precision: str = "fp32") -> tuple[torch.Tensor | None, torch.Tensor]:
         """(agent loss, detached hard decisions (B, K) as bool: True = distil at that spot).
+
+        The routing pass runs in ``precision`` (the step's: bf16 autocast where the step has it); the policy, its
+        Gumbel draw and the losses stay in fp32.
 
         ``route=False``: only the decisions (the policy's forward and its Gumbel draw, the same draw as a
         routed step); no routing pass and no agent loss (None), for steps where the agent does not update."""
@@ -139,7 +143,8 @@ class SpotAdaptive(nn.Module):
         for p in student.parameters():
             p.requires_grad_(False)  # gradients flow through the student's activations, never to its weights
         try:
-            routed = self.router(x, student, teacher, teacher_path, teacher_first)
+            with autocast(x.device, precision):
+                routed = self.router(x, student, teacher, teacher_path, teacher_first)
         finally:
             for p, flag in zip(student.parameters(), grads):
                 p.requires_grad_(flag)
