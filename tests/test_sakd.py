@@ -98,6 +98,40 @@ def test_routing_all_teacher_is_the_teacher_and_all_student_is_the_student() -> 
         assert torch.allclose(mixed[:2], teacher(x)[:2], atol=1e-6) and torch.allclose(mixed[2:], student(x)[2:], atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(6, 5, 4, 4), (6, 7)])
+def test_the_switch_is_the_products_it_replaces_in_value_and_gradient(shape) -> None:
+    """``switch(a, t, h)`` is ``a * t + (1 - a) * h`` for straight-through decisions, bit for bit in fp32 (output,
+    and the gradients of the decisions, ``t`` and ``h``); a bf16 pair stays bf16 (the products made it fp32) with
+    the same output and nearly the same decision gradient (accumulated in fp32)."""
+    from graftkd.distill.sakd import switch
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(shape[0], 2, generator=g, requires_grad=True)
+    upstream = torch.randn(shape, generator=g)
+
+    def grads(fn, dtype):
+        t = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(dtype).requires_grad_(True)
+        h = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(dtype).requires_grad_(True)
+        logits.grad = None
+        a = gumbel_straight_through(logits, 5.0, torch.Generator().manual_seed(6))[:, 0]
+        assert 0 < a.sum() < shape[0]  # both streams chosen somewhere
+        out = fn(a, t, h)
+        (out.float() * upstream).sum().backward()
+        return out, logits.grad.clone(), t.grad, h.grad
+
+    def products(a, t, h):
+        a = a.view(-1, *([1] * (t.dim() - 1)))
+        return a * t + (1 - a) * h
+
+    for got, want in zip(grads(switch, torch.float32), grads(products, torch.float32)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    out, logit_grad, t_grad, h_grad = grads(switch, torch.bfloat16)
+    ref_out, ref_logit_grad, ref_t_grad, ref_h_grad = grads(products, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and ref_out.dtype == torch.float32  # the products promote; the switch keeps
+    assert torch.equal(out.float(), ref_out) and torch.equal(t_grad, ref_t_grad) and torch.equal(h_grad, ref_h_grad)
+    assert torch.allclose(logit_grad, ref_logit_grad, rtol=2e-2, atol=1e-4) and logit_grad.abs().sum() > 0
+
+
 def test_agent_step_trains_policy_and_adapters_but_never_the_student() -> None:
     student, teacher = _pair()
     student.train()

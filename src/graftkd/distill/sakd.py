@@ -76,6 +76,46 @@ def _adapter(source: tuple[int, ...], target: tuple[int, ...]) -> nn.Module:
     raise GraftkdError(f"cannot route between a feature of shape {source} and one of shape {target}")
 
 
+class _Switch(torch.autograd.Function):
+    """``a * t + (1 - a) * h`` for a per-sample ``a`` in {0, 1} (the straight-through decisions), in one pass and in
+    the streams' own dtype.
+
+    Written as products, a bf16 run's streams were promoted to fp32 by the fp32 decisions, and every teacher and
+    student segment after a spot then ran its first layers in fp32 and cast again. The values are the same: the
+    output is ``t`` or ``h`` exactly, their gradients are the incoming one or zero, and the decisions' gradient
+    is sum(g * t) - sum(g * h) over each sample, accumulated in fp32 as the products' was."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        mask = (a > 0.5).view(-1, *([1] * (t.dim() - 1)))
+        ctx.save_for_backward(mask, t, h)
+        ctx.a_dtype = a.dtype
+        return torch.where(mask, t, h)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        mask, t, h = ctx.saved_tensors
+        grad_a = grad_t = grad_h = None
+        dims = tuple(range(1, t.dim()))
+        if ctx.needs_input_grad[0]:
+            grad_a = ((g * t).sum(dims, dtype=torch.float32) - (g * h).sum(dims, dtype=torch.float32)).to(ctx.a_dtype)
+        zero = g.new_zeros(())
+        if ctx.needs_input_grad[1]:
+            grad_t = torch.where(mask, g, zero).to(t.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_h = torch.where(mask, zero, g).to(h.dtype)
+        return grad_a, grad_t, grad_h
+
+
+def switch(a: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per sample, ``t`` where ``a`` is 1 and ``h`` where it is 0, with ``a``'s straight-through gradient
+    (see ``_Switch``). ``a``: (B,), exactly 0 or 1 in value; ``t``, ``h``: (B, ...) of one shape."""
+    if t.dtype != h.dtype:
+        common = torch.promote_types(t.dtype, h.dtype)
+        t, h = t.to(common), h.to(common)
+    return _Switch.apply(a, t, h)
+
+
 class RoutingNetwork(nn.Module):
     """Multi-path network through teacher and student segments, switched per sample at each spot."""
 
@@ -96,10 +136,8 @@ class RoutingNetwork(nn.Module):
         for k, (si, ti) in enumerate(self.spots):
             s_k = student.run_stages(u_s, s_prev + 1, si)
             t_k = teacher_first if (k == 0 and teacher_first is not None) else teacher.run_stages(u_t, t_prev + 1, ti)
-            a = decisions[:, k].view(-1, *([1] * (t_k.dim() - 1)))
-            a_s = decisions[:, k].view(-1, *([1] * (s_k.dim() - 1)))
-            u_t = a * t_k + (1 - a) * self.hint[k](s_k)
-            u_s = a_s * self.anti_hint[k](t_k) + (1 - a_s) * s_k
+            u_t = switch(decisions[:, k], t_k, self.hint[k](s_k))
+            u_s = switch(decisions[:, k], self.anti_hint[k](t_k), s_k)
             s_prev, t_prev = si, ti
         s_last = student.run_stages(u_s, s_prev + 1, len(student.stage_parts()) - 1)
         t_last = teacher.run_stages(u_t, t_prev + 1, len(teacher.stage_parts()) - 1)
