@@ -80,8 +80,8 @@ class _Switch(torch.autograd.Function):
     """``a * t + (1 - a) * h`` for a per-sample ``a`` in {0, 1} (the straight-through decisions), in one pass and in
     the streams' own dtype.
 
-    Written as products, a bf16 run's streams were promoted to fp32 by the fp32 decisions, and every teacher and
-    student segment after a spot then ran its first layers in fp32 and cast again. The values are the same: the
+    As products with the fp32 decisions, a bf16 run's streams would be promoted to fp32, and every teacher and
+    student segment after a spot would run its first layers in fp32 and cast again. The values are the same: the
     output is ``t`` or ``h`` exactly, their gradients are the incoming one or zero, and the decisions' gradient
     is sum(g * t) - sum(g * h) over each sample, accumulated in fp32 as the products' was."""
 
