@@ -109,10 +109,8 @@ class _Switch(torch.autograd.Function):
 
 def switch(a: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Per sample, ``t`` where ``a`` is 1 and ``h`` where it is 0, with ``a``'s straight-through gradient
-    (see ``_Switch``). ``a``: (B,), exactly 0 or 1 in value; ``t``, ``h``: (B, ...) of one shape."""
-    if t.dtype != h.dtype:
-        common = torch.promote_types(t.dtype, h.dtype)
-        t, h = t.to(common), h.to(common)
+    (see ``_Switch``). ``a``: (B,), exactly 0 or 1 in value; ``t``, ``h``: (B, ...) of one shape (of two dtypes,
+    ``torch.where`` promotes, and each gradient is cast back to its input's)."""
     return _Switch.apply(a, t, h)
 
 
