@@ -428,23 +428,39 @@ def test_every_command_is_one_module_with_the_same_contract() -> None:
 
 def test_the_command_lets_openmp_threads_sleep_on_a_busy_machine_unless_the_user_chose(tmp_path) -> None:
     """OMP_WAIT_POLICY is read when torch loads the OpenMP runtime: importing the CLI sets PASSIVE before torch is
-    imported (an import hook records the variable at that moment) when the load average says the machine is busy,
-    leaves the runtime's default on a quiet one, and keeps a value the user gave."""
+    imported (an import hook records the variable at that moment) when other threads are runnable now, leaves the
+    runtime's default on a quiet machine, even one whose 1-minute load average still counts a job that just ended,
+    falls back to that average where the system gives no running count, and keeps a value the user gave."""
     import os
     import subprocess
     import sys
 
-    from graftkd.cli import machine_is_busy
+    from graftkd.cli import machine_is_busy, others_running
 
     assert machine_is_busy(1.0, 2) and machine_is_busy(3.5, 4) and not machine_is_busy(0.4, 2)
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("1.98 1.61 1.20 3/114 27184\n")
+    assert others_running(str(loadavg), samples=2, interval_s=0.0) == 2.0  # this process is one of the 3
+    assert others_running(str(tmp_path / "absent")) is None
+    loadavg.write_text("garbled\n")
+    assert others_running(str(loadavg)) is None
 
-    def policy_at_torch_import(load: float, user: str | None = None) -> str:
-        probe = ("import os, sys\n"
-                 f"os.getloadavg = lambda: ({load}, {load}, {load})\n"
+    def policy_at_torch_import(running: int | None, average: float, user: str | None = None) -> str:
+        probe = ("import builtins, io, os, sys\n"
+                 f"os.getloadavg = lambda: ({average}, {average}, {average})\n"
+                 "real_open = builtins.open\n"
+                 "def fake_open(file, *args, **kwargs):\n"
+                 "    if file == '/proc/loadavg':\n"
+                 f"        if {running} is None: raise FileNotFoundError(file)\n"
+                 f"        return io.StringIO('0.00 0.00 0.00 {running}/100 1')\n"
+                 "    return real_open(file, *args, **kwargs)\n"
+                 "builtins.open = fake_open\n"
                  "seen = {}\n"
                  "class Spy:\n"
                  "    def find_spec(self, name, path=None, target=None):\n"
-                 "        if name == 'torch': seen.setdefault('policy', os.environ.get('OMP_WAIT_POLICY'))\n"
+                 "        if name == 'torch':\n"
+                 "            seen.setdefault('policy', os.environ.get('OMP_WAIT_POLICY'))\n"
+                 "            builtins.open = real_open\n"
                  "sys.meta_path.insert(0, Spy())\n"
                  "import graftkd.cli\n"
                  "assert 'torch' in sys.modules\n"
@@ -456,9 +472,11 @@ def test_the_command_lets_openmp_threads_sleep_on_a_busy_machine_unless_the_user
         return out.split("POLICY ")[1].strip()
 
     cores = os.cpu_count() or 1
-    assert policy_at_torch_import(2.0 * cores) == "PASSIVE"
-    assert policy_at_torch_import(0.0) == "None"
-    assert policy_at_torch_import(2.0 * cores, user="ACTIVE") == "ACTIVE"
+    assert policy_at_torch_import(1 + 2 * cores, 0.0) == "PASSIVE"  # others running now
+    assert policy_at_torch_import(1, 2.0 * cores) == "None"  # only itself: the high average is a job that ended
+    assert policy_at_torch_import(None, 2.0 * cores) == "PASSIVE"  # no running count: the average decides
+    assert policy_at_torch_import(None, 0.0) == "None"
+    assert policy_at_torch_import(1 + 2 * cores, 0.0, user="ACTIVE") == "ACTIVE"
 
 
 def test_distill_help_groups_every_option_by_what_it_decides(capsys) -> None:

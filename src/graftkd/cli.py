@@ -11,8 +11,28 @@ from graftkd.errors import GraftkdError, Interrupted
 
 
 def machine_is_busy(load: float, cpus: int) -> bool:
-    """Whether other work already keeps the cores busy: a 1-minute load average of half the cores or more."""
+    """Whether other work already keeps the cores busy: ``load`` (other runnable threads) of half the cores or more."""
     return load >= 0.5 * max(1, cpus)
+
+
+def others_running(path: str = "/proc/loadavg", samples: int = 5, interval_s: float = 0.01) -> float | None:
+    """Other threads runnable right now, on average over ``samples`` reads ``interval_s`` apart: Linux's running count
+    (the fourth field of ``/proc/loadavg``, which counts this process), less one; None where there is no such file.
+
+    Why not the 1-minute load average: it still counts a job that has just ended, so in a chain of grid cells every
+    cell after the first found the machine busy and slept its threads, on a machine it had to itself."""
+    import time
+
+    counts = []
+    try:
+        for i in range(samples):
+            if i:
+                time.sleep(interval_s)
+            with open(path, encoding="ascii") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return sum(counts) / len(counts)
 
 
 def sleeping_openmp_threads() -> None:
@@ -21,12 +41,15 @@ def sleeping_openmp_threads() -> None:
 
     Beside another process training on the same cores, spinning threads starve each other: with sleeping threads a
     KD step ran about 2x faster and a small forward 1.3-87x faster; on a quiet machine sleeping cost about 5 % of
-    a KD step (``benchmarks/results/omp_wait-cpu.json``, 3 rounds). Hence the rule: passive only when the load
-    average says the machine is busy at the start. The runtime reads the variable once, when torch loads it, so
-    this runs before torch is imported; ``result.json`` records the policy (``omp_wait_policy``)."""
+    a KD step (``benchmarks/results/omp_wait-cpu.json``, 3 rounds). Hence the rule: passive only when other threads
+    are runnable at the start (``others_running``; the 1-minute load average where the system does not say). The
+    runtime reads the variable once, when torch loads it, so this runs before torch is imported; ``result.json``
+    records the policy (``omp_wait_policy``)."""
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
         return
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load = others_running()
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if machine_is_busy(load, os.cpu_count() or 1):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
