@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -21,8 +22,6 @@ def others_running(path: str = "/proc/loadavg", samples: int = 5, interval_s: fl
 
     Why not the 1-minute load average: it still counts a job that has just ended, so in a chain of grid cells every
     cell after the first found the machine busy and slept its threads, on a machine it had to itself."""
-    import time
-
     counts = []
     try:
         for i in range(samples):
